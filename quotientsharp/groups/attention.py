@@ -1,0 +1,296 @@
+"""``AttentionGL``: the per-head GL(h) symmetries of attention (spec part 1 §3, §4.1).
+
+Every head gives two blocks, QK with ``G = [W_q; b_q^T]``, ``H = [W_k; b_k^T]`` and VO with
+``G = [W_v; b_v^T]``, ``H = W_o^T`` (row-vector convention, biases appended as a last row). A
+block is described by :class:`GLBlock`: which slices of which named parameters form G and H.
+All blocks of equal shape are stacked into one ``(B, n, h)`` batch, so every operation is a few
+batched matmuls over all heads of all layers.
+
+The same class serves any ``(G, H) -> (G A^{-1}, H A^T)`` symmetry (two-layer linear nets, LoRA)
+through hand-written :class:`GLBlock` descriptions.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from . import gl_math as M
+from .base import Params, SymmetryGroup
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A slice of a named parameter that contributes rows to a block factor, per head.
+
+    ``kind`` (head ``i`` occupies indices ``offset + [i*h, (i+1)*h)``):
+      * ``"rows"`` -- ``param[idx, :].T``: an ``nn.Linear`` weight ``(out, in)`` giving ``(in, h)``;
+      * ``"cols"`` -- ``param[:, idx]``: an input-major weight (GPT-2 Conv1D, or ``W_o`` of
+        ``nn.Linear`` as ``H_O``) giving ``(rows, h)``;
+      * ``"bias"`` -- ``param[idx][None]``: a bias giving ``(1, h)``.
+    """
+
+    name: str
+    kind: Literal["rows", "cols", "bias"]
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class GLBlock:
+    """``n_heads`` GL(``head_dim``) blocks whose G and H stack the given pieces row-wise."""
+
+    G: tuple[Piece, ...]
+    H: tuple[Piece, ...]
+    n_heads: int
+    head_dim: int
+    label: str = ""
+
+
+def _extract(w: Mapping[str, torch.Tensor], pieces: Sequence[Piece], heads: int, h: int) -> torch.Tensor:
+    parts = []
+    for pc in pieces:
+        p = w[pc.name]
+        lo, hi = pc.offset, pc.offset + heads * h
+        if pc.kind == "rows":
+            parts.append(p[lo:hi, :].reshape(heads, h, p.shape[1]).transpose(1, 2))
+        elif pc.kind == "cols":
+            parts.append(p[:, lo:hi].reshape(p.shape[0], heads, h).transpose(0, 1))
+        else:
+            parts.append(p[lo:hi].reshape(heads, 1, h))
+    return torch.cat(parts, dim=1)
+
+
+def _insert(out: dict, pieces: Sequence[Piece], X: torch.Tensor, heads: int, h: int) -> None:
+    """Write block factor ``X`` (heads, n, h) back into the tensors of ``out`` (in place in the
+    dict, functionally on the tensors)."""
+    row = 0
+    for pc in pieces:
+        p = out[pc.name]
+        lo, hi = pc.offset, pc.offset + heads * h
+        if pc.kind == "rows":
+            k = p.shape[1]
+            src = X[:, row:row + k, :].transpose(1, 2).reshape(heads * h, k)
+            out[pc.name] = torch.slice_scatter(p, src.to(p.dtype), 0, lo, hi)
+        elif pc.kind == "cols":
+            k = p.shape[0]
+            src = X[:, row:row + k, :].transpose(0, 1).reshape(k, heads * h)
+            out[pc.name] = torch.slice_scatter(p, src.to(p.dtype), 1, lo, hi)
+        else:
+            k = 1
+            out[pc.name] = torch.slice_scatter(p, X[:, row, :].reshape(heads * h).to(p.dtype), 0, lo, hi)
+        row += k
+
+
+def _piece_rows(w: Mapping[str, torch.Tensor], pc: Piece) -> int:
+    p = w[pc.name]
+    return p.shape[1] if pc.kind == "rows" else (p.shape[0] if pc.kind == "cols" else 1)
+
+
+class AttentionGL(SymmetryGroup):
+    """Per-head GL(h) symmetry of (W_Q, W_K) and (W_V, W_O) with the inverse or mixed metric.
+
+    Args:
+        blocks: the GL blocks (usually built by :mod:`quotientsharp.adapters`).
+        metric: ``"inv"`` (Eq. 9, dimensionless) or ``"mix"`` (Eq. 10).
+        eps_rel: relative relaxation, ``eps_P = eps_rel * tr(G^T G)/h`` (likewise for Q).
+        eps: absolute relaxation added to both Gram matrices.
+
+    Group elements and Lie-algebra elements are lists with one ``(B_s, h, h)`` tensor per stack
+    of equally-shaped blocks (see :attr:`stacks`).
+    """
+
+    has_closed_form_geodesic = False
+
+    def __init__(self, blocks: Sequence[GLBlock], metric: str = "mix", eps_rel: float = 1e-6, eps: float = 0.0):
+        if metric not in M.METRICS:
+            raise ValueError(f"metric must be one of {M.METRICS}, got {metric!r}")
+        if eps_rel < 0 or eps < 0:
+            raise ValueError("eps and eps_rel must be >= 0")
+        blocks = tuple(blocks)
+        if not blocks:
+            raise ValueError("AttentionGL needs at least one block")
+        names = []
+        for b in blocks:
+            for pc in b.G + b.H:
+                if pc.name not in names:
+                    names.append(pc.name)
+        super().__init__(names)
+        self.blocks, self.metric, self.eps_rel, self.eps = blocks, metric, eps_rel, eps
+        self.stacks: list[list[int]] | None = None  # block indices per stack, set by validate
+
+    def __repr__(self) -> str:
+        heads = sum(b.n_heads for b in self.blocks)
+        return f"AttentionGL(metric={self.metric!r}, {len(self.blocks)} blocks, {heads} heads)"
+
+    def with_metric(self, metric: str, **kw) -> "AttentionGL":
+        """The same blocks under another metric / relaxation."""
+        kw = {"eps_rel": self.eps_rel, "eps": self.eps, **kw}
+        return AttentionGL(self.blocks, metric, **kw)
+
+    # ------------------------------------------------------------------ layout
+    def validate(self, w: Params) -> None:
+        super().validate(w)
+        signature = tuple((n, tuple(w[n].shape)) for n in self.names)
+        if getattr(self, "_validated", None) == signature:
+            return
+        cover = {n: torch.zeros(w[n].shape, dtype=torch.int32) for n in self.names}
+        for b in self.blocks:
+            span = b.n_heads * b.head_dim
+            for pc in b.G + b.H:
+                p = w[pc.name]
+                if pc.kind in ("rows", "cols") and p.ndim != 2 or pc.kind == "bias" and p.ndim != 1:
+                    raise ValueError(f"{b.label}: parameter {pc.name!r} of shape {tuple(p.shape)} "
+                                     f"does not fit a {pc.kind!r} slice")
+                axis = 1 if pc.kind == "cols" else 0
+                if pc.offset + span > p.shape[axis]:
+                    raise ValueError(
+                        f"{b.label}: parameter {pc.name!r} of shape {tuple(p.shape)} has no room for "
+                        f"{b.n_heads} heads of size {b.head_dim} at offset {pc.offset} along dim {axis}")
+                idx = [slice(None)] * p.ndim
+                idx[axis] = slice(pc.offset, pc.offset + span)
+                cover[pc.name][tuple(idx)] += 1
+            for side in ("G", "H"):
+                rows = sum(_piece_rows(w, pc) for pc in getattr(b, side))
+                if rows < b.head_dim:
+                    raise ValueError(f"{b.label}: factor {side} has {rows} rows < head dim {b.head_dim}; "
+                                     "the GL(h) orbit is degenerate")
+        for n, c in cover.items():
+            if int(c.max()) > 1:
+                raise ValueError(f"parameter {n!r} is claimed by more than one GL block")
+            if int(c.min()) == 0:
+                raise ValueError(
+                    f"parameter {n!r} is only partly covered by GL blocks; a group must own whole "
+                    "tensors (add the missing block, e.g. VO next to QK for a packed in_proj_weight)")
+        if self.stacks is None:
+            shapes: dict[tuple, list[int]] = {}
+            for i, b in enumerate(self.blocks):
+                key = (sum(_piece_rows(w, pc) for pc in b.G), sum(_piece_rows(w, pc) for pc in b.H), b.head_dim)
+                shapes.setdefault(key, []).append(i)
+            self.stacks = list(shapes.values())
+        self._validated = signature
+
+    def _stacks(self, w: Params) -> list[list[int]]:
+        if self.stacks is None:
+            self.validate(w)
+        return self.stacks
+
+    def extract(self, w: Params) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[(G, H), ...]`` per stack, each ``(B_s, n, h)`` / ``(B_s, m, h)``."""
+        out = []
+        for stack in self._stacks(w):
+            Gs = [_extract(w, self.blocks[i].G, self.blocks[i].n_heads, self.blocks[i].head_dim) for i in stack]
+            Hs = [_extract(w, self.blocks[i].H, self.blocks[i].n_heads, self.blocks[i].head_dim) for i in stack]
+            out.append((torch.cat(Gs, 0), torch.cat(Hs, 0)))
+        return out
+
+    def insert(self, base: Params, factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        """Inverse of :meth:`extract`: the dict over ``self.names`` with the blocks written into
+        the tensors of ``base`` (bit-exact round trip)."""
+        out = {n: base[n] for n in self.names}
+        for stack, (G, H) in zip(self._stacks(base), factors):
+            start = 0
+            for i in stack:
+                b = self.blocks[i]
+                sl = slice(start, start + b.n_heads)
+                _insert(out, b.G, G[sl], b.n_heads, b.head_dim)
+                _insert(out, b.H, H[sl], b.n_heads, b.head_dim)
+                start += b.n_heads
+        return out
+
+    def labels(self, w: Params) -> list[list[str]]:
+        """Human-readable label of every batch entry, per stack (``"<block label>/head i"``)."""
+        return [[f"{self.blocks[i].label}/head {j}" for i in s for j in range(self.blocks[i].n_heads)]
+                for s in self._stacks(w)]
+
+    def _factors(self, w: Params) -> list[M.GLFactors]:
+        def build(wr):
+            self.validate(wr)
+            labels = self.labels(wr)
+            return [M.gl_factors(G, H, self.metric, self.eps_rel, self.eps, lab)
+                    for (G, H), lab in zip(self.extract(wr), labels)]
+        return self._cached(w, build)
+
+    def _map(self, w: Params, vecs: Sequence[Params], fn) -> dict:
+        """Apply ``fn(factors, G, H, *[(xG, xH) per vec]) -> (yG, yH)`` per stack; reassemble."""
+        fs = self._factors(w)
+        blocks_w = self.extract(w)
+        blocks_v = [self.extract(v) for v in vecs]
+        res = [fn(f, G, H, *[bv[s] for bv in blocks_v]) for s, (f, (G, H)) in enumerate(zip(fs, blocks_w))]
+        like = vecs[0] if vecs else w
+        return self.insert({n: torch.zeros_like(like[n]) for n in self.names}, res)
+
+    # ------------------------------------------------------------------ group
+    def action(self, w: Params, g) -> dict:
+        res = [M.gl_action(G, H, A) for (G, H), A in zip(self.extract(w), g)]
+        return self.insert(w, res)
+
+    def pushforward(self, w: Params, g, xi: Params) -> dict:
+        res = [M.gl_action(xG, xH, A) for (xG, xH), A in zip(self.extract(xi), g)]
+        return self.insert({n: torch.zeros_like(xi[n]) for n in self.names}, res)
+
+    def random_element(self, w: Params, scale: float = 1.0, generator: torch.Generator | None = None,
+                       max_cond: float | None = None) -> list[torch.Tensor]:
+        """``A = scale * N(0, I)`` per head (the paper's invariance protocol); with ``max_cond``,
+        resample singular values log-uniformly in ``[1, max_cond]`` (orthogonal factors random)."""
+        out = []
+        for G, _ in self.extract(w):
+            B, _, h = G.shape
+            dev = generator.device if generator is not None else "cpu"
+            A = torch.randn(B, h, h, generator=generator, dtype=torch.float64, device=dev)
+            if max_cond is not None:
+                U, _, Vh = torch.linalg.svd(A)
+                u = torch.rand(B, h, generator=generator, dtype=torch.float64, device=dev)
+                s = torch.exp(u * torch.log(torch.tensor(float(max_cond), dtype=torch.float64)))
+                s[:, 0] = 1.0
+                s[:, -1] = max_cond if h > 1 else 1.0
+                A = U @ torch.diag_embed(s) @ Vh
+            out.append((scale * A).to(device=G.device, dtype=G.dtype))
+        return out
+
+    def algebra_zeros(self, w: Params) -> list[torch.Tensor]:
+        return [torch.zeros(G.shape[0], G.shape[-1], G.shape[-1], dtype=G.dtype, device=G.device)
+                for G, _ in self.extract(w)]
+
+    def vertical(self, w: Params, omega) -> dict:
+        res = [M.gl_vertical(G, H, om) for (G, H), om in zip(self.extract(w), omega)]
+        return self.insert({n: torch.zeros_like(w[n]) for n in self.names}, res)
+
+    # ------------------------------------------------------------------ geometry
+    def inner_per_block(self, w: Params, xi: Params, zeta: Params) -> list[torch.Tensor]:
+        """Metric contributions per stack, each ``(B_s,)`` (float64)."""
+        fs = self._factors(w)
+        return [M.gl_inner(self.metric, f, xG, xH, zG, zH)
+                for f, (xG, xH), (zG, zH) in zip(fs, self.extract(xi), self.extract(zeta))]
+
+    def inner(self, w: Params, xi: Params, zeta: Params) -> torch.Tensor:
+        dt = next(iter(xi.values())).dtype
+        return sum(v.sum() for v in self.inner_per_block(w, xi, zeta)).to(dt)
+
+    def horizontal_projection(self, w: Params, xi: Params) -> dict:
+        return self._map(w, [xi], lambda f, G, H, x: M.gl_project(self.metric, f, G, H, *x))
+
+    def egrad_to_rgrad(self, w: Params, egrad: Params) -> dict:
+        return self._map(w, [egrad], lambda f, G, H, d: M.gl_rgrad(self.metric, f, *d))
+
+    def christoffel(self, w: Params, xi: Params) -> dict:
+        return self._map(w, [xi], lambda f, G, H, x: M.gl_christoffel(self.metric, f, G, H, *x))
+
+    def whiten(self, w: Params, zeta: Params) -> dict:
+        return self._map(w, [zeta], lambda f, G, H, z: M.gl_whiten(self.metric, f, *z))
+
+    def check_domain(self, w: Params) -> None:
+        if self.eps_rel == 0 and self.eps == 0:
+            for (G, H), lab in zip(self.extract(w), self.labels(w)):
+                M.gl_factors(G, H, self.metric, 0.0, 0.0, lab)  # raises when singular
+
+    def relative_perturbation(self, w: Params, xi: Params) -> torch.Tensor:
+        """``max_blocks max(||xi_G||_F / ||G||_F, ||xi_H||_F / ||H||_F)`` (for the warning of
+        spec part 2 §1)."""
+        worst = torch.zeros((), dtype=torch.float64)
+        for (G, H), (xG, xH) in zip(self.extract(w), self.extract(xi)):
+            rG = xG.double().norm(dim=(-1, -2)) / G.double().norm(dim=(-1, -2)).clamp_min(1e-300)
+            rH = xH.double().norm(dim=(-1, -2)) / H.double().norm(dim=(-1, -2)).clamp_min(1e-300)
+            worst = torch.maximum(worst, torch.maximum(rG.max(), rH.max()).cpu())
+        return worst

@@ -1,0 +1,193 @@
+"""``Quotient``: all symmetry groups of one model plus a metric for every other parameter.
+
+The parameters are split into disjoint blocks (spec part 1 §1). Each group owns its block; every
+parameter in no group belongs to the *rest* group, ``PositiveRescaling`` (adaptive metric, the
+paper's choice) or ``Euclidean``. The total metric is the sum of the block metrics, and the
+projection, gradient conversion, Christoffel term and geodesic act block by block, so the quotient
+offers the group operations on a whole parameter dict.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import tangent as T
+from .groups.base import SymmetryGroup
+from .groups.elementwise import Euclidean, PositiveRescaling
+
+Params = Mapping[str, torch.Tensor]
+REST = {"adaptive": PositiveRescaling, "euclidean": Euclidean}
+
+
+class Quotient:
+    """Composite geometry over the parameters ``names``.
+
+    Args:
+        groups: disjoint symmetry groups (e.g. from :func:`quotientsharp.find_symmetries`).
+        names: every parameter name the geometry covers (usually all trainable parameters).
+        rest: metric of the parameters in no group: ``"adaptive"`` or ``"euclidean"``.
+        order: geodesic order on the groups (1, 2, ``"exact"``, ``"ode"``); default 2.
+        rest_order: geodesic order on the rest; default 1 (the paper's recipe).
+    """
+
+    def __init__(self, groups: Sequence[SymmetryGroup], names: Iterable[str], rest: str = "adaptive",
+                 order: int | str = 2, rest_order: int | str = 1):
+        if rest not in REST:
+            raise ValueError(f"rest must be one of {sorted(REST)}, got {rest!r}")
+        self.names = tuple(names)
+        known = set(self.names)
+        owner: dict[str, SymmetryGroup] = {}
+        for g in groups:
+            for n in g.names:
+                if n not in known:
+                    raise ValueError(f"{g!r} acts on {n!r}, which is not among the quotient's parameters")
+                if n in owner:
+                    raise ValueError(f"parameter {n!r} is claimed by both {owner[n]!r} and {g!r}")
+                owner[n] = g
+        self.groups = list(groups)
+        rest_names = [n for n in self.names if n not in owner]
+        self.rest_kind = rest
+        self.rest = REST[rest](rest_names) if rest_names else None
+        self.order, self.rest_order = order, rest_order
+
+    @classmethod
+    def from_model(cls, model: nn.Module, groups: Sequence[SymmetryGroup] = (), rest: str = "adaptive",
+                   **kw) -> "Quotient":
+        """Cover every trainable parameter of ``model``."""
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        return cls(groups, names, rest, **kw)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(repr(g) for g in self.groups)
+        rest = f"{type(self.rest).__name__}({len(self.rest.names)})" if self.rest else "none"
+        return f"Quotient([{parts}], rest={rest}, order={self.order!r}, rest_order={self.rest_order!r})"
+
+    @property
+    def all_groups(self) -> list[SymmetryGroup]:
+        return self.groups + ([self.rest] if self.rest is not None else [])
+
+    def replace(self, groups: Sequence[SymmetryGroup] | None = None, rest: str | None = None,
+                order: int | str | None = None, rest_order: int | str | None = None) -> "Quotient":
+        """A copy with some settings changed."""
+        return Quotient(self.groups if groups is None else groups, self.names,
+                        self.rest_kind if rest is None else rest,
+                        self.order if order is None else order,
+                        self.rest_order if rest_order is None else rest_order)
+
+    def with_metric(self, metric: str, **kw) -> "Quotient":
+        """The same groups with another metric (``"inv"``/``"mix"``) on every group that has one."""
+        groups = []
+        for g in self.groups:
+            if hasattr(g, "with_metric"):
+                groups.append(g.with_metric(metric, **kw))
+            else:
+                groups.append(g)
+        return self.replace(groups=groups)
+
+    # ------------------------------------------------------------------ plumbing
+    def validate(self, w: Params) -> None:
+        """Raise ``ValueError`` naming the parameter when ``w`` does not fit."""
+        missing = [n for n in self.names if n not in w]
+        if missing:
+            raise ValueError(f"parameter dict lacks {missing}")
+        T.check_consistent({n: w[n] for n in self.names})
+        for g in self.all_groups:
+            g.validate(w)
+
+    def check_tangent(self, w: Params, xi: Params, what: str = "tangent vector") -> None:
+        T.check_tangent({n: w[n] for n in self.names}, xi, self.names, what)
+
+    def _per_group(self, method: str, w: Params, *vecs: Params, **kw) -> dict:
+        out: dict[str, torch.Tensor] = {}
+        for g in self.all_groups:
+            out.update(getattr(g, method)(w, *[{n: v[n] for n in g.names} for v in vecs], **kw))
+        return {n: out[n] for n in self.names}
+
+    # ------------------------------------------------------------------ metric
+    def inner(self, w: Params, xi: Params, zeta: Params) -> torch.Tensor:
+        return sum(g.inner(w, {n: xi[n] for n in g.names}, {n: zeta[n] for n in g.names})
+                   for g in self.all_groups)
+
+    def norm_sq(self, w: Params, xi: Params) -> torch.Tensor:
+        return self.inner(w, xi, xi)
+
+    def norm(self, w: Params, xi: Params) -> torch.Tensor:
+        return self.norm_sq(w, xi).clamp_min(0).sqrt()
+
+    def horizontal_projection(self, w: Params, xi: Params) -> dict:
+        return self._per_group("horizontal_projection", w, xi)
+
+    def egrad_to_rgrad(self, w: Params, egrad: Params) -> dict:
+        return self._per_group("egrad_to_rgrad", w, egrad)
+
+    def riemannian_gradient(self, w: Params, egrad: Params) -> dict:
+        """Horizontal Riemannian gradient ``Pi(g^{-1} grad)``."""
+        return self.horizontal_projection(w, self.egrad_to_rgrad(w, egrad))
+
+    def christoffel(self, w: Params, xi: Params) -> dict:
+        return self._per_group("christoffel", w, xi)
+
+    def whiten(self, w: Params, zeta: Params) -> dict:
+        return self._per_group("whiten", w, zeta)
+
+    def restrict_to_domain(self, w: Params, xi: Params) -> dict:
+        return self._per_group("restrict_to_domain", w, xi)
+
+    def is_horizontal(self, w: Params, xi: Params) -> torch.Tensor:
+        return max((g.is_horizontal(w, {n: xi[n] for n in g.names}) for g in self.all_groups),
+                   key=float)
+
+    # ------------------------------------------------------------------ group
+    def random_element(self, w: Params, scale: float = 1.0, generator: torch.Generator | None = None,
+                       **kw) -> list:
+        """One random element per function-preserving group (``None`` = identity elsewhere)."""
+        return [g.random_element(w, scale, generator, **kw) if g.function_preserving else None
+                for g in self.all_groups]
+
+    def action(self, w: Params, elements: Sequence[Any]) -> dict:
+        out = dict(w)
+        for g, el in zip(self.all_groups, elements):
+            if el is not None:
+                out.update(g.action(w, el))
+        return out
+
+    def pushforward(self, w: Params, elements: Sequence[Any], xi: Params) -> dict:
+        out = dict(xi)
+        for g, el in zip(self.all_groups, elements):
+            if el is not None:
+                out.update(g.pushforward(w, el, {n: xi[n] for n in g.names}))
+        return {n: out[n] for n in self.names}
+
+    def vertical(self, w: Params, omegas: Sequence[Any]) -> dict:
+        out = {n: torch.zeros_like(w[n]) for n in self.names}
+        for g, om in zip(self.groups, omegas):
+            if om is not None:
+                out.update(g.vertical(w, om))
+        return out
+
+    def random_vertical(self, w: Params, generator: torch.Generator | None = None) -> dict:
+        """A vertical vector from a standard normal Lie-algebra element of every group."""
+        from torch.utils._pytree import tree_map
+
+        def draw(z):
+            dev = generator.device if generator is not None else "cpu"
+            return torch.randn(z.shape, generator=generator, dtype=z.dtype, device=dev).to(z.device)
+
+        return self.vertical(w, [tree_map(draw, g.algebra_zeros(w)) for g in self.groups])
+
+    # ------------------------------------------------------------------ geodesics
+    def geodesic(self, w: Params, xi: Params, t: float = 1.0, order: int | str | None = None,
+                 rest_order: int | str | None = None, **ode_kw) -> dict:
+        """``gamma_xi(t)`` assembled block by block: ``order`` on the groups (default
+        ``self.order``), ``rest_order`` on the rest (default ``self.rest_order``)."""
+        order = self.order if order is None else order
+        rest_order = self.rest_order if rest_order is None else rest_order
+        out: dict[str, torch.Tensor] = {}
+        for g in self.all_groups:
+            o = rest_order if g is self.rest else order
+            out.update(g.geodesic(w, {n: xi[n] for n in g.names}, t, order=o,
+                                  **(ode_kw if o in ("exact", "ode") else {})))
+        return {n: out[n] for n in self.names}

@@ -1,0 +1,104 @@
+"""Tangent vectors as dicts ``{parameter name: tensor}`` and the few operations on them.
+
+Points (parameter dicts) and tangent vectors share this representation; every tensor of a
+tangent vector has the shape, dtype and device of the parameter it perturbs.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+Tangent = dict[str, torch.Tensor]
+
+
+def check_tangent(
+    params: Mapping[str, torch.Tensor],
+    xi: Mapping[str, torch.Tensor],
+    names: Iterable[str] | None = None,
+    what: str = "tangent vector",
+) -> None:
+    """Raise ``ValueError`` unless ``xi`` has exactly ``names`` (default: those of ``params``)
+    with matching shapes, dtypes and devices."""
+    names = list(params) if names is None else list(names)
+    missing = [n for n in names if n not in xi]
+    extra = [n for n in xi if n not in set(names)]
+    if missing:
+        raise ValueError(f"{what} is missing parameter(s) {missing}")
+    if extra:
+        raise ValueError(f"{what} has parameter(s) {extra} that this geometry does not act on")
+    for n in names:
+        p, t = params[n], xi[n]
+        if t.shape != p.shape:
+            raise ValueError(f"{what}[{n!r}] has shape {tuple(t.shape)}, parameter has {tuple(p.shape)}")
+        if t.dtype != p.dtype:
+            raise ValueError(f"{what}[{n!r}] has dtype {t.dtype}, parameter has {p.dtype}")
+        if t.device != p.device:
+            raise ValueError(f"{what}[{n!r}] is on {t.device}, parameter is on {p.device}")
+
+
+def check_consistent(params: Mapping[str, torch.Tensor]) -> None:
+    """Raise if the tensors of a point live on different devices or have different dtypes."""
+    kinds = {(t.device, t.dtype) for t in params.values()}
+    if len(kinds) > 1:
+        detail = ", ".join(f"{n}: {t.dtype} on {t.device}" for n, t in params.items())
+        raise ValueError(f"parameters mix devices or dtypes ({detail})")
+
+
+def zeros_like(xi: Mapping[str, torch.Tensor]) -> Tangent:
+    return {n: torch.zeros_like(t) for n, t in xi.items()}
+
+
+def add(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], alpha: float = 1.0) -> Tangent:
+    """``a + alpha * b`` over the names of ``a``."""
+    return {n: a[n] + alpha * b[n] for n in a}
+
+
+def sub(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> Tangent:
+    return {n: a[n] - b[n] for n in a}
+
+
+def scale(a: Mapping[str, torch.Tensor], c) -> Tangent:
+    """``c * a``; ``c`` may be a Python number or a 0-d tensor."""
+    return {n: c * t for n, t in a.items()}
+
+
+def lincomb(*terms: tuple[float, Mapping[str, torch.Tensor]]) -> Tangent:
+    """``sum_i c_i * a_i`` for ``terms = ((c_1, a_1), (c_2, a_2), ...)``."""
+    names = terms[0][1].keys()
+    return {n: sum(c * a[n] for c, a in terms) for n in names}
+
+
+def dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Euclidean (Frobenius) inner product ``sum_n <a_n, b_n>``, a 0-d tensor."""
+    return sum((a[n] * b[n]).sum() for n in a)
+
+
+def restrict(a: Mapping[str, torch.Tensor], names: Iterable[str]) -> Tangent:
+    return {n: a[n] for n in names}
+
+
+def flatten(a: Mapping[str, torch.Tensor], names: Iterable[str] | None = None) -> torch.Tensor:
+    names = list(a) if names is None else list(names)
+    return torch.cat([a[n].reshape(-1) for n in names])
+
+
+def unflatten(vec: torch.Tensor, like: Mapping[str, torch.Tensor]) -> Tangent:
+    out, i = {}, 0
+    for n, t in like.items():
+        out[n] = vec[i : i + t.numel()].view_as(t)
+        i += t.numel()
+    if i != vec.numel():
+        raise ValueError(f"flat vector has {vec.numel()} entries, the dict needs {i}")
+    return out
+
+
+def randn_like(a: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> Tangent:
+    """Standard normal tensors shaped like ``a`` (drawn on CPU with ``generator`` if given, for
+    device-independent reproducibility, then moved)."""
+    if generator is None:
+        return {n: torch.randn_like(t) for n, t in a.items()}
+    return {
+        n: torch.randn(t.shape, generator=generator, dtype=t.dtype, device=generator.device).to(t.device)
+        for n, t in a.items()
+    }
