@@ -1,0 +1,7 @@
+"""Model adapters: find the symmetric blocks of real models and build their quotient."""
+from .attention import (UnsupportedAttentionError, conv1d_blocks, linear_attention_blocks,
+                        mha_blocks)
+from .discover import attention_blocks, find_symmetries
+
+__all__ = ["find_symmetries", "attention_blocks", "linear_attention_blocks", "mha_blocks",
+           "conv1d_blocks", "UnsupportedAttentionError"]

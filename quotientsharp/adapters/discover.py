@@ -1,0 +1,134 @@
+"""Find the symmetric blocks of a model by module type and build its :class:`Quotient`.
+
+Recognised: quotientsharp's :class:`~quotientsharp.models.attention.MultiHeadSelfAttention`,
+``nn.MultiheadAttention`` (hence ``nn.TransformerEncoderLayer``/``DecoderLayer``), HuggingFace
+BERT-style (``self.query/key/value`` + ``output.dense``), ``q_proj/k_proj/v_proj/o_proj`` style
+(HF ViT) and GPT-2 ``Conv1D`` attention. Layers whose symmetry is broken or different (rotary
+embeddings, QK-normalisation, grouped/multi-query attention, ``add_bias_kv``, relative position
+scores) are refused with :class:`UnsupportedAttentionError` saying why.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+from torch import nn
+
+from ..groups.attention import AttentionGL, GLBlock
+from ..groups.base import SymmetryGroup
+from ..models.attention import MultiHeadSelfAttention
+from ..quotient import Quotient
+from .attention import (UnsupportedAttentionError, _join, conv1d_blocks, linear_modules_blocks,
+                        mha_blocks)
+
+
+def _config(m: nn.Module):
+    return getattr(m, "config", None)
+
+
+def _refuse_if_broken(name: str, m: nn.Module) -> None:
+    cfg = _config(m)
+    if any(hasattr(m, a) for a in ("q_norm", "k_norm", "query_norm", "key_norm")):
+        raise UnsupportedAttentionError(
+            f"{name}: QK-normalisation normalises each query/key, so only orthogonal head maps "
+            "survive; the GL(h) quotient does not apply")
+    if cfg is not None and (getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_theta", None)
+                            or getattr(cfg, "rotary_dim", None)):
+        raise UnsupportedAttentionError(
+            f"{name}: rotary position embeddings rotate queries and keys, so only rotation-commuting "
+            "A survive on QK; the GL(h) quotient does not apply")
+    pos = getattr(cfg, "position_embedding_type", "absolute") if cfg is not None else "absolute"
+    if pos not in (None, "absolute"):
+        raise UnsupportedAttentionError(
+            f"{name}: position_embedding_type={pos!r} adds query-position scores that break the "
+            "QK symmetry")
+
+
+def _heads(m: nn.Module) -> int:
+    for attr in ("num_attention_heads", "num_heads", "n_heads"):
+        if isinstance(getattr(m, attr, None), int):
+            return getattr(m, attr)
+    cfg = _config(m)
+    if cfg is not None and isinstance(getattr(cfg, "num_attention_heads", None), int):
+        return cfg.num_attention_heads
+    raise UnsupportedAttentionError(f"{type(m).__name__}: cannot tell the number of heads")
+
+
+def attention_blocks(model: nn.Module) -> list[GLBlock]:
+    """All GL blocks of the attention layers of ``model`` (raises on unsupported layers; warns
+    about attention-like modules it does not recognise, which then get the rest metric)."""
+    blocks: list[GLBlock] = []
+    claimed: set[str] = set()
+    modules = dict(model.named_modules())
+    for name, m in modules.items():
+        if any(name == c or name.startswith(c + ".") for c in claimed):
+            continue
+        found = None
+        if isinstance(m, MultiHeadSelfAttention):
+            found = linear_modules_blocks(_join(name, "q"), _join(name, "k"), _join(name, "v"), _join(name, "o"),
+                                          m.q, m.k, m.v, m.n_heads, m.head_dim, name)
+        elif isinstance(m, nn.MultiheadAttention):
+            found = mha_blocks(name, m)
+        elif all(isinstance(getattr(m, a, None), nn.Linear) for a in ("query", "key", "value")):
+            _refuse_if_broken(name, m)
+            parent = name.rsplit(".", 1)[0] if "." in name else ""
+            out = modules.get(_join(parent, "output.dense"))
+            if not isinstance(out, nn.Linear):
+                raise UnsupportedAttentionError(f"{name}: found query/key/value but no output projection "
+                                                f"at {_join(parent, 'output.dense')!r}")
+            H = _heads(m)
+            found = linear_modules_blocks(_join(name, "query"), _join(name, "key"), _join(name, "value"),
+                                          _join(parent, "output.dense"), m.query, m.key, m.value,
+                                          H, m.query.out_features // H, name)
+        elif all(isinstance(getattr(m, a, None), nn.Linear) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            if m.k_proj.out_features != m.q_proj.out_features or getattr(m, "num_key_value_groups", 1) != 1:
+                raise UnsupportedAttentionError(
+                    f"{name}: grouped/multi-query attention (keys shared by several query heads) is not "
+                    "supported; its symmetry is GL(h) per key head acting on all its query heads at once")
+            _refuse_if_broken(name, m)
+            H = _heads(m)
+            found = linear_modules_blocks(_join(name, "q_proj"), _join(name, "k_proj"), _join(name, "v_proj"),
+                                          _join(name, "o_proj"), m.q_proj, m.k_proj, m.v_proj,
+                                          H, m.q_proj.out_features // H, name)
+        elif hasattr(m, "c_attn") and hasattr(m, "c_proj") and hasattr(getattr(m, "c_attn"), "weight"):
+            if getattr(m, "is_cross_attention", False):
+                raise UnsupportedAttentionError(f"{name}: GPT-2 cross-attention (q_attn) is not supported")
+            _refuse_if_broken(name, m)
+            d = m.c_attn.weight.shape[0]
+            found = conv1d_blocks(_join(name, "c_attn"), _join(name, "c_proj"), d, _heads(m),
+                                  m.c_attn.bias is not None)
+        if found is not None:
+            blocks.extend(found)
+            claimed.add(name)
+    for name, m in modules.items():
+        if "attention" in type(m).__name__.lower() and not any(
+                name == c or name.startswith(c + ".") or c.startswith(name + ".") for c in claimed):
+            if any(True for _ in m.parameters(recurse=False)):
+                warnings.warn(f"{name} ({type(m).__name__}) looks like attention but is not recognised; "
+                              "its parameters get the rest metric. Pass its blocks explicitly "
+                              "(quotientsharp.adapters.linear_attention_blocks) to quotient it.", stacklevel=2)
+    return blocks
+
+
+def find_symmetries(model: nn.Module, metric: str = "mix", rest: str = "adaptive", eps_rel: float = 1e-6,
+                    eps: float = 0.0, blocks: Sequence[GLBlock] | None = None,
+                    extra_groups: Sequence[SymmetryGroup] = (), order: int | str = 2,
+                    rest_order: int | str = 1) -> Quotient:
+    """The :class:`Quotient` of ``model``: one :class:`AttentionGL` over every attention block
+    found (or the explicit ``blocks``), ``extra_groups`` (e.g. :class:`DiagonalRescaling`), and the
+    ``rest`` metric on every other trainable parameter."""
+    blocks = attention_blocks(model) if blocks is None else list(blocks)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for b in blocks:
+        for pc in b.G + b.H:
+            if pc.name not in trainable:
+                raise ValueError(f"{b.label}: parameter {pc.name!r} is not a trainable parameter of the model")
+    groups: list[SymmetryGroup] = []
+    if blocks:
+        groups.append(AttentionGL(blocks, metric=metric, eps_rel=eps_rel, eps=eps))
+    groups.extend(extra_groups)
+    q = Quotient.from_model(model, groups, rest=rest, order=order, rest_order=rest_order)
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    for g in q.groups:
+        g.validate(params)
+    return q
