@@ -130,7 +130,7 @@ class SymmetryGroup:
             xi = T.unflatten(x, wr)
             return 0.5 * self.inner(wr, xi, xi)
 
-        return torch.autograd.functional.hessian(q, x0)
+        return torch.autograd.functional.hessian(q, x0, vectorize=True)
 
     # ------------------------------------------------------------------ vertical space
     def algebra_basis(self, w: Params) -> list:
