@@ -1,0 +1,202 @@
+"""Cost of Hessian-vector products: quotientsharp's modes vs one gradient and vs curvlinops.
+
+Model: a small ViT-like transformer (8×8 one-channel images, 2×2 patches → 16 tokens, one block
+of :class:`quotientsharp.models.attention.MultiHeadSelfAttention` with pre-LayerNorm and an MLP,
+10 classes) on random data, float32, cross-entropy. All timings are medians over repeats, taken
+in the same process, and reported as ratios to one gradient (forward + backward) on the same batch.
+
+- ``hvp``: one :meth:`HessianOperator.matvec` per mode; ``matmat8``: per-vector time of an
+  8-column :meth:`HessianOperator.matmat` (graph reuse / vmap).
+- curvlinops: ``HessianLinearOperator`` (jvp over jacrev, vmapped) ``@ v`` on the same batch.
+- Peak memory: CPU allocations recorded by the torch profiler (``profile_memory=True``), replayed
+  with ``torch.profiler._memory_profiler.MemoryProfile``; peak bytes allocated above the state at
+  entry, as a ratio to the gradient's peak. (tracemalloc does not see torch's CPU allocator.)
+- Top eigenvalue: our Lanczos (tol 1e-4) vs curvlinops ``to_scipy()`` + ``scipy.sparse.linalg.eigsh``
+  (k=1, which="LA", tol 1e-4), wall time and relative error against a tight Lanczos reference.
+
+Usage: ``python benchmarks/hessian_cost.py [--quick]``; writes benchmarks/results/hessian_cost.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quotientsharp.curvature import DEFAULT_HVP_MODE, HessianOperator, lanczos
+from quotientsharp.models.attention import MultiHeadSelfAttention
+
+RESULTS = Path(__file__).parent / "results" / "hessian_cost.json"
+
+
+class TinyTransformer(nn.Module):
+    """Patch embedding → pre-LN block (MHSA + MLP) → LayerNorm → mean pool → linear head."""
+
+    def __init__(self, image_size=8, patch_size=2, d_model=64, n_heads=4, n_classes=10):
+        super().__init__()
+        self.patch_size = patch_size
+        n_tokens = (image_size // patch_size) ** 2
+        self.embed = nn.Linear(patch_size**2, d_model)
+        self.position = nn.Parameter(0.02 * torch.randn(n_tokens, d_model))
+        self.norm1, self.norm2, self.norm_out = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attention = MultiHeadSelfAttention(d_model, n_heads)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, d_model))
+        self.head = nn.Linear(d_model, n_classes)
+
+    def forward(self, images):
+        p = self.patch_size
+        patches = F.unfold(images, p, stride=p).transpose(1, 2)  # (b, tokens, p²)
+        x = self.embed(patches) + self.position
+        x = x + self.attention(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return self.head(self.norm_out(x).mean(1))
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory(fn) -> int:
+    """Peak CPU bytes allocated by torch during ``fn()`` above the state at entry."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action, MemoryProfile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    current = peak = 0
+    for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
+        if action == Action.CREATE:
+            current += size
+        elif action == Action.DESTROY:
+            current -= size
+        peak = max(peak, current)
+    return peak
+
+
+def main(quick: bool) -> dict:
+    torch.manual_seed(0)
+    batch = 32 if quick else 128
+    repeats = 5 if quick else 15
+    model = TinyTransformer()
+    images, labels = torch.randn(batch, 1, 8, 8), torch.randint(0, 10, (batch,))
+    data = [(images, labels)]
+    params = [p for p in model.parameters()]
+    n = sum(p.numel() for p in params)
+
+    def gradient():
+        loss = F.cross_entropy(model(images), labels)
+        return torch.autograd.grad(loss, params)
+
+    ops = {mode: HessianOperator(model, F.cross_entropy, data, mode=mode, check_deterministic=False)
+           for mode in ("reverse_over_reverse", "forward_over_reverse")}
+    from curvlinops import HessianLinearOperator
+
+    curvlinops_op = HessianLinearOperator(model, nn.CrossEntropyLoss(), params, data, check_deterministic=False)
+    v = torch.randn(n, dtype=torch.float64)
+    V = torch.randn(n, 8, dtype=torch.float64)
+    v32, V32 = v.float(), V.float()
+
+    t_grad = median_time(gradient, repeats)
+    m_grad = peak_memory(gradient)
+    timings = {mode: median_time(lambda: op.matvec(v), repeats) for mode, op in ops.items()}
+    timings_matmat = {mode: median_time(lambda: op.matmat(V), repeats) / 8 for mode, op in ops.items()}
+    memory = {mode: peak_memory(lambda: op.matvec(v)) for mode, op in ops.items()}
+    t_curvlinops = median_time(lambda: curvlinops_op @ v32, repeats)
+    t_curvlinops_matmat = median_time(lambda: curvlinops_op @ V32, repeats) / 8
+    m_curvlinops = peak_memory(lambda: curvlinops_op @ v32)
+
+    reference = ops["reverse_over_reverse"].matvec(v)
+    agreement = {
+        mode: float((op.matvec(v) - reference).norm() / reference.norm()) for mode, op in ops.items()
+    }
+    agreement["curvlinops"] = float(((curvlinops_op @ v32).double() - reference).norm() / reference.norm())
+
+    default = DEFAULT_HVP_MODE
+    eig = top_eigenvalue_comparison(ops[default], curvlinops_op)
+    result = {
+        "model": {"name": "TinyTransformer(d_model=64, 4 heads, 16 tokens)", "n_params": n, "batch": batch,
+                  "dtype": "float32", "device": "cpu", "threads": torch.get_num_threads(),
+                  "torch": torch.__version__, "machine": platform.machine()},
+        "repeats": repeats,
+        "gradient_seconds": t_grad,
+        "hvp_seconds": timings,
+        "hvp_ratio_vs_grad": {mode: t / t_grad for mode, t in timings.items()},
+        "matmat8_per_vector_ratio_vs_grad": {mode: t / t_grad for mode, t in timings_matmat.items()},
+        "curvlinops_hvp_ratio_vs_grad": t_curvlinops / t_grad,
+        "curvlinops_matmat8_per_vector_ratio_vs_grad": t_curvlinops_matmat / t_grad,
+        "hvp_ratio_vs_curvlinops": timings[default] / t_curvlinops,
+        "hvp_ratio_vs_curvlinops_by_mode": {mode: t / t_curvlinops for mode, t in timings.items()},
+        "matmat8_ratio_vs_curvlinops": timings_matmat[default] / t_curvlinops_matmat,
+        "peak_memory_bytes": {"gradient": m_grad, **memory, "curvlinops": m_curvlinops},
+        "peak_memory_ratio_vs_grad": {k: m / m_grad for k, m in {**memory, "curvlinops": m_curvlinops}.items()},
+        "memory_method": "torch.profiler profile_memory + _memory_profiler.MemoryProfile timeline (CPU allocator)",
+        "relative_difference_vs_reverse_over_reverse_fp32": agreement,
+        "default_mode": default,
+        "quick": quick,
+        "top_eigenvalue": eig,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2))
+    print_table(result)
+    return result
+
+
+def top_eigenvalue_comparison(op, curvlinops_op) -> dict:
+    from scipy.sparse.linalg import eigsh
+
+    reference = float(lanczos(op, 1, tol=1e-10, m=120, progress=False).eigenvalues[0])
+    start = time.perf_counter()
+    ours = lanczos(op, 1, tol=1e-4, progress=False)
+    t_ours = time.perf_counter() - start
+    scipy_op = curvlinops_op.to_scipy()
+    start = time.perf_counter()
+    theirs = eigsh(scipy_op, k=1, which="LA", tol=1e-4, return_eigenvectors=False)
+    t_theirs = time.perf_counter() - start
+    return {
+        "reference": reference,
+        "quotientsharp_lanczos": {"seconds": t_ours, "matvecs": ours.n_matvecs,
+                                  "rel_error": abs(float(ours.eigenvalues[0]) - reference) / abs(reference)},
+        "curvlinops_eigsh": {"seconds": t_theirs,
+                             "rel_error": abs(float(theirs[0]) - reference) / abs(reference)},
+        "time_ratio": t_ours / t_theirs,
+    }
+
+
+def print_table(r: dict) -> None:
+    print(f"model: {r['model']['name']}, {r['model']['n_params']} params, batch {r['model']['batch']}, "
+          f"{r['model']['threads']} threads; gradient {1e3 * r['gradient_seconds']:.2f} ms")
+    print(f"{'method':<34}{'time/grad':>10}{'matmat8/grad':>14}{'mem/grad':>10}{'rel.diff':>11}")
+    for mode in r["hvp_ratio_vs_grad"]:
+        print(f"{mode:<34}{r['hvp_ratio_vs_grad'][mode]:>10.2f}{r['matmat8_per_vector_ratio_vs_grad'][mode]:>14.2f}"
+              f"{r['peak_memory_ratio_vs_grad'][mode]:>10.2f}{r['relative_difference_vs_reverse_over_reverse_fp32'][mode]:>11.1e}")
+    print(f"{'curvlinops HessianLinearOperator':<34}{r['curvlinops_hvp_ratio_vs_grad']:>10.2f}"
+          f"{r['curvlinops_matmat8_per_vector_ratio_vs_grad']:>14.2f}{r['peak_memory_ratio_vs_grad']['curvlinops']:>10.2f}"
+          f"{r['relative_difference_vs_reverse_over_reverse_fp32']['curvlinops']:>11.1e}")
+    print(f"default mode {r['default_mode']}: HVP time / curvlinops = {r['hvp_ratio_vs_curvlinops']:.2f}, "
+          f"matmat8 / curvlinops = {r['matmat8_ratio_vs_curvlinops']:.2f}")
+    e = r["top_eigenvalue"]
+    print(f"top eigenvalue {e['reference']:.6g}: Lanczos {e['quotientsharp_lanczos']['seconds']:.3f} s "
+          f"({e['quotientsharp_lanczos']['matvecs']} matvecs, rel.err {e['quotientsharp_lanczos']['rel_error']:.1e}) vs "
+          f"curvlinops+eigsh {e['curvlinops_eigsh']['seconds']:.3f} s (rel.err {e['curvlinops_eigsh']['rel_error']:.1e})")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small batch, few repeats (< 1 minute)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    main(args.quick)

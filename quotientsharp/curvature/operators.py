@@ -1,0 +1,472 @@
+"""Curvature matrices as symmetric linear operators on flat float64 vectors.
+
+Every estimator in :mod:`quotientsharp.curvature` takes a :class:`LinearOperator`: an ``n × n``
+operator ``A`` that is self-adjoint in an inner product ``⟨u, v⟩`` (Euclidean by default; a
+metric ``uᵀ M v`` when a subclass overrides :meth:`LinearOperator.inner`). Vectors are flat
+float64 tensors of shape ``(n,)``; blocks of vectors are ``(n, k)`` with one vector per column.
+
+:class:`HessianOperator` and :class:`GGNOperator` apply the curvature of the data-averaged loss
+``L(θ) = Σ_b (n_b/N) L_b(θ)`` (per-batch weights ``n_b/N``, spec §1) with respect to a block of
+parameters ("target"); all other parameters stay frozen at their current values.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import grad, jvp, vjp, vmap
+
+from quotientsharp.functional import (
+    LossFn,
+    Params,
+    batch_loss,
+    batch_size,
+    check_finite,
+    eval_mode,
+    forward,
+    has_batchnorm,
+    materialize,
+    math_attention,
+    model_device_dtype,
+    split_batch,
+)
+
+HVP_MODES = ("reverse_over_reverse", "forward_over_reverse", "finite_difference")
+# Default from benchmarks/hessian_cost.py (CPU, torch 2.13, 35k-param transformer, 1 thread):
+# one double-backward HVP cost 2.7-3.6x a gradient vs 6.5-7.5x for jvp(grad) (and 7-8x for
+# curvlinops), at ~3.7x vs ~21x the gradient's peak memory. Lanczos/SLQ apply one vector at a
+# time, so the single-HVP cost decides. Re-measure on GPU before changing it there.
+DEFAULT_HVP_MODE = "reverse_over_reverse"
+
+
+class LinearOperator:
+    """A symmetric ``n × n`` operator on flat float64 vectors, self-adjoint in :meth:`inner`.
+
+    Subclasses implement :meth:`matvec`; :meth:`matmat` defaults to one matvec per column.
+    """
+
+    shape: tuple[int, int]
+    device: torch.device = torch.device("cpu")
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``A v`` for ``v`` of shape ``(n,)``."""
+        raise NotImplementedError
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``A V`` for ``V`` of shape ``(n, k)``."""
+        return torch.stack([self.matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+
+    def inner(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``uᵀ v`` (Euclidean); ``u`` is ``(n,)`` or ``(n, j)``, ``v`` is ``(n,)``.
+
+        Override with ``uᵀ M v`` to run Lanczos and power iteration in a metric inner product.
+        """
+        return (u.mT if u.ndim == 2 else u) @ v
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matvec(x) if x.ndim == 1 else self.matmat(x)
+
+    def to_dense(self, chunk_size: int = 256) -> torch.Tensor:
+        """The ``(n, n)`` float64 matrix, built column block by column block."""
+        n = self.shape[0]
+        eye = torch.eye(n, dtype=torch.float64, device=self.device)
+        return torch.cat([self.matmat(eye[:, i : i + chunk_size]) for i in range(0, n, chunk_size)], 1)
+
+    def to_scipy(self):
+        """A float64 ``scipy.sparse.linalg.LinearOperator`` (NumPy in, NumPy out)."""
+        from scipy.sparse.linalg import LinearOperator as ScipyOperator
+
+        def as_torch(x):
+            return torch.as_tensor(x, dtype=torch.float64, device=self.device)
+
+        return ScipyOperator(
+            self.shape,
+            matvec=lambda x: self.matvec(as_torch(x).reshape(-1)).cpu().numpy(),
+            matmat=lambda X: self.matmat(as_torch(X)).cpu().numpy(),
+            rmatvec=lambda x: self.matvec(as_torch(x).reshape(-1)).cpu().numpy(),
+            dtype="float64",
+        )
+
+
+class MatrixOperator(LinearOperator):
+    """A dense symmetric matrix (cast to float64) as an operator."""
+
+    def __init__(self, matrix: torch.Tensor):
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"expected a square matrix, got shape {tuple(matrix.shape)}")
+        self.matrix = matrix.to(torch.float64)
+        self.shape = tuple(self.matrix.shape)
+        self.device = self.matrix.device
+
+    def matvec(self, v):
+        return self.matrix @ v
+
+    def matmat(self, V):
+        return self.matrix @ V
+
+    def to_dense(self, chunk_size: int = 256):
+        return self.matrix.clone()
+
+
+class FunctionOperator(LinearOperator):
+    """An operator from callables: ``matvec`` and optionally ``matmat`` and ``inner``."""
+
+    def __init__(
+        self,
+        n: int,
+        matvec: Callable[[torch.Tensor], torch.Tensor],
+        matmat: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        inner: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        self.shape, self.device = (n, n), torch.device(device)
+        self._matvec, self._matmat, self._inner = matvec, matmat, inner
+
+    def matvec(self, v):
+        return self._matvec(v)
+
+    def matmat(self, V):
+        return self._matmat(V) if self._matmat is not None else super().matmat(V)
+
+    def inner(self, u, v):
+        return self._inner(u, v) if self._inner is not None else super().inner(u, v)
+
+
+def as_operator(obj: Any) -> LinearOperator:
+    """A :class:`LinearOperator` from an operator, a square tensor, or any object with
+    ``shape`` and ``matvec`` (optionally ``matmat``/``inner``/``device``)."""
+    if isinstance(obj, LinearOperator):
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return MatrixOperator(obj)
+    if hasattr(obj, "matvec") and hasattr(obj, "shape"):
+        return FunctionOperator(
+            int(obj.shape[0]), obj.matvec, getattr(obj, "matmat", None),
+            getattr(obj, "inner", None), getattr(obj, "device", "cpu"),
+        )
+    raise TypeError(f"cannot use {type(obj).__name__} as a linear operator (needs shape and matvec)")
+
+
+def select_parameters(model: nn.Module, params: str | Sequence[str] = "all") -> list[str]:
+    """Names of the target parameters, in model order.
+
+    ``params``: ``"all"`` (every parameter that requires grad), an exact name, a glob
+    (``"blocks.*.weight"``), a regular expression searched in each name (``"weight$"``), or a list
+    of exact names. Raises ``ValueError`` when nothing matches or a target does not require grad.
+    """
+    named = dict(model.named_parameters())
+    if isinstance(params, str) and params == "all":
+        names = [n for n, p in named.items() if p.requires_grad]
+        if not names:
+            raise ValueError("no parameter of the model requires grad: nothing to differentiate")
+        return names
+    if isinstance(params, str):
+        if params in named:
+            names = [params]
+        else:
+            names = [n for n in named if fnmatch.fnmatchcase(n, params)]
+            names = names or [n for n in named if re.search(params, n)]
+    else:
+        missing = [n for n in params if n not in named]
+        if missing:
+            raise ValueError(f"model has no parameter(s) {missing}; available: {list(named)}")
+        wanted = set(params)
+        names = [n for n in named if n in wanted]
+    if not names:
+        raise ValueError(f"no parameter name matches {params!r}; available: {list(named)}")
+    frozen = [n for n in names if not named[n].requires_grad]
+    if frozen:
+        raise ValueError(
+            f"target parameter(s) {frozen} do not require grad; set requires_grad=True or leave "
+            "them out of `params`"
+        )
+    return names
+
+
+@contextlib.contextmanager
+def batch_statistics_only(model: nn.Module) -> Iterator[None]:
+    """Train-mode BatchNorm without touching its running statistics (restored on exit)."""
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            saved.append((m, m.running_mean, m.running_var, m.num_batches_tracked, m.track_running_stats))
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+            m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, mean, var, count, track in saved:
+            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
+            m.track_running_stats = track
+
+
+def _cast_floating(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _cast_floating(v, dtype) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast_floating(v, dtype) for v in obj)
+    return obj
+
+
+class ModelOperator(LinearOperator):
+    """Shared plumbing of the model curvature operators (data, target block, checks).
+
+    Attributes after construction: ``param_names``, ``n`` (target size), ``batch_weights``
+    (``n_b/N``), ``loss`` (float, L(θ)) and ``gradient`` (flat float64 ∇L(θ) over the target).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        loader: Iterable,
+        params: str | Sequence[str] = "all",
+        train_mode: bool = False,
+        check_deterministic: bool = True,
+        dtype: torch.dtype | None = None,
+        chunk_size: int = 32,
+    ):
+        self.model, self.loss_fn, self.train_mode, self.chunk_size = model, loss_fn, train_mode, chunk_size
+        self.device, model_dtype = model_device_dtype(model)
+        self.compute_dtype = dtype or model_dtype
+        batches = materialize(loader, self.device)
+        self.batches = batches if dtype is None else [_cast_floating(b, dtype) for b in batches]
+        sizes = [batch_size(b) for b in self.batches]
+        self.num_data = sum(sizes)
+        self.batch_weights = [s / self.num_data for s in sizes]
+        self.param_names = select_parameters(model, params)
+        self._check_batchnorm()
+
+        named = dict(model.named_parameters())
+        self.target: Params = {n: named[n].detach().to(self.compute_dtype) for n in self.param_names}
+        self.frozen: Params = {
+            n: p.detach().to(self.compute_dtype) for n, p in named.items() if n not in self.target
+        }
+        if self.compute_dtype != model_dtype:
+            self.frozen.update(
+                {n: b.to(self.compute_dtype) for n, b in model.named_buffers() if b.is_floating_point()}
+            )
+        check_finite(self.target)
+        self.shapes = [t.shape for t in self.target.values()]
+        self.numels = [t.numel() for t in self.target.values()]
+        self.n = sum(self.numels)
+        self.shape = (self.n, self.n)
+
+        self.loss, self.gradient = self.loss_and_gradient()
+        if check_deterministic:
+            self._check_deterministic()
+
+    # --- data/parameter plumbing -------------------------------------------------------------
+    def flatten(self, tensors: dict[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
+        """Target-block dict (or list in target order) → flat float64 ``(n,)``."""
+        parts = tensors.values() if isinstance(tensors, dict) else tensors
+        return torch.cat([t.reshape(-1).to(torch.float64) for t in parts])
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Flat ``(n,)`` → target-block dict in the compute dtype."""
+        if flat.shape != (self.n,):
+            raise ValueError(f"expected a flat vector of shape ({self.n},), got {tuple(flat.shape)}")
+        parts = flat.to(self.compute_dtype).split(self.numels)
+        return {n: p.view(s) for n, p, s in zip(self.param_names, parts, self.shapes)}
+
+    def _unflatten_columns(self, V: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``(n, k)`` → dict of ``(k, *shape)`` tensors (columns first, for vmap)."""
+        parts = V.T.to(self.compute_dtype).split(self.numels, dim=1)
+        return {n: p.reshape(-1, *s) for n, p, s in zip(self.param_names, parts, self.shapes)}
+
+    def _flatten_columns(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Sequence of ``(k, *shape)`` → ``(n, k)`` float64."""
+        return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1).T.to(torch.float64)
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        """Model mode (eval unless ``train_mode``), SDPA math backend, frozen BatchNorm stats."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(eval_mode(self.model, self.train_mode))
+            stack.enter_context(math_attention())
+            if self.train_mode:
+                stack.enter_context(batch_statistics_only(self.model))
+            yield
+
+    def batch_loss(self, target: Params, batch: Any) -> torch.Tensor:
+        """Mean loss on one batch with the target block replaced by ``target``."""
+        return batch_loss(self.model, {**self.frozen, **target}, batch, self.loss_fn)
+
+    def loss_and_gradient(self, delta: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+        """``L(θ + δ)`` and flat float64 ``∇L(θ + δ)`` over the loader (weights ``n_b/N``)."""
+        point = self.target if delta is None else {
+            n: t + d for (n, t), d in zip(self.target.items(), self.unflatten(delta).values())
+        }
+        total, gradient = 0.0, torch.zeros(self.n, dtype=torch.float64, device=self.device)
+        with self.context():
+            for i, (w, b) in enumerate(zip(self.batch_weights, self.batches)):
+                leaves = {n: t.detach().requires_grad_() for n, t in point.items()}
+                loss = self.batch_loss(leaves, b)
+                if not torch.isfinite(loss):
+                    raise ValueError(
+                        f"non-finite loss ({loss.item()}) on batch {i}: check the inputs, the "
+                        "weights and the loss function"
+                    )
+                grads = torch.autograd.grad(loss, list(leaves.values()), materialize_grads=True)
+                total += w * loss.item()
+                gradient += w * self.flatten(grads)
+        return total, gradient
+
+    def _check_batchnorm(self) -> None:
+        if self.train_mode or not has_batchnorm(self.model):
+            return
+        untracked = [
+            n for n, m in self.model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+        ]
+        if untracked:
+            raise ValueError(
+                f"BatchNorm module(s) {untracked} have no running statistics "
+                "(track_running_stats=False), so they normalise with batch statistics even in eval "
+                "mode and the Hessian would depend on how the data are split into batches; pass "
+                "train_mode=True to accept that explicitly"
+            )
+
+    def _check_deterministic(self) -> None:
+        loss, gradient = self.loss_and_gradient()
+        if loss != self.loss or not torch.equal(gradient, self.gradient):
+            raise ValueError(
+                "two passes over the data gave different loss/gradient "
+                f"(loss {self.loss!r} vs {loss!r}, max gradient difference "
+                f"{(gradient - self.gradient).abs().max().item():.3g}); likely causes: dropout "
+                "(train_mode=True), data augmentation, a shuffling loader or drop_last=True. Pass "
+                "a fixed list of batches, or check_deterministic=False to skip this check"
+            )
+
+
+class HessianOperator(ModelOperator):
+    """Hessian ``H = Σ_b (n_b/N) ∇²_θ L_b(θ)`` over the target block, as an ``(n, n)`` operator.
+
+    Modes (all inside the SDPA math backend):
+
+    - ``"reverse_over_reverse"``: ``g = ∇L_b`` with ``create_graph=True``, then ``∇(gᵀv)``;
+      :meth:`matmat` builds the graph once per batch and reuses it for every column.
+    - ``"forward_over_reverse"``: ``jvp(torch.func.grad(L_b), (θ,), (v,))``; :meth:`matmat` vmaps
+      it over ``chunk_size`` columns at a time. Never ``jacrev`` (wrong through LayerNorm, §2).
+    - ``"finite_difference"``: ``‖v‖·(∇L(θ+h v̂) − ∇L(θ−h v̂))/(2h)``, ``v̂ = v/‖v‖``;
+      ``fd_step`` defaults to 1e-5 in float64 and 1e-2 otherwise.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        loader: Iterable,
+        params: str | Sequence[str] = "all",
+        mode: str = DEFAULT_HVP_MODE,
+        train_mode: bool = False,
+        check_deterministic: bool = True,
+        dtype: torch.dtype | None = None,
+        chunk_size: int = 32,
+        fd_step: float | None = None,
+    ):
+        if mode not in HVP_MODES:
+            raise ValueError(f"unknown HVP mode {mode!r}; choose one of {HVP_MODES}")
+        self.mode = mode
+        super().__init__(model, loss_fn, loader, params, train_mode, check_deterministic, dtype, chunk_size)
+        self.fd_step = fd_step or (1e-5 if self.compute_dtype == torch.float64 else 1e-2)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matmat(v[:, None])[:, 0]
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if self.mode == "finite_difference":
+            return torch.stack([self._finite_difference(V[:, j]) for j in range(V.shape[1])], 1)
+        out = torch.zeros(V.shape, dtype=torch.float64, device=self.device)
+        with self.context():
+            for w, b in zip(self.batch_weights, self.batches):
+                apply = self._reverse_over_reverse(b) if self.mode == "reverse_over_reverse" else (
+                    self._forward_over_reverse(b)
+                )
+                for i in range(0, V.shape[1], self.chunk_size):
+                    out[:, i : i + self.chunk_size] += w * apply(V[:, i : i + self.chunk_size])
+        return out
+
+    def _reverse_over_reverse(self, batch: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        leaves = {n: t.detach().requires_grad_() for n, t in self.target.items()}
+        inputs = list(leaves.values())
+        grads = torch.autograd.grad(self.batch_loss(leaves, batch), inputs, create_graph=True)
+        live = [i for i, g in enumerate(grads) if g.requires_grad]  # others have zero Hessian rows
+
+        def apply(V: torch.Tensor) -> torch.Tensor:
+            columns = self._unflatten_columns(V)
+            keys = list(columns)
+            results = []
+            for j in range(V.shape[1]):
+                hv = torch.autograd.grad(
+                    [grads[i] for i in live], inputs, [columns[keys[i]][j] for i in live],
+                    retain_graph=True, materialize_grads=True,
+                )
+                results.append(self.flatten(hv))
+            return torch.stack(results, dim=1)
+
+        return apply
+
+    def _forward_over_reverse(self, batch: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        gradient_fn = grad(lambda target: self.batch_loss(target, batch))
+
+        def hvp(v: Params) -> Params:
+            return jvp(gradient_fn, (self.target,), (v,))[1]
+
+        def apply(V: torch.Tensor) -> torch.Tensor:
+            return self._flatten_columns(list(vmap(hvp)(self._unflatten_columns(V)).values()))
+
+        return apply
+
+    def _finite_difference(self, v: torch.Tensor) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(v)
+        if norm == 0:
+            return torch.zeros_like(v)
+        step = (self.fd_step / norm) * v
+        return norm * (self.loss_and_gradient(step)[1] - self.loss_and_gradient(-step)[1]) / (2 * self.fd_step)
+
+
+class GGNOperator(ModelOperator):
+    """Generalized Gauss–Newton ``G = Σ_b (n_b/N) J_bᵀ (∇²_f ℓ_b) J_b`` over the target block.
+
+    ``J_b``: Jacobian of the batch outputs w.r.t. the target, ``∇²_f ℓ_b``: Hessian of the (mean)
+    batch loss w.r.t. the outputs. PSD when the loss is convex in the outputs (cross-entropy,
+    MSE). ``G v`` = vjp(J_bᵀ, jvp(∇_f ℓ_b, J_b v)); :meth:`matmat` vmaps over columns.
+    """
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matmat(v[:, None])[:, 0]
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(V.shape, dtype=torch.float64, device=self.device)
+        with self.context():
+            for w, b in zip(self.batch_weights, self.batches):
+                apply = self._ggn_batch(b)
+                for i in range(0, V.shape[1], self.chunk_size):
+                    out[:, i : i + self.chunk_size] += w * apply(V[:, i : i + self.chunk_size])
+        return out
+
+    def _ggn_batch(self, batch: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        inputs, targets = split_batch(batch)
+
+        def outputs_of(target: Params) -> torch.Tensor:
+            return forward(self.model, {**self.frozen, **target}, inputs)
+
+        outputs, pullback = vjp(outputs_of, self.target)
+        output_gradient = grad(lambda out: self.loss_fn(out, targets))
+
+        def ggnvp(v: Params) -> Params:
+            jv = jvp(outputs_of, (self.target,), (v,))[1]
+            return pullback(jvp(output_gradient, (outputs,), (jv,))[1])[0]
+
+        def apply(V: torch.Tensor) -> torch.Tensor:
+            return self._flatten_columns(list(vmap(ggnvp)(self._unflatten_columns(V)).values()))
+
+        return apply
