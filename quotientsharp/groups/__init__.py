@@ -1,8 +1,8 @@
 """Symmetry groups: the extension point (:class:`SymmetryGroup`) and the built-in groups."""
 from .attention import AttentionGL, GLBlock, Piece
-from .base import SymmetryGroup, geodesic_error_slope
+from .base import SymmetryGroup, geodesic_error_slope, geodesic_error_slopes
 from .diagonal import DiagonalRescaling
 from .elementwise import Euclidean, PositiveRescaling
 
 __all__ = ["SymmetryGroup", "AttentionGL", "GLBlock", "Piece", "DiagonalRescaling",
-           "PositiveRescaling", "Euclidean", "geodesic_error_slope"]
+           "PositiveRescaling", "Euclidean", "geodesic_error_slope", "geodesic_error_slopes"]

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from . import gl_math as M
+from ..geodesic import integrate_geodesic
 from .base import Params, SymmetryGroup
 
 
@@ -204,18 +205,22 @@ class AttentionGL(SymmetryGroup):
         return [[f"{self.blocks[i].label}/head {j}" for i in s for j in range(self.blocks[i].n_heads)]
                 for s in self._stacks(w)]
 
-    def _factors(self, w: Params) -> list[M.GLFactors]:
+    def _base(self, w: Params) -> tuple[list[M.GLFactors], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Base-point factors and extracted blocks ``[(G, H), ...]``, cached together per ``w``."""
         def build(wr):
             self.validate(wr)
             labels = self.labels(wr)
+            blocks = self.extract(wr)
             return [M.gl_factors(G, H, self.metric, self.eps_rel, self.eps, lab)
-                    for (G, H), lab in zip(self.extract(wr), labels)]
+                    for (G, H), lab in zip(blocks, labels)], blocks
         return self._cached(w, build)
+
+    def _factors(self, w: Params) -> list[M.GLFactors]:
+        return self._base(w)[0]
 
     def _map(self, w: Params, vecs: Sequence[Params], fn) -> dict:
         """Apply ``fn(factors, G, H, *[(xG, xH) per vec]) -> (yG, yH)`` per stack; reassemble."""
-        fs = self._factors(w)
-        blocks_w = self.extract(w)
+        fs, blocks_w = self._base(w)
         blocks_v = [self.extract(v) for v in vecs]
         res = [fn(f, G, H, *[bv[s] for bv in blocks_v]) for s, (f, (G, H)) in enumerate(zip(fs, blocks_w))]
         like = vecs[0] if vecs else w
@@ -268,22 +273,67 @@ class AttentionGL(SymmetryGroup):
         dt = next(iter(xi.values())).dtype
         return sum(v.sum() for v in self.inner_per_block(w, xi, zeta)).to(dt)
 
+    def norm_sq(self, w: Params, xi: Params) -> torch.Tensor:
+        """``g_w(xi, xi)``, extracting the blocks of ``xi`` once."""
+        dt = next(iter(xi.values())).dtype
+        return sum(M.gl_inner(self.metric, f, xG, xH, xG, xH).sum()
+                   for f, (xG, xH) in zip(self._factors(w), self.extract(xi))).to(dt)
+
     def horizontal_projection(self, w: Params, xi: Params) -> dict:
         return self._map(w, [xi], lambda f, G, H, x: M.gl_project(self.metric, f, G, H, *x))
 
     def egrad_to_rgrad(self, w: Params, egrad: Params) -> dict:
         return self._map(w, [egrad], lambda f, G, H, d: M.gl_rgrad(self.metric, f, *d))
 
+    def riemannian_gradient(self, w: Params, egrad: Params) -> dict:
+        """``Pi(g^{-1} egrad)`` in one pass over the blocks."""
+        return self._map(w, [egrad], lambda f, G, H, d: M.gl_project(self.metric, f, G, H,
+                                                                     *M.gl_rgrad(self.metric, f, *d)))
+
     def christoffel(self, w: Params, xi: Params) -> dict:
         return self._map(w, [xi], lambda f, G, H, x: M.gl_christoffel(self.metric, f, G, H, *x))
+
+    def geodesic_2nd(self, w: Params, xi: Params, t: float = 1.0) -> dict:
+        """``w + t xi - t^2/2 Gamma_w(xi, xi)`` computed on the blocks and written into ``w`` once."""
+        fs, blocks_w = self._base(w)
+        res = []
+        for f, (G, H), (xG, xH) in zip(fs, blocks_w, self.extract(xi)):
+            gG, gH = M.gl_christoffel(self.metric, f, G, H, xG, xH)
+            res.append((G + t * xG - 0.5 * t * t * gG, H + t * xH - 0.5 * t * t * gH))
+        return self.insert(w, res)
+
+    def geodesic_vjp(self, w: Params, xi: Params, cotangent: Params, order: int | str = 2, **ode_kw) -> dict:
+        """Order 2: ``J^T c = c - 1/2 (D Gamma_w(xi, xi))^T c`` in closed form on the blocks
+        (:func:`gl_math.gl_christoffel_vjp`); other orders by autograd."""
+        if order != 2:
+            return super().geodesic_vjp(w, xi, cotangent, order, **ode_kw)
+
+        def vjp(f, G, H, x, c):
+            dG, dH = M.gl_christoffel_vjp(self.metric, f, G, H, *x, *c)
+            return c[0] - 0.5 * dG, c[1] - 0.5 * dH
+        return self._map(w, [xi, cotangent], vjp)
 
     def whiten(self, w: Params, zeta: Params) -> dict:
         return self._map(w, [zeta], lambda f, G, H, z: M.gl_whiten(self.metric, f, *z))
 
-    def check_domain(self, w: Params) -> None:
-        if self.eps_rel == 0 and self.eps == 0:
-            for (G, H), lab in zip(self.extract(w), self.labels(w)):
-                M.gl_factors(G, H, self.metric, 0.0, 0.0, lab)  # raises when singular
+    def geodesic_ode(self, w: Params, xi: Params, t: float = 1.0, n_steps: int = 64,
+                     tol: float | None = 1e-10) -> dict:
+        """RK4 on the stacked blocks ``(G, H)`` themselves (spec §6.5): P(t), Q(t) and the
+        relaxation are recomputed at every stage; a Gram matrix turning singular (eps = 0)
+        raises ``ValueError``."""
+        labels = self.labels(w)
+        pack = lambda blocks: {f"{k}{s}": X for s, GH in enumerate(blocks) for k, X in zip("GH", GH)}  # noqa: E731
+
+        def christoffel(wd, vd):
+            out = {}
+            for s, lab in enumerate(labels):
+                G, H = wd[f"G{s}"], wd[f"H{s}"]
+                f = M.gl_factors(G, H, self.metric, self.eps_rel, self.eps, lab, for_projection=False)
+                out[f"G{s}"], out[f"H{s}"] = M.gl_christoffel(self.metric, f, G, H, vd[f"G{s}"], vd[f"H{s}"])
+            return out
+
+        end = integrate_geodesic(christoffel, pack(self.extract(w)), pack(self.extract(xi)), t, n_steps, tol)
+        return self.insert(w, [(end[f"G{s}"], end[f"H{s}"]) for s in range(len(labels))])
 
     def relative_perturbation(self, w: Params, xi: Params) -> torch.Tensor:
         """``max_blocks max(||xi_G||_F / ||G||_F, ||xi_H||_F / ||H||_F)`` (for the warning of

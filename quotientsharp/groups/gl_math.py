@@ -48,8 +48,10 @@ def gram_eps(X: torch.Tensor, eps_rel: float, eps_abs: float) -> torch.Tensor:
 
 
 def gl_factors(G: torch.Tensor, H: torch.Tensor, metric: str, eps_rel: float = 1e-6,
-               eps_abs: float = 0.0, labels: list[str] | None = None) -> GLFactors:
-    """Cache P, Q, their inverses and square roots (and the Sylvester eigenbasis for ``inv``).
+               eps_abs: float = 0.0, labels: list[str] | None = None,
+               for_projection: bool = True) -> GLFactors:
+    """Cache P, Q, their inverses and square roots (and, if ``for_projection``, the Sylvester
+    eigenbasis of the inverse metric).
 
     Raises ``ValueError`` naming the block when a Gram matrix is numerically singular and the
     relaxation is zero."""
@@ -78,7 +80,7 @@ def gl_factors(G: torch.Tensor, H: torch.Tensor, metric: str, eps_rel: float = 1
         P_half=_sym_fn(p, Vp, 0.5), Q_half=_sym_fn(q, Vq, 0.5),
         P_ihalf=_sym_fn(p, Vp, -0.5), Q_ihalf=_sym_fn(q, Vq, -0.5),
     )
-    if metric == "inv":
+    if metric == "inv" and for_projection:
         S = f.P_half @ Q @ f.P_half
         lam, V = torch.linalg.eigh(0.5 * (S + _t(S)))
         f.U, f.U_inv = f.P_half @ V, _t(V) @ f.P_ihalf
@@ -150,6 +152,31 @@ def gl_christoffel(metric: str, f: GLFactors, G, H, xG, xH):
         gG = (xG @ (sH + _t(sH)) - G @ (_t(xH) @ xH)) @ f.Q_inv
         gH = (xH @ (sG + _t(sG)) - H @ (_t(xG) @ xG)) @ f.P_inv
     return gG.to(dt), gH.to(dt)
+
+
+def gl_christoffel_vjp(metric: str, f: GLFactors, G, H, xG, xH, cG, cH):
+    """``(D_xi Gamma_w(xi, xi))^T c``: the gradient of ``<cG, Gamma_G> + <cH, Gamma_H>`` w.r.t. ``(xG, xH)``.
+
+    With ``sym(X) = X + X^T``:
+    inv: ``dG = -cG sym(xG^T G) P^{-1} - G sym(P^{-1} xG^T cG) + xG sym(P^{-1} G^T cG)`` (H alike, Q);
+    mix: with ``aG = cG Q^{-1}``, ``aH = cH P^{-1}``,
+         ``dG = aG sym(xH^T H) + G sym(xH^T aH) - xG sym(H^T aH)``,
+         ``dH = aH sym(xG^T G) + H sym(xG^T aG) - xH sym(G^T aG)``."""
+    dt = xG.dtype
+    G, H, xG, xH, cG, cH = (t.double() for t in (G, H, xG, xH, cG, cH))
+
+    def sym(X):
+        return X + _t(X)
+
+    if metric == "inv":
+        def part(X, xX, cX, inv):
+            return (-cX @ sym(_t(xX) @ X) @ inv - X @ sym(inv @ _t(xX) @ cX) + xX @ sym(inv @ _t(X) @ cX))
+        dG, dH = part(G, xG, cG, f.P_inv), part(H, xH, cH, f.Q_inv)
+    else:
+        aG, aH = cG @ f.Q_inv, cH @ f.P_inv
+        dG = aG @ sym(_t(xH) @ H) + G @ sym(_t(xH) @ aH) - xG @ sym(_t(H) @ aH)
+        dH = aH @ sym(_t(xG) @ G) + H @ sym(_t(xG) @ aG) - xH @ sym(_t(G) @ aG)
+    return dG.to(dt), dH.to(dt)
 
 
 def gl_whiten(metric: str, f: GLFactors, zG, zH):

@@ -1,0 +1,191 @@
+"""Test cases for the generic geometry property suite: every built-in group, every adapter and a
+user-defined group, each with its parameters, a model function and a loss (float64)."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from quotientsharp import AttentionGL, DiagonalRescaling, Euclidean, PositiveRescaling, SymmetryGroup
+from quotientsharp.adapters import find_symmetries
+from quotientsharp.functional import forward
+from quotientsharp.models.attention import MultiHeadSelfAttention
+
+DT = torch.float64
+
+
+class LayerRescaling(SymmetryGroup):
+    """A user-defined group, written as a user would: ``(W1, W2) -> (a W1, W2 / a)``, ``a > 0``,
+    the whole-layer rescaling of a bias-free ReLU net ``W2 relu(W1 x)``, with the invariant metric
+    ``<eta, zeta> = <eta1, zeta1>/|W1|^2 + <eta2, zeta2>/|W2|^2``. Only the four required methods and
+    ``random_element``; projection, gradient, Christoffel term and geodesics come from the base."""
+
+    def __init__(self, first: str, second: str):
+        super().__init__((first, second))
+        self.first, self.second = first, second
+
+    def action(self, w, a):
+        return {self.first: a * w[self.first], self.second: w[self.second] / a}
+
+    def random_element(self, w, scale=1.0, generator=None):
+        return torch.exp(scale * torch.randn((), generator=generator, dtype=DT))
+
+    def algebra_zeros(self, w):
+        return torch.zeros(1, dtype=w[self.first].dtype)
+
+    def vertical(self, w, omega):
+        return {self.first: omega[0] * w[self.first], self.second: -omega[0] * w[self.second]}
+
+    def inner(self, w, xi, zeta):
+        a, b = self.first, self.second
+        return (xi[a] * zeta[a]).sum() / w[a].pow(2).sum() + (xi[b] * zeta[b]).sum() / w[b].pow(2).sum()
+
+
+@dataclass
+class Case:
+    id: str
+    group: SymmetryGroup
+    params: dict                     # the full parameter dict of the model
+    model_fn: Callable | None        # params -> outputs (None: no network)
+    loss_fn: Callable | None         # params -> scalar loss
+    oracle: bool = True              # small enough for the dense generic defaults
+    exact_geodesic: bool = False     # geodesic_exact is a closed form to compare with RK4
+    tags: set = field(default_factory=set)
+
+    @property
+    def w(self):
+        return {n: self.params[n] for n in self.group.names}
+
+
+def _model_case(cid, model, x, metric, oracle=True, tags=()):
+    model = model.to(DT).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = find_symmetries(model, metric=metric, eps_rel=0.0)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        target = torch.randn_like(forward(model, params, x))
+
+    def model_fn(p):
+        return forward(model, {**params, **p}, x)
+
+    def loss_fn(p):
+        return ((model_fn(p) - target) ** 2).mean()
+
+    return Case(cid, q.groups[0], params, model_fn, loss_fn, oracle=oracle, tags=set(tags) | {"attention"})
+
+
+class _MHA(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(batch_first=True, **kw)
+
+    def forward(self, x):
+        kd = self.mha.kdim
+        vd = self.mha.vdim
+        return self.mha(x, x[..., :kd], x[..., :vd], need_weights=False)[0]
+
+
+class _HF(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(x).last_hidden_state
+
+
+def _randomize_biases(model, gen):
+    """Random biases on the scale of the model's weights (zero biases would hide bias bugs)."""
+    scale = torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters()
+                       if n.endswith("weight") and p.ndim == 2]).std()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
+def attention_cases(metric: str, seed: int = 0) -> list[Case]:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    x = lambda *s: torch.randn(*s, generator=g, dtype=DT)  # noqa: E731
+    cases = [
+        _model_case(f"qs-d8h2-{metric}", _randomize_biases(MultiHeadSelfAttention(8, 2), g), x(3, 5, 8), metric,
+                    tags={"bias"}),
+        _model_case(f"qs-h1-{metric}", _randomize_biases(MultiHeadSelfAttention(3, 3), g), x(3, 4, 3), metric,
+                    tags={"h1"}),
+        _model_case(f"qs-nobias-d6h3-{metric}", MultiHeadSelfAttention(6, 3, bias=False), x(3, 5, 6), metric),
+        _model_case(f"mha-packed-{metric}", _randomize_biases(_MHA(embed_dim=8, num_heads=2), g), x(3, 5, 8), metric),
+        _model_case(f"mha-kvdim-{metric}", _randomize_biases(_MHA(embed_dim=6, num_heads=2, kdim=5, vdim=4), g),
+                    x(3, 5, 6), metric),
+        _model_case(f"encoder-layer-{metric}",
+                    nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), x(3, 5, 8), metric),
+    ]
+    try:
+        from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, ViTConfig, ViTModel
+    except ImportError:
+        return cases
+    tiny = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    bert = BertModel(BertConfig(vocab_size=20, max_position_embeddings=8, **tiny))
+    vit = ViTModel(ViTConfig(image_size=4, patch_size=2, num_channels=1, **tiny))
+    gpt2 = GPT2Model(GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=20, n_positions=8,
+                                attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0))
+    ids = torch.randint(0, 20, (2, 6), generator=g)
+    cases += [
+        _model_case(f"hf-bert-{metric}", _HF(_randomize_biases(bert, g)), ids, metric, oracle=False),
+        _model_case(f"hf-vit-{metric}", _HF(_randomize_biases(vit, g)), x(2, 1, 4, 4), metric, oracle=False),
+        _model_case(f"hf-gpt2-{metric}", _HF(_randomize_biases(gpt2, g)), ids, metric, oracle=False),
+    ]
+    return cases
+
+
+def diagonal_case(metric: str, seed: int = 0, d: int = 6, n: int = 10) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=DT)
+    y = torch.randn(n, generator=g, dtype=DT)
+    def away_from_zero():  # magnitudes in [1, 2]: the full-rank manifold, geodesics stay inside
+        return torch.sign(torch.randn(d, generator=g, dtype=DT)) * (1 + torch.rand(d, generator=g, dtype=DT))
+
+    params = {"u": away_from_zero(), "v": away_from_zero()}
+
+    def model_fn(p):
+        return X @ (p["u"] * p["v"])
+
+    return Case(f"diag-{metric}", DiagonalRescaling("u", "v", metric), params, model_fn,
+                lambda p: ((model_fn(p) - y) ** 2).sum(), exact_geodesic=True)
+
+
+def _relu_net(seed):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(12, 4, generator=g, dtype=DT)
+    y = torch.randn(12, 2, generator=g, dtype=DT)
+    params = {"W1": torch.randn(5, 4, generator=g, dtype=DT), "W2": torch.randn(2, 5, generator=g, dtype=DT)}
+
+    def model_fn(p):
+        return torch.relu(X @ p["W1"].T) @ p["W2"].T
+
+    return params, model_fn, lambda p: ((model_fn(p) - y) ** 2).mean()
+
+
+def user_case(seed: int = 0) -> Case:
+    params, model_fn, loss_fn = _relu_net(seed)
+    return Case("user-layer-rescaling", LayerRescaling("W1", "W2"), params, model_fn, loss_fn)
+
+
+def elementwise_cases(seed: int = 0) -> list[Case]:
+    params, model_fn, loss_fn = _relu_net(seed)
+    return [
+        Case("positive-rescaling", PositiveRescaling(["W1", "W2"]), params, model_fn, loss_fn,
+             exact_geodesic=True),
+        Case("euclidean", Euclidean(["W1", "W2"]), params, model_fn, loss_fn, exact_geodesic=True),
+    ]
+
+
+def all_cases(seed: int = 0) -> list[Case]:
+    return (attention_cases("inv", seed) + attention_cases("mix", seed)
+            + [diagonal_case("inv", seed), diagonal_case("mix", seed), user_case(seed)]
+            + elementwise_cases(seed))
