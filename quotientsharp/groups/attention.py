@@ -335,6 +335,12 @@ class AttentionGL(SymmetryGroup):
         end = integrate_geodesic(christoffel, pack(self.extract(w)), pack(self.extract(xi)), t, n_steps, tol)
         return self.insert(w, [(end[f"G{s}"], end[f"H{s}"]) for s in range(len(labels))])
 
+    def check_domain(self, w: Params) -> None:
+        """Raise ``ValueError`` naming the block if a Gram matrix is singular (only with eps = 0)."""
+        if self.eps_rel == 0 and self.eps == 0:
+            for (G, H), lab in zip(self.extract(w), self.labels(w)):
+                M.gl_factors(G, H, self.metric, 0.0, 0.0, lab, for_projection=False)
+
     def relative_perturbation(self, w: Params, xi: Params) -> torch.Tensor:
         """``max_blocks max(||xi_G||_F / ||G||_F, ||xi_H||_F / ||H||_F)`` (for the warning of
         spec part 2 §1)."""
