@@ -29,6 +29,15 @@ from quotientsharp.curvature.operators import (
     as_operator,
     select_parameters,
 )
+from quotientsharp.curvature.quotient_hessian import (
+    QuotientHessianOperator,
+    quotient_hessian_slq,
+    quotient_hessian_spectral_density,
+    quotient_hessian_top_eigenvalues,
+    quotient_hessian_trace,
+    quotient_renyi_sharpness,
+    vertical_dimension,
+)
 from quotientsharp.curvature.renyi import RenyiResult, renyi_entropy
 from quotientsharp.curvature.results import Estimate
 from quotientsharp.curvature.slq import SLQResult, SpectralDensity, slq
@@ -43,4 +52,7 @@ __all__ = [
     "hutch_plus_plus", "hutchinson", "lanczos", "lanczos_tridiagonal", "pac_bayes_flatness",
     "parameter_norm", "power_iteration", "renyi_entropy", "renyi_sharpness", "renyi_study_targets",
     "sam_sharpness", "sample_probes", "select_parameters", "slq",
+    "QuotientHessianOperator", "quotient_hessian_slq", "quotient_hessian_spectral_density",
+    "quotient_hessian_top_eigenvalues", "quotient_hessian_trace", "quotient_renyi_sharpness",
+    "vertical_dimension",
 ]

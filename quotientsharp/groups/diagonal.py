@@ -132,7 +132,10 @@ class DiagonalRescaling(SymmetryGroup):
             return {self.u: u * torch.exp(t * xi[self.u] / _safe(u)),
                     self.v: v * torch.exp(t * xi[self.v] / _safe(v))}
         s = 1 + 2 * t * self.to_b(w, xi)
-        root = s.abs().sqrt()
+        # sqrt has an infinite derivative at s = 0 (the clamp b = -1/2, where beta reaches 0):
+        # there the endpoint is 0 and its gradient is set to 0 instead of 0 * inf = NaN
+        alive = s != 0
+        root = torch.where(alive, torch.where(alive, s, 1.0).abs().sqrt(), 0.0)
         return {self.u: u * root, self.v: v * root * torch.sign(s)}
 
     def beta(self, w: Params) -> torch.Tensor:

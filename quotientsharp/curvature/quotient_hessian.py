@@ -1,0 +1,289 @@
+"""The quotient Hessian: the Riemannian Hessian of the loss on the quotient by the symmetries.
+
+At ``w``, with metric ``M = M_w`` (the sum of the block metrics of a
+:class:`~quotientsharp.quotient.Quotient`), horizontal projector ``Π = Π_w`` and Christoffel
+form ``Γ = Γ_w``, the Riemannian Hessian of ``L`` on horizontal vectors is the bilinear form
+
+    q(ξ, ξ) = d²/dt² L(γ_ξ(t))|_{t=0} = ξᵀHξ − ⟨∇L, Γ(ξ, ξ)⟩,   B(ξ, ζ) = ξᵀ(H − C)ζ,
+
+``γ_ξ`` the geodesic of ``M`` and ``C_ij = Σ_k ∇L_k Γ^k_ij``. As ``Γ(v, v)`` is a closed-form
+quadratic polynomial in ``v``, ``C v = ∇_v[½⟨∇L, Γ(v, v)⟩]`` is one reverse pass through it
+(no forward-over-forward through solves, spec §2). Made an operator, self-adjoint in ``M``:
+
+    A = Π M⁻¹ (H − C) Π = M⁻¹ Πᵀ(H − C)Π        (ΠM⁻¹ = M⁻¹Πᵀ because MΠ = ΠᵀM).
+
+Because the loss is invariant, horizontal geodesics project to quotient geodesics, so the
+spectrum of ``A`` on the horizontal space (dimension ``n_h = n − dim V``) is the spectrum of the
+Hessian of the loss on the quotient: invariant under the group action, unlike that of ``H``.
+
+**The kernel.** ``A`` kills the vertical space ``V`` (``AΠ = A``): ``dim V = Σ h²`` over GL head
+blocks at full rank (``h² − (h − rk G)(h − rk H)`` otherwise), plus the entries the adaptive
+metric masks (zero weights). These zeros are not eigenvalues of the quotient Hessian. The
+estimators here therefore work **inside the horizontal space**: probes are
+``z = Π whiten(ζ)``, ``ζ ~ N(0, I)``, rescaled to ``‖z‖²_M = n_h``; in M-orthonormal coordinates
+``z`` is uniform on the sphere of radius ``√n_h`` of the horizontal space, so
+``E[⟨z, f(A) z⟩_M] = Tr(f(A) Π) = Σ_{horizontal} f(λ)`` and SLQ traces, densities and Rényi sums
+are over the ``n_h`` quotient eigenvalues (``SLQResult.n = n_h``); no spike of mass dim V/n at 0.
+For ``α > 0`` the kernel would add nothing to ``Σ|λ|^α`` anyway, but it would to ``n``, to the
+density and to ``Tr f`` with ``f(0) ≠ 0``. Lanczos starts horizontal, so its Krylov space stays
+horizontal (``m ≤ n_h``).
+
+Using the generic estimators directly: :func:`~quotientsharp.curvature.lanczos.lanczos` and
+:func:`~quotientsharp.curvature.lanczos.power_iteration` work unchanged (Euclidean Gaussian start,
+M-normalised; the vertical part of the start only adds Ritz values ≈ 0). ``hutchinson(op)`` stays
+unbiased (``E[zᵀAz] = Tr A`` for any square ``A``) but its variance is that of the non-symmetric
+Euclidean matrix ``A``. :func:`~quotientsharp.curvature.slq.slq` must be given
+``probes=op.sample_probes(...)``: with Euclidean probes it would estimate ``Tr(M f(A))``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from quotientsharp.curvature.lanczos import EigenResult, lanczos, power_iteration
+from quotientsharp.curvature.operators import DEFAULT_HVP_MODE, HessianOperator, LinearOperator, select_parameters
+from quotientsharp.curvature.renyi import RenyiResult, renyi_entropy
+from quotientsharp.curvature.results import Estimate, mean_and_stderr
+from quotientsharp.curvature.slq import SLQResult, SpectralDensity, slq
+from quotientsharp.functional import LossFn
+from quotientsharp.groups.attention import AttentionGL
+from quotientsharp.groups.elementwise import Euclidean, PositiveRescaling
+from quotientsharp.quotient import Quotient
+
+METRICS = ("mix", "inv")
+
+
+def vertical_dimension(quotient: Quotient, w: dict[str, torch.Tensor]) -> int:
+    """``dim ker Π_w``: per GL head block ``h² − (h − rk G)(h − rk H)`` (``h²`` at full rank),
+    the zero weights masked by the adaptive metric, the rank of the vertical basis otherwise."""
+    total = 0
+    for g in quotient.all_groups:
+        if isinstance(g, AttentionGL):
+            for G, H in g.extract(w):
+                h = G.shape[-1]
+                a = h - torch.linalg.matrix_rank(G.double())
+                b = h - torch.linalg.matrix_rank(H.double())
+                total += int((h * h - a * b).sum())
+        elif isinstance(g, PositiveRescaling):
+            total += g.masked_count(w)
+        elif not isinstance(g, Euclidean):
+            total += int(torch.linalg.matrix_rank(g.vertical_basis(w).double()))
+    return total
+
+
+class QuotientHessianOperator(LinearOperator):
+    """``A = Π M⁻¹ (H − C) Π`` over all trainable parameters, self-adjoint in ``⟨u, v⟩ = uᵀMv``.
+
+    Args:
+        quotient: the geometry; default ``find_symmetries(model, metric, rest, eps_rel)`` with
+            ``metric="mix"``, ``rest="adaptive"``, ``eps_rel=1e-6`` (give either ``quotient`` or
+            these three). It must cover exactly the trainable parameters.
+        mode, **hessian_kwargs: passed to :class:`HessianOperator` (``train_mode``, ``dtype``, ...).
+
+    Attributes: ``hessian`` (the plain :class:`HessianOperator`, whose HVP and loader-averaged
+    gradient ``∇L`` are reused), ``quotient``, ``point`` (``w`` as float64 dict), ``n``,
+    ``kernel_dim`` (``dim V``), ``n_horizontal`` (``n_h = n − dim V``). Vectors are flat float64
+    ``(n,)`` in ``param_names`` order; the geometry runs in float64.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        loader: Iterable,
+        quotient: Quotient | None = None,
+        metric: str | None = None,
+        rest: str | None = None,
+        eps_rel: float | None = None,
+        mode: str = DEFAULT_HVP_MODE,
+        **hessian_kwargs,
+    ):
+        if quotient is None:
+            quotient = _default_quotient(model, metric, rest, eps_rel)
+        elif (metric, rest, eps_rel) != (None, None, None):
+            raise ValueError("metric/rest/eps_rel configure the default quotient; with quotient= given, "
+                             "build it with those settings instead (find_symmetries(model, metric, rest, eps_rel))")
+        names = select_parameters(model, "all")
+        if sorted(quotient.names) != sorted(names):
+            extra, missing = set(quotient.names) - set(names), set(names) - set(quotient.names)
+            raise ValueError(f"the quotient must cover exactly the trainable parameters; "
+                             f"not trainable: {sorted(extra)}, not covered: {sorted(missing)}")
+        self.quotient = quotient
+        self.hessian = HessianOperator(model, loss_fn, loader, names, mode=mode, **hessian_kwargs)
+        self.param_names, self.n, self.shape = self.hessian.param_names, self.hessian.n, self.hessian.shape
+        self.device = self.hessian.device
+        self.point = {n: t.to(torch.float64) for n, t in self.hessian.target.items()}
+        quotient.validate(self.point)
+        self.gradient = self.hessian.gradient
+        self._gradient = self.to_dict(self.gradient)
+        self.kernel_dim = vertical_dimension(quotient, self.point)
+        self.n_horizontal = self.n - self.kernel_dim
+        if self.n_horizontal <= 0:
+            raise ValueError("the horizontal space is trivial: every direction is vertical")
+
+    # --- flat <-> dict -----------------------------------------------------------------------
+    def to_dict(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Flat float64 ``(n,)`` → float64 dict over ``param_names``."""
+        if flat.shape != (self.n,):
+            raise ValueError(f"expected a flat vector of shape ({self.n},), got {tuple(flat.shape)}")
+        parts = flat.to(torch.float64).split(self.hessian.numels)
+        return {n: p.view(s) for n, p, s in zip(self.param_names, parts, self.hessian.shapes)}
+
+    def to_flat(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Dict over ``param_names`` → flat float64 ``(n,)``."""
+        return torch.cat([tensors[n].reshape(-1).to(torch.float64) for n in self.param_names])
+
+    # --- geometry on flat vectors ------------------------------------------------------------
+    def project(self, v: torch.Tensor) -> torch.Tensor:
+        """``Π v``."""
+        return self.to_flat(self.quotient.horizontal_projection(self.point, self.to_dict(v)))
+
+    def riemannian_gradient(self, g: torch.Tensor) -> torch.Tensor:
+        """``Π M⁻¹ g`` for a covector ``g``."""
+        return self.to_flat(self.quotient.riemannian_gradient(self.point, self.to_dict(g)))
+
+    def metric_matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``M v = ∇_ζ g_w(v, ζ)`` (the metric is linear in ζ; one reverse pass)."""
+        zeta = {n: torch.zeros_like(t, requires_grad=True) for n, t in self.point.items()}
+        with torch.enable_grad():
+            value = self.quotient.inner(self.point, self.to_dict(v), zeta)
+            out = torch.autograd.grad(value, list(zeta.values()), materialize_grads=True)
+        return self.to_flat(dict(zip(zeta, out)))
+
+    def christoffel_matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``C v = ∇_v[½⟨∇L, Γ(v, v)⟩]``, ``C_ij = Σ_k ∇L_k Γ^k_ij``."""
+        leaf = {n: t.detach().requires_grad_() for n, t in self.to_dict(v).items()}
+        with torch.enable_grad():
+            gamma = self.quotient.christoffel(self.point, leaf)
+            value = 0.5 * sum((self._gradient[n] * gamma[n]).sum() for n in self.param_names)
+            if not value.requires_grad:  # flat metric: Γ = 0
+                return torch.zeros_like(v, dtype=torch.float64)
+            out = torch.autograd.grad(value, list(leaf.values()), materialize_grads=True)
+        return self.to_flat(dict(zip(leaf, out)))
+
+    # --- operator ----------------------------------------------------------------------------
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matmat(v[:, None])[:, 0]
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``Π M⁻¹ (H − C) Π V``; the HVPs of all columns share one graph per batch."""
+        U = torch.stack([self.project(V[:, j]) for j in range(V.shape[1])], 1)
+        HU = self.hessian.matmat(U)
+        return torch.stack([self.riemannian_gradient(HU[:, j] - self.christoffel_matvec(U[:, j]))
+                            for j in range(V.shape[1])], 1)
+
+    def inner(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``uᵀ M v``; ``u`` is ``(n,)`` or ``(n, j)``, ``v`` is ``(n,)``."""
+        return (u.mT if u.ndim == 2 else u) @ self.metric_matvec(v)
+
+    # --- horizontal estimators ---------------------------------------------------------------
+    def sample_probes(self, count: int, seed: int = 0) -> torch.Tensor:
+        """``(n, count)`` horizontal probes ``z = Π whiten(ζ)``, ``ζ ~ N(0, I)``, each scaled to
+        ``‖z‖²_M = n_h`` (uniform on that sphere of the horizontal space in M-orthonormal
+        coordinates), so that ``E[⟨z, f(A) z⟩_M] = Σ_{horizontal} f(λ)``."""
+        generator = torch.Generator().manual_seed(seed)
+        zeta = torch.randn(self.n, count, generator=generator, dtype=torch.float64).to(self.device)
+        columns = []
+        for j in range(count):
+            z = self.project(self.to_flat(self.quotient.whiten(self.point, self.to_dict(zeta[:, j]))))
+            columns.append(z * (self.n_horizontal / self.inner(z, z)).sqrt())
+        return torch.stack(columns, 1)
+
+    def top_eigenvalues(self, k: int = 1, which: str = "LA", method: str = "lanczos", m: int | None = None,
+                        tol: float | None = None, seed: int = 0, progress: bool = True) -> EigenResult:
+        """``k`` extreme eigenpairs on the horizontal space: Lanczos from a horizontal start
+        (``m ≤ n_h`` steps; default ``min(n_h, max(2k+20, 40))``), or power iteration."""
+        if method == "lanczos":
+            m = min(self.n_horizontal, m or max(2 * k + 20, 40))
+            start = self.sample_probes(1, seed)[:, 0]
+            result = lanczos(self, k, which, m, tol or 1e-4, seed, start, progress=progress)
+        elif method == "power":
+            result = power_iteration(self, k, tol or 1e-3, seed=seed, progress=progress)
+        else:
+            raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
+        result.config.update(self._config())
+        return result
+
+    def hutchinson(self, n_probes: int = 100, seed: int = 0) -> Estimate:
+        """``Tr A ≈ mean_p ⟨z_p, A z_p⟩_M`` over :meth:`sample_probes` (the trace over the
+        horizontal space; variance that of spherical probes on the M-symmetric operator)."""
+        Z = self.sample_probes(n_probes, seed)
+        AZ = self.matmat(Z)
+        samples = torch.stack([self.inner(Z[:, j], AZ[:, j]) for j in range(n_probes)]).cpu()
+        estimate, stderr = mean_and_stderr(samples)
+        return Estimate(estimate, stderr, samples, self._config(method="hutchinson", n_probes=n_probes, seed=seed))
+
+    def slq(self, m: int = 15, n_probes: int = 100, seed: int = 0, progress: bool = True) -> SLQResult:
+        """SLQ over the horizontal space (``m ≤ n_h`` steps per probe); ``result.n = n_h``."""
+        m = min(m, self.n_horizontal)
+        result = slq(self, m, probes=self.sample_probes(n_probes, seed), seed=seed, progress=progress)
+        return dataclasses.replace(result, n=self.n_horizontal, config={**result.config, **self._config(seed=seed)})
+
+    def _config(self, **extra) -> dict:
+        return {"operator": "quotient_hessian", "quotient": repr(self.quotient), "n": self.n_horizontal,
+                "n_total": self.n, "kernel_dim": self.kernel_dim, "probes": "horizontal_whitened_spherical",
+                "params": self.param_names, **extra}
+
+
+def _default_quotient(model: nn.Module, metric: str | None, rest: str | None, eps_rel: float | None) -> Quotient:
+    from quotientsharp.adapters import find_symmetries
+
+    metric = metric or "mix"
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    return find_symmetries(model, metric=metric, rest=rest or "adaptive",
+                           eps_rel=1e-6 if eps_rel is None else eps_rel)
+
+
+# --- model-level measures (mirror quotientsharp.curvature.measures) ---------------------------
+def quotient_hessian_top_eigenvalues(
+    model, loss_fn, loader, k: int = 1, which: str = "LA", method: str = "lanczos", m: int | None = None,
+    tol: float | None = None, seed: int = 0, progress: bool = True, **operator_kwargs,
+) -> EigenResult:
+    """Top-k eigenpairs of the quotient Hessian (see :meth:`QuotientHessianOperator.top_eigenvalues`);
+    ``operator_kwargs`` (``quotient``/``metric``/``rest``/``eps_rel``/``mode``/...) build the operator."""
+    op = QuotientHessianOperator(model, loss_fn, loader, **operator_kwargs)
+    return op.top_eigenvalues(k, which, method, m, tol, seed, progress)
+
+
+def quotient_hessian_trace(
+    model, loss_fn, loader, method: str = "hutchinson", n_probes: int = 100, m: int = 15, seed: int = 0,
+    progress: bool = True, **operator_kwargs,
+) -> Estimate:
+    """Trace over the horizontal space by metric ``"hutchinson"`` or ``"slq"`` (f = id)."""
+    op = QuotientHessianOperator(model, loss_fn, loader, **operator_kwargs)
+    if method == "hutchinson":
+        return op.hutchinson(n_probes, seed)
+    if method == "slq":
+        return op.slq(m, n_probes, seed, progress).trace()
+    raise ValueError(f"method must be 'hutchinson' or 'slq', got {method!r}")
+
+
+def quotient_hessian_slq(
+    model, loss_fn, loader, m: int = 15, n_probes: int = 100, seed: int = 0, progress: bool = True,
+    **operator_kwargs,
+) -> SLQResult:
+    """One horizontal SLQ run of the quotient Hessian (``n = n_h``), for any spectral sum."""
+    return QuotientHessianOperator(model, loss_fn, loader, **operator_kwargs).slq(m, n_probes, seed, progress)
+
+
+def quotient_hessian_spectral_density(
+    model, loss_fn, loader, m: int = 100, n_probes: int = 3, n_grid: int = 10_000, **slq_kwargs,
+) -> SpectralDensity:
+    """Smoothed spectral density of the quotient Hessian on the horizontal space (spec §5)."""
+    return quotient_hessian_slq(model, loss_fn, loader, m=m, n_probes=n_probes, **slq_kwargs).density(n_grid)
+
+
+def quotient_renyi_sharpness(
+    model, loss_fn, loader, alpha: float | str | Sequence[float | str] = 0.5, normalizer: str = "abs",
+    m: int = 15, n_probes: int = 100, seed: int = 0, **slq_kwargs,
+) -> RenyiResult | dict:
+    """Rényi entropy/sharpness of the quotient Hessian's horizontal spectrum by SLQ (``n = n_h``);
+    a sequence of α values shares one run and returns ``{alpha: RenyiResult}``."""
+    result = quotient_hessian_slq(model, loss_fn, loader, m=m, n_probes=n_probes, seed=seed, **slq_kwargs)
+    if isinstance(alpha, (str, int, float)):
+        return renyi_entropy(result, alpha, normalizer)
+    return {a: renyi_entropy(result, a, normalizer) for a in alpha}
