@@ -5,6 +5,8 @@ import copy
 import functools
 
 import pytest
+
+from quotientsharp.curvature.slq import slq
 import torch
 from torch import nn
 
@@ -221,6 +223,8 @@ def test_model_level_functions():
     values = quotient_renyi_sharpness(model, mse, loader, alpha=[0.5, 1.5], m=4, n_probes=3, progress=False, **kw)
     assert set(values) == {0.5, 1.5} and all(isinstance(v, RenyiResult) for v in values.values())
     direct = renyi_entropy(operator("mix").slq(m=4, n_probes=3, seed=0, progress=False), 0.5)
+    generic = slq(operator("mix"), m=4, n_probes=3, seed=0, progress=False)  # delegates: horizontal probes
+    assert generic.n == 224 and renyi_entropy(generic, 0.5).estimate == pytest.approx(direct.estimate, rel=1e-12)
     assert values[0.5].estimate == pytest.approx(direct.estimate, rel=1e-12)
     record = values[0.5].to_dict()
     assert record["sharpness"] == -record["estimate"] and record["config"]["n"] == 224

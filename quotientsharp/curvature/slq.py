@@ -114,7 +114,14 @@ def slq(
 
     ``probes`` ``(n, P)`` overrides sampling (Rademacher by default, seeded by ``seed``). Norms
     and orthogonality use the operator's inner product, so the rule integrates ``⟨z, f(A) z⟩``.
+    An operator with its own probe distribution (a ``slq`` method, e.g. the quotient Hessian,
+    whose probes must be horizontal and metric-whitened) is delegated to when no probes are given.
     """
+    own = getattr(op, "slq", None)
+    if probes is None and callable(own):
+        if distribution != "rademacher":
+            raise ValueError(f"{type(op).__name__} samples its own probes; distribution cannot be set")
+        return own(m=m, n_probes=n_probes, seed=seed, progress=progress)
     op = as_operator(op)
     n = op.shape[0]
     m = min(m, n)
