@@ -5,12 +5,11 @@ import copy
 import functools
 
 import pytest
-
-from quotientsharp.curvature.slq import slq
 import torch
 from torch import nn
 
 from quotientsharp.adapters import find_symmetries
+from quotientsharp.curvature.slq import slq
 from quotientsharp.curvature import (
     HessianOperator,
     QuotientHessianOperator,
