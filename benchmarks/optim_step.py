@@ -1,8 +1,8 @@
-"""Step time and peak memory of SGD, SAM, ASAM, RSAM, SAF and MESA on one small ViT.
+"""Step time and peak memory of SGD, SAM, ASAM, RSAM, SAF, MESA and GeodesicSAM on one small ViT.
 
 Every method trains the same ``TinyViT`` (same initial weights) on the same batches in one run;
 methods are timed in interleaved rounds and the median per-step time of the rounds is reported
-as a ratio to plain SGD (momentum 0.9). Peak memory: ``torch.cuda.max_memory_allocated`` on
+as a ratio to plain SGD (momentum 0.9) and to SAM. Peak memory: ``torch.cuda.max_memory_allocated`` on
 CUDA; on CPU the peak of the running sum of allocations recorded by the PyTorch profiler
 (op granularity, approximate to ~1 MiB here) while building the model and optimizer and taking
 two steps; "resident" memory is exact: the live tensors (weights, grads, optimizer and method
@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from quotientsharp.models.vit import TinyViT
-from quotientsharp.optim import ASAM, MESA, RSAM, SAF, SAM
+from quotientsharp.optim import ASAM, MESA, RSAM, SAF, SAM, GeodesicSAM
 
-METHODS = ("SGD", "SAM", "ASAM", "RSAM", "SAF", "MESA")
+METHODS = ("SGD", "SAM", "ASAM", "RSAM", "SAF", "MESA", "GeodesicSAM")
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (indices, images, labels)
 SGD_KWARGS = dict(lr=0.05, momentum=0.9)
 
@@ -52,13 +52,15 @@ def build(method: str, num_samples: int, device: torch.device) -> Callable[[Batc
     params = model.parameters()
     if method == "SGD":
         opt = torch.optim.SGD(params, **SGD_KWARGS)
-    elif method in ("SAM", "ASAM", "RSAM"):
+    elif method in ("SAM", "ASAM", "RSAM", "GeodesicSAM"):
         if method == "SAM":
             opt = SAM(params, torch.optim.SGD, rho=0.05, model=model, **SGD_KWARGS)
         elif method == "ASAM":
             opt = ASAM(model.named_parameters(), torch.optim.SGD, rho=0.5, model=model, **SGD_KWARGS)
-        else:
+        elif method == "RSAM":
             opt = RSAM(params, torch.optim.SGD, rho=0.65, alpha=1.2, warmup_epochs=-1, model=model, **SGD_KWARGS)
+        else:  # mixed GL metric on the attention blocks, adaptive metric elsewhere, 2nd-order geodesic
+            opt = GeodesicSAM(params, torch.optim.SGD, rho=0.5, model=model, **SGD_KWARGS)
 
         def sharpness_aware_step(batch: Batch) -> None:
             _, x, y = batch
@@ -199,7 +201,9 @@ def main() -> None:
     saf_opt = steps["SAF"].optimizer  # type: ignore[attr-defined]
     result = {
         "time_ratio_vs_sgd": {m: seconds[m] / seconds["SGD"] for m in METHODS},
+        "time_ratio_vs_sam": {m: seconds[m] / seconds["SAM"] for m in METHODS},
         "memory_ratio_vs_sgd": {m: peak[m] / peak["SGD"] for m in METHODS},
+        "memory_ratio_vs_sam": {m: peak[m] / peak["SAM"] for m in METHODS},
         "resident_memory_ratio_vs_sgd": {m: resident[m] / resident["SGD"] for m in METHODS},
         "step_seconds_median": seconds,
         "step_seconds_rounds": rounds,
@@ -222,11 +226,12 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"{'method':<6} {'ms/step':>8} {'time/SGD':>9} {'peak MiB':>9} {'peak/SGD':>9} "
-          f"{'resident MiB':>13} {'resident/SGD':>13}")
+    print(f"{'method':<11} {'ms/step':>8} {'time/SGD':>9} {'time/SAM':>9} {'peak MiB':>9} {'peak/SGD':>9} "
+          f"{'peak/SAM':>9} {'resident MiB':>13} {'resident/SGD':>13}")
     for m in METHODS:
-        print(f"{m:<6} {1e3 * seconds[m]:8.2f} {result['time_ratio_vs_sgd'][m]:9.2f} "
-              f"{peak[m] / 2**20:9.2f} {result['memory_ratio_vs_sgd'][m]:9.2f} "
+        print(f"{m:<11} {1e3 * seconds[m]:8.2f} {result['time_ratio_vs_sgd'][m]:9.2f} "
+              f"{result['time_ratio_vs_sam'][m]:9.2f} {peak[m] / 2**20:9.2f} "
+              f"{result['memory_ratio_vs_sgd'][m]:9.2f} {result['memory_ratio_vs_sam'][m]:9.2f} "
               f"{resident[m] / 2**20:13.3f} {result['resident_memory_ratio_vs_sgd'][m]:13.2f}")
     print(f"wrote {args.out}")
 

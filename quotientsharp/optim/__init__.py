@@ -1,4 +1,5 @@
 """Sharpness-aware optimizers wrapping any ``torch.optim`` base optimizer (spec: training.md)."""
+from quotientsharp.optim.geodesic_sam import GeodesicSAM, RiemannianSGD
 from quotientsharp.optim.mesa import MESA
 from quotientsharp.optim.rsam import RSAM
 from quotientsharp.optim.saf import SAF, IndexedDataset
@@ -7,9 +8,11 @@ from quotientsharp.optim.utils import WrappedOptimizer, bn_frozen
 
 __all__ = [
     "ASAM",
+    "GeodesicSAM",
     "IndexedDataset",
     "MESA",
     "RSAM",
+    "RiemannianSGD",
     "SAF",
     "SAM",
     "SharpnessAwareOptimizer",
