@@ -112,7 +112,7 @@ class Quotient:
                    for g in self.all_groups)
 
     def norm_sq(self, w: Params, xi: Params) -> torch.Tensor:
-        return self.inner(w, xi, xi)
+        return sum(g.norm_sq(w, {n: xi[n] for n in g.names}) for g in self.all_groups)
 
     def norm(self, w: Params, xi: Params) -> torch.Tensor:
         return self.norm_sq(w, xi).clamp_min(0).sqrt()
@@ -125,7 +125,7 @@ class Quotient:
 
     def riemannian_gradient(self, w: Params, egrad: Params) -> dict:
         """Horizontal Riemannian gradient ``Pi(g^{-1} grad)``."""
-        return self.horizontal_projection(w, self.egrad_to_rgrad(w, egrad))
+        return self._per_group("riemannian_gradient", w, egrad)
 
     def christoffel(self, w: Params, xi: Params) -> dict:
         return self._per_group("christoffel", w, xi)
@@ -190,4 +190,17 @@ class Quotient:
             o = rest_order if g is self.rest else order
             out.update(g.geodesic(w, {n: xi[n] for n in g.names}, t, order=o,
                                   **(ode_kw if o in ("exact", "ode") else {})))
+        return {n: out[n] for n in self.names}
+
+    def geodesic_vjp(self, w: Params, xi: Params, cotangent: Params, order: int | str | None = None,
+                     rest_order: int | str | None = None, **ode_kw) -> dict:
+        """``J^T cotangent``, ``J`` the Jacobian of ``xi -> geodesic(w, xi, 1, order, rest_order)``,
+        block by block (the gradient of ``L(gamma_xi(1))`` with respect to ``xi``)."""
+        order = self.order if order is None else order
+        rest_order = self.rest_order if rest_order is None else rest_order
+        out: dict[str, torch.Tensor] = {}
+        for g in self.all_groups:
+            o = rest_order if g is self.rest else order
+            out.update(g.geodesic_vjp(w, {n: xi[n] for n in g.names}, {n: cotangent[n] for n in g.names},
+                                      order=o, **(ode_kw if o in ("exact", "ode") else {})))
         return {n: out[n] for n in self.names}

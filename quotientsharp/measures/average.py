@@ -1,0 +1,89 @@
+"""Average-case sharpness on one batch (spec part 2 §1, §3.4).
+
+``E_zeta[L_S(gamma_xi(1)) - L_S(w0)]`` with ``xi = rho * Pi(whiten(zeta))``, ``zeta ~ N(0, I)``:
+a standard Gaussian on the horizontal space with per-coordinate standard deviation ``rho`` in
+metric-orthonormal coordinates (``avg_scale="gaussian"``), or that direction rescaled to norm
+exactly ``rho`` (``avg_scale="sphere"``). Evaluated under ``no_grad``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .. import tangent as T
+from ..quotient import Quotient
+from .feasible import HorizontalBall
+from .solver import Endpoint, Objective
+
+SCALES = ("gaussian", "sphere")
+MAX_RELATIVE_PERTURBATION = 0.5
+
+
+@dataclass
+class AverageResult:
+    base_loss: float
+    increases: list[float]  # L_S(gamma_xi_s(1)) - L_S(w0) per sample
+    base_error: float | None
+    error_increase: float | None  # mean over samples
+    max_relative_perturbation: float | None  # max over samples and GL blocks of ||xi_G|| / ||G||
+
+    @property
+    def increase(self) -> float:
+        return sum(self.increases) / len(self.increases)
+
+    @property
+    def stderr(self) -> float:
+        """Standard error of :attr:`increase` over the samples (0 for one sample)."""
+        n = len(self.increases)
+        if n < 2:
+            return 0.0
+        m = self.increase
+        return math.sqrt(sum((x - m) ** 2 for x in self.increases) / (n - 1) / n)
+
+
+def _relative_perturbation(quotient: Quotient, w0: Mapping, xi: Mapping) -> float | None:
+    vals = [float(g.relative_perturbation(w0, xi)) for g in quotient.groups
+            if hasattr(g, "relative_perturbation")]
+    return max(vals) if vals else None
+
+
+def average_increase(objective: Objective, quotient: Quotient, w0: Mapping, rho: float, n_samples: int,
+                     generator: torch.Generator, order: int | str = 2, rest_order: int | str = 1,
+                     avg_scale: str = "gaussian", ode_kw: Mapping | None = None) -> AverageResult:
+    """``n_samples`` draws of the loss increase at ``gamma_xi(1)`` on one batch (no autograd)."""
+    with torch.no_grad():
+        return _average_increase(objective, quotient, w0, rho, n_samples, generator, order, rest_order,
+                                 avg_scale, ode_kw)
+
+
+def _average_increase(objective, quotient, w0, rho, n_samples, generator, order, rest_order, avg_scale,
+                      ode_kw) -> AverageResult:
+    if avg_scale not in SCALES:
+        raise ValueError(f"avg_scale must be one of {SCALES}, got {avg_scale!r}")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    ball = HorizontalBall(quotient, w0, rho)
+    endpoint = Endpoint(quotient, ball.w0, order, rest_order, ode_kw)
+    loss0, err0 = objective(ball.w0)
+    loss0 = float(loss0)
+    if not math.isfinite(loss0):
+        raise ValueError(f"the loss at the base point is not finite ({loss0})")
+    increases, errors, rel = [], [], None
+    for _ in range(n_samples):
+        u = ball.random_unit(generator) if avg_scale == "sphere" else ball.gaussian(generator)
+        xi = quotient.restrict_to_domain(ball.w0, T.scale(u, ball.rho))
+        r = _relative_perturbation(quotient, ball.w0, xi)
+        rel = r if rel is None else max(rel, r)
+        loss, err = objective(endpoint(xi))
+        increases.append(float(loss) - loss0)
+        errors.append(err)
+    if rel is not None and rel > MAX_RELATIVE_PERTURBATION:
+        warnings.warn(f"average-case perturbation reaches {rel:.2f} of a GL block's norm (> "
+                      f"{MAX_RELATIVE_PERTURBATION}); the 2nd-order geodesic is unreliable there, use a "
+                      "smaller rho", stacklevel=5)
+    err_inc = None if err0 is None else sum(errors) / len(errors) - err0
+    return AverageResult(loss0, increases, err0, err_inc, rel)
