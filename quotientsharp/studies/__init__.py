@@ -1,0 +1,1 @@
+"""Studies: populations of trained models, their sharpness, and its rank correlation with generalization."""

@@ -1,0 +1,83 @@
+"""Resumable sweeps: one JSON file per finished unit of work, written atomically.
+
+A *unit* has a key (its file name) and a JSON-serialisable ``config``. :func:`run_units` computes
+the units that have no file yet, writing each as soon as it is done (temporary file +
+``os.replace``), so a crash or SIGKILL loses at most the unit in flight, and a rerun skips the
+finished ones. A stored unit whose config differs from the requested one is an error, not a
+silent reuse.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, allow_nan=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class UnitStore:
+    """The folder of a sweep: ``<root>/<key>.json`` holds ``{"key", "config", "result"}``."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.json"
+
+    def load(self, key: str, config: Mapping[str, Any] | None = None) -> dict | None:
+        """The stored result of ``key``, or ``None`` if absent; raises if its config differs."""
+        path = self.path(key)
+        if not path.exists():
+            return None
+        record = json.loads(path.read_text())
+        if config is not None and record["config"] != _normalise(config):
+            raise ValueError(f"{path} was computed with another configuration; use a fresh output "
+                             f"folder or delete it.\n stored:    {record['config']}\n requested: "
+                             f"{_normalise(config)}")
+        return record["result"]
+
+    def save(self, key: str, config: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+        write_json_atomic(self.path(key), {"key": key, "config": _normalise(config), "result": result})
+
+
+def _normalise(config: Mapping[str, Any]) -> Any:
+    """The config as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(config))
+
+
+def run_units(
+    store: UnitStore,
+    units: Mapping[str, Mapping[str, Any]],
+    compute: Callable[[str, Mapping[str, Any]], Mapping[str, Any]],
+    progress: bool = True,
+    desc: str = "units",
+) -> dict[str, dict]:
+    """Results of every unit ``{key: config}``, computing (``compute(key, config)``) and saving
+    only those not yet stored. Returns ``{key: result}`` in the order of ``units``."""
+    results = {key: store.load(key, cfg) for key, cfg in units.items()}
+    todo = [key for key, res in results.items() if res is None]
+    with tqdm(total=len(units), initial=len(units) - len(todo), desc=desc, disable=not progress) as bar:
+        for key in todo:
+            store.save(key, units[key], compute(key, units[key]))
+            results[key] = store.load(key)
+            bar.update()
+    return results
