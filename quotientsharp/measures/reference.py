@@ -23,7 +23,7 @@ import torch
 
 from .. import tangent as T
 from ..quotient import Quotient
-from .solver import AscentConfig, AscentResult, Objective, _Best, checkpoints, value_and_grad
+from .solver import AscentConfig, AscentResult, Objective, StepSchedule, _Best, value_and_grad
 
 BISECTION_TOL = 1e-5
 MAX_BISECTION = 500
@@ -72,15 +72,13 @@ def maximize_reference(objective: Objective, quotient: Quotient, w0: Mapping, rh
     if not math.isfinite(loss0):
         raise ValueError(f"the loss at the base point is not finite ({loss0})")
     best = _Best(T.zeros_like(w0), loss0, err0)
-    marks = set(checkpoints(cfg.n_iter))
+    steps = StepSchedule(2 * rho * cfg.step_mult, cfg.n_iter, loss0)
     delta = prev = point = T.zeros_like(w0)
-    eta = 2 * rho * cfg.step_mult
-    k_prev, n_up, eta_cp, loss_cp, halvings = 0, 0, eta, loss0, 0
     trace: dict[str, list[float]] = {"loss_increase": [], "step": []}
     for k in range(cfg.n_iter):
         _, _, grad = value_and_grad(objective, endpoint, point, False)  # endpoint w0 + d: J = I
         gnorm = math.sqrt(sum(float((g * g).sum()) for g in grad.values()))
-        z = _project({n: delta[n] + eta / (gnorm + 1e-12) * grad[n] * c[n] for n in delta}, inv_c, rho,
+        z = _project({n: delta[n] + steps.eta / (gnorm + 1e-12) * grad[n] * c[n] for n in delta}, inv_c, rho,
                      adaptive)
         delta, prev = T.lincomb((cfg.momentum, z), (1 - cfg.momentum, prev)), delta
         point = delta
@@ -88,17 +86,11 @@ def maximize_reference(objective: Objective, quotient: Quotient, w0: Mapping, rh
             loss, err = objective(endpoint(delta))
         loss = float(loss)
         trace["loss_increase"].append(loss - loss0)
-        trace["step"].append(eta)
-        n_up += best.offer(delta, loss, err)
-        if k in marks:
-            c1 = n_up < 0.75 * (k - k_prev)
-            c2 = eta == eta_cp and best.loss == loss_cp
-            eta_cp, loss_cp, k_prev, n_up = eta, best.loss, k, 0
-            if c1 or c2:
-                halvings += 1
-                eta /= 2
-                point = best.xi
+        trace["step"].append(steps.eta)
+        steps.record(best.offer(delta, loss, err))
+        if steps.checkpoint(k, best.loss):
+            point = best.xi
     return AscentResult(base_loss=loss0, best_loss=best.loss, xi_best=best.xi,
-                        xi_norm=_weighted_norm(best.xi, inv_c), n_halvings=halvings, n_nonfinite=0,
+                        xi_norm=_weighted_norm(best.xi, inv_c), n_halvings=steps.halvings, n_nonfinite=0,
                         base_error=err0, best_error=best.err,
                         trace={k: [v] for k, v in trace.items()})

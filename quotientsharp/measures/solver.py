@@ -130,6 +130,34 @@ def value_and_grad(objective: Objective, endpoint: Endpoint, xi: Params,
     return float(loss.detach()), err, endpoint.vjp(xi, g) if through_geodesic else g
 
 
+class StepSchedule:
+    """APGD step size ``eta`` with checkpoint halving (spec part 2 §3.1): at a checkpoint k, halve
+    if the best loss improved on fewer than ``0.75 (k - k_prev)`` iterations since the previous
+    checkpoint (c1), or if neither ``eta`` nor the best loss changed since then (c2)."""
+
+    def __init__(self, eta0: float, n_iter: int, best_loss: float):
+        self.eta, self.marks = eta0, set(checkpoints(n_iter))
+        self.k_prev, self.n_up, self.eta_cp, self.loss_cp, self.halvings = 0, 0, eta0, best_loss, 0
+
+    def record(self, improved: bool) -> None:
+        self.n_up += improved
+
+    def halve(self) -> None:
+        self.halvings += 1
+        self.eta /= 2
+
+    def checkpoint(self, k: int, best_loss: float) -> bool:
+        """Apply the rule at iteration ``k``; True when ``eta`` was halved (restart from the best)."""
+        if k not in self.marks:
+            return False
+        c1 = self.n_up < 0.75 * (k - self.k_prev)
+        c2 = self.eta == self.eta_cp and best_loss == self.loss_cp
+        self.eta_cp, self.loss_cp, self.k_prev, self.n_up = self.eta, best_loss, k, 0
+        if c1 or c2:
+            self.halve()
+        return c1 or c2
+
+
 class _Best:
     """The best iterate so far (starts at ``xi = 0``, which is feasible)."""
 
@@ -147,43 +175,34 @@ def _apgd_run(objective: Objective, endpoint, ball: HorizontalBall, xi0: dict, b
               cfg: AscentConfig, generator: torch.Generator) -> tuple[_Best, dict, int, int]:
     """One APGD run from ``xi0``; returns its best point, trace, halvings and non-finite count."""
     best = _Best(base.xi, base.loss, base.err)
-    marks = set(checkpoints(cfg.n_iter))
+    steps = StepSchedule(2 * ball.rho * cfg.step_mult, cfg.n_iter, best.loss)
     a = cfg.momentum
     xi, xi_prev = xi0, xi0
-    eta = 2 * ball.rho * cfg.step_mult
-    k_prev, n_up, eta_cp, loss_cp = 0, 0, eta, best.loss
     trace: dict[str, list[float]] = {"loss_increase": [], "step": []}
-    halvings = nonfinite = 0
+    nonfinite = 0
     for k in range(cfg.n_iter):
         loss, err, grad = value_and_grad(objective, endpoint, xi, cfg.grad_through_geodesic)
         trace["loss_increase"].append(loss - base.loss)
-        trace["step"].append(eta)
+        trace["step"].append(steps.eta)
         d = ball.ascent_direction(grad, generator) if math.isfinite(loss) else None
         if d is None:  # non-finite loss or gradient: left the loss's domain, back off like a halving
             nonfinite += 1
-            halvings += 1
-            eta /= 2
+            steps.halve()
             xi = xi_prev = best.xi
             continue
-        n_up += best.offer(xi, loss, err)
-        z = ball.shrink(T.add(xi, d, eta))  # xi and d are horizontal: P_S only rescales
+        steps.record(best.offer(xi, loss, err))
+        z = ball.shrink(T.add(xi, d, steps.eta))  # xi and d are horizontal: P_S only rescales
         if k == 0:
             xi_next = z
         else:
             xi_next = ball.shrink(T.lincomb((1.0, xi), (a, T.sub(z, xi)), (1 - a, T.sub(xi, xi_prev))))
         xi_prev, xi = xi, xi_next
-        if k in marks:
-            c1 = n_up < 0.75 * (k - k_prev)
-            c2 = eta == eta_cp and best.loss == loss_cp
-            eta_cp, loss_cp, k_prev, n_up = eta, best.loss, k, 0
-            if c1 or c2:
-                halvings += 1
-                eta /= 2
-                xi = xi_prev = best.xi
+        if steps.checkpoint(k, best.loss):
+            xi = xi_prev = best.xi
     with torch.no_grad():
         loss, err = objective(endpoint(xi))
     best.offer(xi, float(loss), err)
-    return best, trace, halvings, nonfinite
+    return best, trace, steps.halvings, nonfinite
 
 
 def maximize(objective: Objective, quotient: Quotient, w0: Params, rho: float, cfg: AscentConfig,
