@@ -2,6 +2,7 @@
 
     python experiments/diagonal_nets.py --quick --out results/diag     # ~1-2 min on 2 cores
     python experiments/diagonal_nets.py --out results/diag_full        # 50 models, all ρ
+    python experiments/diagonal_nets.py --out results/diag_full --ray  # models as Ray tasks
 
 Writes ``DIR/models/<id>.json`` per finished model, ``DIR/summary.json``, ``DIR/models.csv`` and
 prints the τ table. Rerunning with the same ``--out`` skips finished models.
@@ -14,6 +15,7 @@ import warnings
 
 import torch
 
+from quotientsharp.studies import parallel
 from quotientsharp.studies.diagonal import RHOS, run_study, study_config, tau_table
 
 QUICK = dict(n_models=15, rhos=(0.01, 0.1), n_restarts=1, ode_iter=10)
@@ -29,7 +31,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="data, solver and bootstrap seed")
     parser.add_argument("--noise", type=float, default=0.0, help="label noise sigma")
     parser.add_argument("--no-progress", action="store_true")
+    parallel.add_arguments(parser)
     args = parser.parse_args(argv)
+    executor = parallel.executor_from_args(parser, args)
 
     kw = dict(QUICK) if args.quick else {}
     if args.n_models is not None:
@@ -41,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # per-iterate solver notes; values are recorded
-        summary = run_study(args.out, config, progress=not args.no_progress)
+        summary = run_study(args.out, config, progress=not args.no_progress, executor=executor)
     print(f"\nKendall τ-a (sharpness vs {summary['generalization']}), {summary['n_models']} models, "
           f"95% bootstrap CI; headline ρ = {summary['headline_rho']}\n")
     print(tau_table(summary))

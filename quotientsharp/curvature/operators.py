@@ -7,7 +7,9 @@ float64 tensors of shape ``(n,)``; blocks of vectors are ``(n, k)`` with one vec
 
 :class:`HessianOperator` and :class:`GGNOperator` apply the curvature of the data-averaged loss
 ``L(θ) = Σ_b (n_b/N) L_b(θ)`` (per-batch weights ``n_b/N``, spec §1) with respect to a block of
-parameters ("target"); all other parameters stay frozen at their current values.
+parameters ("target"); all other parameters stay frozen at their current values. With
+``process_group=`` (or ``distributed=True``) each rank keeps its shard of the batches and the
+weighted gradients/HVPs are all-reduced (:mod:`quotientsharp.distributed`).
 """
 from __future__ import annotations
 
@@ -21,16 +23,15 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
+from quotientsharp.distributed import data_parallel
 from quotientsharp.functional import (
     LossFn,
     Params,
     batch_loss,
-    batch_size,
     check_finite,
     eval_mode,
     forward,
     has_batchnorm,
-    materialize,
     math_attention,
     model_device_dtype,
     split_batch,
@@ -218,8 +219,9 @@ def _cast_floating(obj: Any, dtype: torch.dtype) -> Any:
 class ModelOperator(LinearOperator):
     """Shared plumbing of the model curvature operators (data, target block, checks).
 
-    Attributes after construction: ``param_names``, ``n`` (target size), ``batch_weights``
-    (``n_b/N``), ``loss`` (float, L(θ)) and ``gradient`` (flat float64 ∇L(θ) over the target).
+    Attributes after construction: ``param_names``, ``n`` (target size), ``batches`` and
+    ``batch_weights`` (``n_b/N``) of this rank, ``loss`` (float, L(θ)) and ``gradient`` (flat
+    float64 ∇L(θ) over the target), summed over the ranks of ``process_group``.
     """
 
     def __init__(
@@ -232,19 +234,22 @@ class ModelOperator(LinearOperator):
         check_deterministic: bool = True,
         dtype: torch.dtype | None = None,
         chunk_size: int = 32,
+        process_group=None,
+        distributed: bool = False,
     ):
         self.model, self.loss_fn, self.train_mode, self.chunk_size = model, loss_fn, train_mode, chunk_size
         self.device, model_dtype = model_device_dtype(model)
         self.compute_dtype = dtype or model_dtype
-        batches = materialize(loader, self.device)
+        self.data_parallel = data_parallel(process_group, distributed)
+        index, batches, sizes = self.data_parallel.shard(loader, self.device)
         self.batches = batches if dtype is None else [_cast_floating(b, dtype) for b in batches]
-        sizes = [batch_size(b) for b in self.batches]
         self.num_data = sum(sizes)
-        self.batch_weights = [s / self.num_data for s in sizes]
+        self.batch_weights = [sizes[i] / self.num_data for i in index]
         self.param_names = select_parameters(model, params)
         self._check_batchnorm()
 
         named = dict(model.named_parameters())
+        self.data_parallel.check_same(named, sizes)
         self.target: Params = {n: named[n].detach().to(self.compute_dtype) for n in self.param_names}
         self.frozen: Params = {
             n: p.detach().to(self.compute_dtype) for n, p in named.items() if n not in self.target
@@ -317,7 +322,8 @@ class ModelOperator(LinearOperator):
                 grads = torch.autograd.grad(loss, list(leaves.values()), materialize_grads=True)
                 total += w * loss.item()
                 gradient += w * self.flatten(grads)
-        return total, gradient
+        packed = self.data_parallel.sum(torch.cat([gradient, gradient.new_tensor([total])]))
+        return packed[-1].item(), packed[:-1]
 
     def _check_batchnorm(self) -> None:
         if self.train_mode or not has_batchnorm(self.model):
@@ -371,11 +377,14 @@ class HessianOperator(ModelOperator):
         dtype: torch.dtype | None = None,
         chunk_size: int = 32,
         fd_step: float | None = None,
+        process_group=None,
+        distributed: bool = False,
     ):
         if mode not in HVP_MODES:
             raise ValueError(f"unknown HVP mode {mode!r}; choose one of {HVP_MODES}")
         self.mode = mode
-        super().__init__(model, loss_fn, loader, params, train_mode, check_deterministic, dtype, chunk_size)
+        super().__init__(model, loss_fn, loader, params, train_mode, check_deterministic, dtype, chunk_size,
+                         process_group, distributed)
         self.fd_step = fd_step or (1e-5 if self.compute_dtype == torch.float64 else 1e-2)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -392,7 +401,7 @@ class HessianOperator(ModelOperator):
                 )
                 for i in range(0, V.shape[1], self.chunk_size):
                     out[:, i : i + self.chunk_size] += w * apply(V[:, i : i + self.chunk_size])
-        return out
+        return self.data_parallel.sum(out)
 
     def _reverse_over_reverse(self, batch: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         leaves = {n: t.detach().requires_grad_() for n, t in self.target.items()}
@@ -451,7 +460,7 @@ class GGNOperator(ModelOperator):
                 apply = self._ggn_batch(b)
                 for i in range(0, V.shape[1], self.chunk_size):
                     out[:, i : i + self.chunk_size] += w * apply(V[:, i : i + self.chunk_size])
-        return out
+        return self.data_parallel.sum(out)
 
     def _ggn_batch(self, batch: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         inputs, targets = split_batch(batch)

@@ -20,7 +20,8 @@ Everything runs on the device and in the dtype of the model's parameters.
 
 Shared keyword options (all measures; see :class:`Options`): ``kind``, ``n_iter``,
 ``n_restarts``, ``n_samples``, ``avg_scale``, ``seed``, ``progress``, ``grad_through_geodesic``,
-``logit_normalization``, ``momentum``, ``step_mult``, ``solver``, ``ode_steps``, ``ode_tol``.
+``logit_normalization``, ``momentum``, ``step_mult``, ``solver``, ``ode_steps``, ``ode_tol``;
+data parallelism: ``process_group``, ``distributed``, ``split`` (:mod:`quotientsharp.distributed`).
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import functional as F
+from ..distributed import KEYWORDS as DP_KEYWORDS
+from ..distributed import DataParallel, data_parallel
 from ..quotient import Quotient
 from .average import average_increase
 from .objective import BatchObjective, LossFn
@@ -86,6 +89,12 @@ class Options:
             raise ValueError(f"solver must be 'riemannian' or 'reference', got {self.solver!r}")
 
 
+def _options(options: dict) -> tuple[Options, DataParallel]:
+    """The :class:`Options` and the data-parallel plan (:mod:`quotientsharp.distributed`)."""
+    plan = data_parallel(**{k: options.pop(k) for k in DP_KEYWORDS if k in options})
+    return Options(**options), plan
+
+
 def _order(value, what: str):
     if value not in ORDERS:
         raise ValueError(f"{what} must be one of 'first', 'second', 'exact', 'ode', 1, 2; got {value!r}")
@@ -120,27 +129,32 @@ def _metrics(quotient: Quotient) -> list[str]:
 
 
 def measure(name: str, model: Model, loader: Iterable, loss_fn: LossFn, rho: float, quotient: Quotient,
-            order, rest_order, options: Options, params: Mapping | None = None) -> SharpnessResult:
-    """The shared driver of every measure: base point, checks, per-batch solve, aggregation."""
+            order, rest_order, options: Options, params: Mapping | None = None,
+            dp: DataParallel | None = None) -> SharpnessResult:
+    """The shared driver of every measure: base point, checks, per-batch solve, aggregation
+    (``dp``: this rank's batches, gathered after the solve)."""
+    dp = dp or DataParallel()
     if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
         raise ValueError(f"rho must be a positive finite number, got {rho!r}")
     w0 = _base_point(model, quotient, params)
+    ref = next(iter(w0.values()))
+    index, batches, sizes = dp.shard(loader, ref.device)
+    dp.check_same(w0, sizes)
     F.check_finite(w0)
     quotient.validate(w0)
     if options.solver == "reference" and (quotient.groups or order != 1 or rest_order != 1):
         raise ValueError("solver='reference' reproduces the reference code's adaptive and Euclidean "
                          "sharpness only (no groups, first-order endpoint)")
-    ref = next(iter(w0.values()))
-    batches = F.materialize(loader, ref.device)
     ode_kw = {"n_steps": options.ode_steps, "tol": options.ode_tol}
     cfg = AscentConfig(options.n_iter, options.n_restarts, options.momentum, options.step_mult,
                        options.grad_through_geodesic, order, rest_order, ode_kw)
     per_batch, base, errs, extras, traces, ses = [], [], [], [], [], []
     mode = F.eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext()
     with mode:
-        for i, batch in enumerate(tqdm(batches, desc=f"{name} sharpness", disable=not options.progress,
-                                       leave=False)):
-            obj = BatchObjective(model, batch, loss_fn, options.logit_normalization)
+        for i, batch in zip(index, tqdm(batches, desc=f"{name} sharpness", disable=not options.progress,
+                                        leave=False)):
+            obj = dp.objective(BatchObjective(model, batch, loss_fn, options.logit_normalization), sizes[i],
+                               F.batch_size(batch))
             gen = _batch_seed(options.seed, i)
             if options.kind == "average":
                 r = average_increase(obj, quotient, w0, rho, options.n_samples, gen, order, rest_order,
@@ -159,6 +173,7 @@ def measure(name: str, model: Model, loader: Iterable, loss_fn: LossFn, rho: flo
             per_batch.append(r.increase)
             base.append(r.base_loss)
             errs.append(r.error_increase)
+    per_batch, base, errs, extras, traces, ses = dp.gather(index, per_batch, base, errs, extras, traces, ses)
     B = len(per_batch)
     value = sum(per_batch) / B
     if options.kind == "average":
@@ -171,7 +186,7 @@ def measure(name: str, model: Model, loader: Iterable, loss_fn: LossFn, rho: flo
     config = {"measure": name, "rho": float(rho), **opts, "quotient": repr(quotient),
               "metrics": _metrics(quotient), "rest": quotient.rest_kind if quotient.rest else None,
               "order": order, "rest_order": rest_order, "n_batches": B,
-              "batch_sizes": [F.batch_size(b) for b in batches], "dtype": str(ref.dtype),
+              "batch_sizes": sizes, "dtype": str(ref.dtype),
               "device": str(ref.device), "masked_entries": masked}
     return SharpnessResult(value, per_batch, stderr, base, error_increase, extras, traces, config)
 
@@ -200,7 +215,7 @@ def geodesic_sharpness(model: Model, loader: Iterable, loss_fn: LossFn, rho: flo
         params: the base point for a plain callable model.
         **options: see :class:`Options`.
     """
-    opts = Options(**options)
+    opts, dp = _options(options)
     if quotient is None:
         if not isinstance(model, nn.Module):
             raise ValueError("a plain callable model needs an explicit quotient=")
@@ -216,7 +231,7 @@ def geodesic_sharpness(model: Model, loader: Iterable, loss_fn: LossFn, rho: flo
         warnings.warn("no symmetry group found: measuring with the rest metric alone", stacklevel=2)
     order = quotient.order if geodesic is None else _order(geodesic, "geodesic")
     rest_order = quotient.rest_order if rest_geodesic is None else _order(rest_geodesic, "rest_geodesic")
-    return measure("geodesic", model, loader, loss_fn, rho, quotient, order, rest_order, opts, params)
+    return measure("geodesic", model, loader, loss_fn, rho, quotient, order, rest_order, opts, params, dp)
 
 
 def adaptive_sharpness(model: Model, loader: Iterable, loss_fn: LossFn, rho: float,
@@ -224,7 +239,8 @@ def adaptive_sharpness(model: Model, loader: Iterable, loss_fn: LossFn, rho: flo
     """Adaptive sharpness (Kwon et al. 2021, ``c = |w|``): ``||xi / |w0| ||_2 <= rho``,
     ``endpoint = w0 + xi``. Arguments as :func:`geodesic_sharpness`."""
     q = Quotient([], _names(model, params), rest="adaptive", order=1, rest_order=1)
-    return measure("adaptive", model, loader, loss_fn, rho, q, 1, 1, Options(**options), params)
+    opts, dp = _options(options)
+    return measure("adaptive", model, loader, loss_fn, rho, q, 1, 1, opts, params, dp)
 
 
 def euclidean_sharpness(model: Model, loader: Iterable, loss_fn: LossFn, rho: float,
@@ -232,4 +248,5 @@ def euclidean_sharpness(model: Model, loader: Iterable, loss_fn: LossFn, rho: fl
     """Euclidean (Keskar) sharpness: ``||xi||_2 <= rho``, ``endpoint = w0 + xi``. Arguments as
     :func:`geodesic_sharpness`."""
     q = Quotient([], _names(model, params), rest="euclidean", order=1, rest_order=1)
-    return measure("euclidean", model, loader, loss_fn, rho, q, 1, 1, Options(**options), params)
+    opts, dp = _options(options)
+    return measure("euclidean", model, loader, loss_fn, rho, q, 1, 1, opts, params, dp)

@@ -27,7 +27,7 @@ from ..measures import adaptive_sharpness, euclidean_sharpness, geodesic_sharpne
 from ..models.diagonal import DiagonalNet
 from ..quotient import Quotient
 from .kendall import bootstrap_ci, kendall_tau
-from .runner import UnitStore, run_units, write_json_atomic
+from .runner import Executor, UnitStore, run_units, sequential, write_json_atomic
 
 ALPHAS = tuple(float(a) for a in np.logspace(-3, 0, 10))
 STEP_MULTS = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -188,9 +188,12 @@ def headline_rho(rhos: Sequence[float]) -> float:
     return min(rhos, key=lambda r: abs(math.log(r / HEADLINE_RHO)))
 
 
-def run_study(out: str | Path, config: Mapping[str, Any], progress: bool = True) -> dict:
+def run_study(out: str | Path, config: Mapping[str, Any], progress: bool = True,
+              executor: Executor = sequential) -> dict:
     """Train (what is not yet trained), measure (what is not yet measured), write and return the
-    summary. ``<out>/summary.json`` and ``<out>/models.csv`` are rewritten from the stored units."""
+    summary. ``<out>/summary.json`` and ``<out>/models.csv`` are rewritten from the stored units.
+    Training is batched over the population here; ``executor`` runs the per-model measurements
+    (e.g. :class:`~quotientsharp.studies.parallel.RayExecutor`)."""
     out = Path(out)
     data = diagonal_regression(**config["data"])
     trained = _train_stage(UnitStore(out / "train"), data, config)
@@ -205,7 +208,8 @@ def run_study(out: str | Path, config: Mapping[str, Any], progress: bool = True)
     units = {m["id"]: {"model": m, "data": config["data"], "train": config["train"], "plan": config["plan"],
                        "seed": config["seed"] * 1000 + m["index"]}
              for m in config["models"]}
-    records = run_units(UnitStore(out / "models"), units, measure, progress=progress, desc="models")
+    records = run_units(UnitStore(out / "models"), units, measure, progress=progress, desc="models",
+                        executor=executor)
     summary = summarize(records, config)
     write_json_atomic(out / "summary.json", summary)
     write_models_csv(out / "models.csv", records, config)

@@ -4,14 +4,15 @@ A *unit* has a key (its file name) and a JSON-serialisable ``config``. :func:`ru
 the units that have no file yet, writing each as soon as it is done (temporary file +
 ``os.replace``), so a crash or SIGKILL loses at most the unit in flight, and a rerun skips the
 finished ones. A stored unit whose config differs from the requested one is an error, not a
-silent reuse.
+silent reuse. The units run one after the other, or through an *executor*
+(:class:`~quotientsharp.studies.parallel.RayExecutor`) that calls ``on_done`` as each finishes.
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,20 +65,35 @@ def _normalise(config: Mapping[str, Any]) -> Any:
     return json.loads(json.dumps(config))
 
 
+Executor = Callable[[Callable, Sequence[tuple], Callable[[tuple, Any], None]], None]
+"""``executor(fn, calls, on_done)`` runs ``fn(*args)`` for every ``args`` in ``calls`` and calls
+``on_done(args, result)`` as each one finishes (in any order)."""
+
+
+def sequential(fn: Callable, calls: Sequence[tuple], on_done: Callable[[tuple, Any], None]) -> None:
+    """The default executor: one call after the other, in this process."""
+    for args in calls:
+        on_done(args, fn(*args))
+
+
 def run_units(
     store: UnitStore,
     units: Mapping[str, Mapping[str, Any]],
     compute: Callable[[str, Mapping[str, Any]], Mapping[str, Any]],
     progress: bool = True,
     desc: str = "units",
+    executor: Executor = sequential,
 ) -> dict[str, dict]:
-    """Results of every unit ``{key: config}``, computing (``compute(key, config)``) and saving
-    only those not yet stored. Returns ``{key: result}`` in the order of ``units``."""
+    """Results of every unit ``{key: config}``, computing (``compute(key, config)``, through
+    ``executor``) and saving, as each finishes, only those not yet stored. Returns ``{key: result}``
+    in the order of ``units``."""
     results = {key: store.load(key, cfg) for key, cfg in units.items()}
-    todo = [key for key, res in results.items() if res is None]
+    todo = [(key, units[key]) for key, res in results.items() if res is None]
     with tqdm(total=len(units), initial=len(units) - len(todo), desc=desc, disable=not progress) as bar:
-        for key in todo:
-            store.save(key, units[key], compute(key, units[key]))
-            results[key] = store.load(key)
+        def done(args: tuple, result: Mapping[str, Any]) -> None:
+            store.save(args[0], args[1], result)
+            results[args[0]] = store.load(args[0])
             bar.update()
+
+        executor(compute, todo, done)
     return results
