@@ -82,7 +82,8 @@ def train_classifier(
 
     ``augment``: None, ``"shift"`` (±1 pixel), ``"flip"``, ``"shift+flip"`` or a callable
     ``(images, generator) → images``. ``optimizer_factory(params)`` replaces the built-in
-    ``optimizer``/``lr``/``weight_decay``/``momentum`` choice. Shuffling, augmentation and
+    ``optimizer``/``lr``/``weight_decay``/``momentum`` choice; an optimizer with ``set_epoch``
+    (the SAM family's warm-up, SAF/MESA) is told each epoch's index. Shuffling, augmentation and
     dropout are seeded from ``seed`` (the global RNG state is restored afterwards), so a model
     initialised identically gives an identical history. History: per-epoch ``train_loss`` and
     ``train_acc`` (running means over the epoch's augmented batches, train mode), ``epoch_time``
@@ -103,7 +104,9 @@ def train_classifier(
         torch.manual_seed(seed)
         model.train()
         epoch_bar = tqdm(range(epochs), desc="train", disable=not progress)
-        for _ in epoch_bar:
+        for epoch in epoch_bar:
+            if hasattr(opt, "set_epoch"):  # SAM-family warm-up, SAF/MESA schedules
+                opt.set_epoch(epoch)
             epoch_start = time.perf_counter()
             loss_sum, correct, seen = 0.0, 0, 0
             for inputs, targets in loader:

@@ -5,6 +5,7 @@ from torch.utils.data import TensorDataset
 
 from quotientsharp.data import blobs, load_digits_dataset
 from quotientsharp.models import MLP, TinyViT
+from quotientsharp.optim import RSAM
 from quotientsharp.train import evaluate, random_flip, random_shift, train_classifier
 
 
@@ -105,3 +106,17 @@ def test_augmentations():
         assert any(torch.equal(out, c) for c in crops)
     flipped = random_flip(images, gen)
     assert all(torch.equal(o, i) or torch.equal(o, i.flip(-1)) for i, o in zip(images, flipped))
+
+
+def test_two_pass_optimizer_is_told_the_epoch():
+    """RSAM warms up for ``warmup_epochs`` epochs; train_classifier must advance its epoch."""
+    opts = []
+
+    def factory(params):
+        opts.append(RSAM(params, torch.optim.SGD, lr=0.1, warmup_epochs=1))
+        return opts[0]
+
+    data = blobs(n=64, d=4, n_classes=2, n_test=8, dtype=torch.float32).train
+    train_classifier(MLP([4, 8, 2]), data, epochs=3, batch_size=16, lr=0.1, progress=False,
+                     optimizer_factory=factory)
+    assert opts[0].stats["perturbed"] == 4  # epochs 0-1 are warm-up, epoch 2 has 4 steps

@@ -1,0 +1,63 @@
+"""Scatter plots of the transformer studies: every measure against both generalization gaps.
+
+    python paper_figs/transformer_studies.py results/vit [--out FIGDIR]
+
+Reads ``DIR/summary.json`` (ViT or text study) and writes ``FIGDIR/<measure>.{png,pdf}``
+(default ``DIR/figs``): one figure per measure, a panel per gap, Kendall τ-a [95% CI] in each
+title, points coloured by optimizer.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from quotientsharp.studies.transformers import read_summary  # noqa: E402
+
+
+def plot_measure(summary: dict, name: str):
+    """One figure: ``name`` against each gap of the summary."""
+    rows = [r for r in summary["models"] if r["values"].get(name) is not None]
+    optimizers = sorted({r["optimizer"] for r in rows})
+    fig, axes = plt.subplots(1, len(summary["gaps"]), figsize=(4.2 * len(summary["gaps"]), 3.4), squeeze=False)
+    for ax, (gap, label) in zip(axes[0], summary["gaps"].items()):
+        for opt in optimizers:
+            pts = [r for r in rows if r["optimizer"] == opt]
+            ax.scatter([r[gap] for r in pts], [r["values"][name] for r in pts], s=18, label=opt)
+        tau, ci = summary["kendall_tau"][gap][name], summary["ci95"][gap][name]
+        ax.set_title(f"τ = {tau:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if tau is not None else "τ undefined",
+                     fontsize=10)
+        ax.ticklabel_format(axis="both", style="sci", scilimits=(-3, 4))
+        ax.set_xlabel(label)
+        ax.set_ylabel(name)
+    axes[0][-1].legend(fontsize=7, frameon=False)
+    fig.suptitle(f"{summary['task']} study on {summary['dataset']} ({summary['n_models']} models)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dir", help="output folder of experiments/vit_study.py or text_study.py")
+    parser.add_argument("--out", help="figure folder (default DIR/figs)")
+    args = parser.parse_args(argv)
+    summary = read_summary(args.dir)
+    out = Path(args.out or Path(args.dir) / "figs")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in summary["kendall_tau"]["error_gap"]:
+        fig = plot_measure(summary, name)
+        for ext in ("png", "pdf"):
+            fig.savefig(out / f"{name}.{ext}", dpi=150)
+            written.append(out / f"{name}.{ext}")
+        plt.close(fig)
+    print(f"{len(written)} files in {out}")
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,476 @@
+"""Transformer studies (issue #7): does sharpness rank-correlate with generalization in small
+ViTs and text transformers trained from scratch?
+
+A deterministic population of models with varied hyperparameters (:func:`population`) is trained
+with :func:`quotientsharp.train.train_classifier`; every model is then measured on one fixed,
+non-augmented training subset shared by the whole population (:func:`sharpness_batches`), in eval
+mode, through the library's public measures (:data:`MEASURES`). Kendall τ-a of each measure
+against the generalization gap (test error − train error, and test loss − train loss) with a
+bootstrap 95% CI summarises the study.
+
+Layout of the output folder (everything resumable through :mod:`quotientsharp.studies.runner`)::
+
+    config.json                    the study configuration
+    models/<id>.pt, <id>.json      trained state dict; training record (history, train/test metrics)
+    measures/<id>/<measure>.json   one file per (model, measure), written as soon as it is done
+    summary.json, models.csv       τ table and per-model values, rebuilt from the stored units
+"""
+from __future__ import annotations
+
+import csv
+import importlib
+import importlib.util
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..curvature import hessian_max_eigenvalue, hessian_slq, renyi_entropy
+from ..data import ClassificationData, get_dataset
+from ..data.text import UNK_ID
+from ..measures import adaptive_sharpness, euclidean_sharpness, geodesic_sharpness
+from ..models import TextTransformer, TinyViT
+from ..train import evaluate, train_classifier
+from .kendall import bootstrap_ci, has_ties, kendall_tau
+from .runner import Executor, UnitStore, run_units, sequential, write_json_atomic
+
+TASKS = ("vit", "text")
+DEFAULT_DATASET = {"vit": "fashion_mnist", "text": "tweets"}
+GAPS = {"error_gap": "test error − train error", "loss_gap": "test loss − train loss"}
+PAPER_ANCHORS = {
+    "ImageNet ViT": {"adaptive": -0.41, "geodesic_inv": -0.71, "geodesic_mix": -0.70},
+    "MNLI BERT": {"adaptive": 0.06, "geodesic_inv": 0.28, "geodesic_mix": 0.38},
+    "Rényi paper (ResNet-18/CIFAR-10)": {"renyi_0.5": 0.77, "renyi_1.5": 0.77, "hessian_trace": -0.05},
+}
+"""τ published for the closest settings (spec part 2 §6; Rényi: best layer, against the loss gap)."""
+
+
+# --------------------------------------------------------------------------- population
+def _optimizer_choices() -> list[str]:
+    """Optimizers of the population: AdamW and SGD, plus the SAM family when importable."""
+    try:
+        importlib.import_module("quotientsharp.optim")
+    except ImportError:
+        return ["adamw", "adamw", "sgd"]
+    return ["adamw", "adamw", "sgd", "sam", "asam", "rsam"]
+
+
+SEARCH_SPACE = {
+    "vit": {"lr_adamw": [3e-4, 1e-3, 3e-3], "lr_sgd": [0.03, 0.1], "weight_decay": [0.0, 0.01, 0.1, 0.5],
+            "batch_size": [64, 128, 256], "epochs": [2, 4, 8, 16], "label_smoothing": [0.0, 0.1],
+            "augment": [None, "shift"], "dropout": [0.0, 0.1]},
+    "text": {"lr_adamw": [3e-4, 1e-3, 3e-3], "lr_sgd": [0.03, 0.1], "weight_decay": [0.0, 0.01, 0.1, 0.5],
+             "batch_size": [64, 128, 256], "epochs": [1, 2, 4], "label_smoothing": [0.0, 0.1],
+             "augment": [None, "word_dropout"], "dropout": [0.0, 0.1]},
+}
+"""Hyperparameter choices per task; every model draws each one independently."""
+
+
+def population(task: str, n_models: int, seed: int = 0, epochs: Sequence[int] | None = None) -> list[dict]:
+    """``n_models`` hyperparameter sets drawn from :data:`SEARCH_SPACE` with ``seed``.
+
+    Model i's draw depends only on ``(seed, i)``, so a larger population extends a smaller one.
+    ``epochs`` overrides the task's epoch choices (quick runs).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    space = dict(SEARCH_SPACE[task], **({"epochs": list(epochs)} if epochs is not None else {}))
+    optimizers = _optimizer_choices()
+    models = []
+    for i in range(n_models):
+        rng = np.random.default_rng([seed, i])
+        pick = lambda key: space[key][int(rng.integers(len(space[key])))]  # noqa: E731
+        optimizer = optimizers[int(rng.integers(len(optimizers)))]
+        lr = pick("lr_sgd") if optimizer == "sgd" else pick("lr_adamw")
+        models.append({"id": f"{task}{i:03d}", "index": i, "optimizer": optimizer, "lr": lr,
+                       **{k: pick(k) for k in ("weight_decay", "batch_size", "epochs", "label_smoothing",
+                                               "augment", "dropout")},
+                       "init_seed": seed * 100_003 + i})
+    return models
+
+
+# --------------------------------------------------------------------------- data and models
+def load_data(spec: Mapping[str, Any]) -> ClassificationData:
+    """``get_dataset(spec["name"], **spec["kwargs"])``; a missing source raises
+    :class:`~quotientsharp.data.DatasetUnavailableError` naming its install command."""
+    return get_dataset(spec["name"], **spec.get("kwargs", {}))
+
+
+def build_model(task: str, arch: Mapping[str, Any], data: ClassificationData, dropout: float) -> nn.Module:
+    """TinyViT (16 patches + CLS) or TextTransformer sized for ``data``."""
+    inputs = data.train.tensors[0]
+    if task == "vit":
+        side = inputs.shape[-1]
+        return TinyViT(image_size=side, patch_size=side // 4, in_channels=inputs.shape[1],
+                       n_classes=data.n_classes, dropout=dropout, **arch)
+    return TextTransformer(vocab_size=len(data.vocab), n_classes=data.n_classes, max_len=inputs.shape[1],
+                           dropout=dropout, **arch)
+
+
+def word_dropout(tokens: torch.Tensor, generator: torch.Generator, p: float = 0.1) -> torch.Tensor:
+    """Replace each non-padding token by the unknown id with probability ``p`` (text augmentation)."""
+    drop = (torch.rand(tokens.shape, generator=generator) < p).to(tokens.device) & (tokens != 0)
+    return torch.where(drop, torch.full_like(tokens, UNK_ID), tokens)
+
+
+def optimizer_factory(hp: Mapping[str, Any], model: nn.Module) -> Callable | None:
+    """A factory for the SAM-family optimizers (AdamW base) of ``model``; None for the built-in
+    AdamW/SGD. ``model`` gives ASAM its parameter names (it adapts only ``weight`` tensors)."""
+    if hp["optimizer"] in ("adamw", "sgd"):
+        return None
+    from .. import optim
+
+    base = dict(lr=hp["lr"], weight_decay=hp["weight_decay"], model=model)
+    if hp["optimizer"] == "sam":
+        return lambda params: optim.SAM(params, torch.optim.AdamW, rho=0.05, **base)
+    if hp["optimizer"] == "asam":
+        return lambda params: optim.ASAM(params, torch.optim.AdamW, rho=0.5, **base)
+    if hp["optimizer"] == "rsam":  # train_classifier never calls set_epoch: no warm-up
+        return lambda params: optim.RSAM(params, torch.optim.AdamW, warmup_epochs=-1, **base)
+    raise ValueError(f"unknown optimizer {hp['optimizer']!r}")
+
+
+def train_model(task: str, arch: Mapping[str, Any], data: ClassificationData, hp: Mapping[str, Any]) -> tuple[nn.Module, dict]:
+    """Train one population member; returns the model and its record (history, metrics, gaps)."""
+    torch.manual_seed(hp["init_seed"])
+    model = build_model(task, arch, data, hp["dropout"])
+    augment = word_dropout if hp["augment"] == "word_dropout" else hp["augment"]
+    optimizer = "sgd" if hp["optimizer"] == "sgd" else "adamw"
+    history = train_classifier(model, data.train, epochs=hp["epochs"], batch_size=hp["batch_size"], lr=hp["lr"],
+                               weight_decay=hp["weight_decay"], optimizer=optimizer,
+                               label_smoothing=hp["label_smoothing"], augment=augment, seed=hp["init_seed"],
+                               progress=False, optimizer_factory=optimizer_factory(hp, model))
+    train, test = evaluate(model, data.train), evaluate(model, data.test)
+    record = {"history": history, "train_loss": train["loss"], "train_acc": train["acc"],
+              "test_loss": test["loss"], "test_acc": test["acc"],
+              "error_gap": (1 - test["acc"]) - (1 - train["acc"]), "loss_gap": test["loss"] - train["loss"],
+              "n_params": sum(p.numel() for p in model.parameters())}
+    return model, record
+
+
+def sharpness_batches(data: ClassificationData, n_batches: int, batch_size: int, seed: int) -> list[tuple]:
+    """The fixed measurement subset: ``n_batches`` batches of ``batch_size`` training examples,
+    drawn once with ``seed``, without augmentation; the same for every model."""
+    inputs, labels = data.train.tensors
+    n = n_batches * batch_size
+    if n > len(labels):
+        raise ValueError(f"{n_batches}×{batch_size} examples requested, the training set has {len(labels)}")
+    idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n]
+    return [(inputs[chunk], labels[chunk]) for chunk in idx.split(batch_size)]
+
+
+# --------------------------------------------------------------------------- measures
+def _sharpness(fn: Callable, kind: str, **fixed) -> Callable:
+    rho_key = "rho_average" if kind == "average" else "rho"
+
+    def run(model, batches, plan, seed):
+        r = fn(model, batches, F.cross_entropy, plan[rho_key], kind=kind, n_iter=plan["n_iter"],
+               n_samples=plan["n_samples"], seed=seed, progress=False, **fixed)
+        details = {k: v for k, v in r.to_dict().items() if k != "traces"}
+        return r.value, details
+    return run
+
+
+def _max_eigenvalue(model, batches, plan, seed):
+    r = hessian_max_eigenvalue(model, F.cross_entropy, batches, tol=plan["lanczos_tol"], seed=seed, progress=False)
+    return {"hessian_max_eigenvalue": r.estimate}, r.to_dict()
+
+
+def _slq_measures(model, batches, plan, seed):
+    """One SLQ run serves Tr H (= Hutchinson on the same probes) and Rényi sharpness at every α."""
+    slq = hessian_slq(model, F.cross_entropy, batches, m=plan["slq_m"], n_probes=plan["slq_probes"], seed=seed,
+                      progress=False)
+    trace = slq.trace()
+    renyi = {a: renyi_entropy(slq, a, "abs") for a in plan["alphas"]}
+    values = {"hessian_trace": trace.estimate, **{f"renyi_{a}": r.sharpness for a, r in renyi.items()}}
+    return values, {"trace": trace.to_dict(), "renyi": {str(a): r.to_dict() for a, r in renyi.items()}}
+
+
+QUOTIENT_HESSIAN_MODULE = "quotientsharp.curvature.quotient_hessian"
+
+
+def quotient_renyi_function() -> Callable | None:
+    """The quotient-Hessian Rényi sharpness, if the library has it (hook for the lead's module).
+
+    Expected: ``quotient_renyi_sharpness(model, loss_fn, loader, alpha=[...], m=, n_probes=, seed=,
+    progress=, metric=)`` returning ``{alpha: RenyiResult}``, like
+    :func:`~quotientsharp.curvature.renyi_sharpness` (mixed metric, adaptive elsewhere).
+    """
+    if importlib.util.find_spec(QUOTIENT_HESSIAN_MODULE) is None:
+        return None
+    return getattr(importlib.import_module(QUOTIENT_HESSIAN_MODULE), "quotient_renyi_sharpness", None)
+
+
+def _quotient_renyi(model, batches, plan, seed):
+    results = quotient_renyi_function()(model, F.cross_entropy, batches, alpha=list(plan["alphas"]),
+                                        m=plan["slq_m"], n_probes=plan["slq_probes"], seed=seed,
+                                        progress=False, metric="mix")
+    values = {f"quotient_renyi_{a}": r.sharpness for a, r in results.items()}
+    return values, {str(a): r.to_dict() for a, r in results.items()}
+
+
+MEASURES: dict[str, Callable] = {
+    "geodesic_inv": _sharpness(geodesic_sharpness, "worst", metric="inv"),
+    "geodesic_mix": _sharpness(geodesic_sharpness, "worst", metric="mix"),
+    "geodesic_inv_avg": _sharpness(geodesic_sharpness, "average", metric="inv"),
+    "geodesic_mix_avg": _sharpness(geodesic_sharpness, "average", metric="mix"),
+    "adaptive": _sharpness(adaptive_sharpness, "worst"),
+    "adaptive_avg": _sharpness(adaptive_sharpness, "average"),
+    "euclidean": _sharpness(euclidean_sharpness, "worst"),
+    "hessian_max_eigenvalue": _max_eigenvalue,
+    "hessian_slq": _slq_measures,
+    "quotient_renyi": _quotient_renyi,
+}
+"""Measurement units: ``(model, batches, plan, seed) -> (value or {name: value}, details)``.
+Worst-case sharpness at ``plan["rho"]``, average-case at ``plan["rho_average"]``."""
+
+
+def default_measures() -> list[str]:
+    """Every unit of :data:`MEASURES`; ``quotient_renyi`` only when its module exists."""
+    return [m for m in MEASURES if m != "quotient_renyi" or quotient_renyi_function() is not None]
+
+
+def measure_unit(name: str, model: nn.Module, batches: list, plan: Mapping[str, Any], seed: int) -> dict:
+    """Run one measurement unit: ``{"values": {name: value}, "seconds", "warnings", "details"}``."""
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        values, details = MEASURES[name](model, batches, plan, seed)
+    values = values if isinstance(values, dict) else {name: values}
+    return {"values": values, "seconds": time.perf_counter() - t0,
+            "warnings": sorted({str(w.message) for w in caught}), "details": details}
+
+
+# --------------------------------------------------------------------------- configuration
+def study_config(task: str, *, quick: bool = False, n_models: int | None = None, dataset: str | None = None,
+                 seed: int = 0, **plan_overrides) -> dict:
+    """The full, JSON-ready study configuration.
+
+    Full: the task's dataset (Fashion-MNIST 10k subset / tweets 3-way), width 64, 2 layers,
+    4 heads, 24 models, 4 measurement batches of 64. ``quick``: digits (vit) or a 4k/1k tweet
+    split (text), 4 models of 1–4 epochs, 2 batches of 32 and cheap solver settings.
+    ``plan_overrides`` replace entries of the measurement plan (``rho``, ``slq_probes``, ...).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    dataset = dataset or ("digits" if quick and task == "vit" else DEFAULT_DATASET[task])
+    data_kwargs = {"n_train": 4000, "n_test": 1000} if quick and dataset == "tweets" else {}
+    plan = {"rho": 0.1, "rho_average": 0.01, "n_iter": 20, "n_samples": 10, "lanczos_tol": 1e-3,
+            "slq_m": 15, "slq_probes": 8, "alphas": [0.5, 1.5]}
+    if quick:
+        plan.update(n_iter=5, n_samples=4, slq_m=8, slq_probes=2)
+    plan.update(plan_overrides)
+    plan.setdefault("measures", default_measures())
+    return {"task": task,
+            "data": {"name": dataset, "kwargs": data_kwargs},
+            "arch": {"d_model": 64, "depth": 2, "n_heads": 4, "mlp_dim": 128},
+            "models": population(task, n_models or (4 if quick else 24), seed,
+                                 epochs=[1, 2, 4] if quick else None),
+            "subset": {"n_batches": 2 if quick else 4, "batch_size": 32 if quick else 64, "seed": seed},
+            "plan": plan, "seed": seed, "n_boot": 2000}
+
+
+# --------------------------------------------------------------------------- the study
+def save_state_dict(model: nn.Module, path: Path) -> None:
+    """``torch.save`` through a temporary file and ``os.replace`` (never a half-written file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def load_trained(task: str, arch: Mapping[str, Any], data: ClassificationData, hp: Mapping[str, Any],
+                 path: Path) -> nn.Module:
+    """Rebuild a population member from its saved state dict, in eval mode."""
+    model = build_model(task, arch, data, hp["dropout"])
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model.eval()
+
+
+def run_study(out: str | Path, config: Mapping[str, Any], progress: bool = True,
+              executor: Executor = sequential) -> dict:
+    """Train what is not trained, measure what is not measured, write and return the summary.
+
+    Model-major: each model is trained and then measured before the next one starts, so a run
+    stopped early leaves complete rows for a prefix of the population, and a rerun with a
+    smaller ``n_models`` (populations are prefix-stable) summarises them without new work.
+    ``executor`` runs the per-model work (:class:`~quotientsharp.studies.parallel.RayExecutor`:
+    one Ray task per model, writing its units itself, so ``out`` must be visible to every node).
+    """
+    out = Path(out)
+    write_json_atomic(out / "config.json", config)
+    data = load_data(config["data"])
+    task, arch = config["task"], config["arch"]
+    batches = sharpness_batches(data, **config["subset"])
+    settings = {k: v for k, v in config["plan"].items() if k != "measures"}
+    train_store, measure_store = UnitStore(out / "models"), UnitStore(out / "measures")
+    (out / "models").mkdir(parents=True, exist_ok=True)
+
+    def model_work(hp: Mapping[str, Any]) -> tuple[dict, dict]:
+        """Train (unless stored), then measure one model; returns its train and measure records."""
+        model_path = out / "models" / f"{hp['id']}.pt"
+        model: list[nn.Module] = []
+
+        def train(key: str, unit: Mapping[str, Any]) -> dict:
+            trained_model, record = train_model(task, arch, data, unit["model"])
+            save_state_dict(trained_model, model_path)
+            return record
+
+        def measure(key: str, unit: Mapping[str, Any]) -> dict:
+            if not model:
+                model.append(load_trained(task, arch, data, hp, model_path))
+            return measure_unit(unit["measure"], model[0], batches, settings, config["seed"] * 1000 + hp["index"])
+
+        train_unit = {hp["id"]: {"model": hp, "data": config["data"], "arch": arch}}
+        trained = run_units(train_store, train_unit, train, progress=False)
+        units = {f"{hp['id']}/{name}": {"model": hp["id"], "measure": name, "subset": config["subset"],
+                                        "plan": settings} for name in config["plan"]["measures"]}
+        return trained, run_units(measure_store, units, measure, progress=False)
+
+    trained, measured = {}, {}
+    with tqdm(total=len(config["models"]), desc=f"{task} models", disable=not progress) as bar:
+        def done(args: tuple, records: tuple[dict, dict]) -> None:
+            trained.update(records[0])
+            measured.update(records[1])
+            bar.update()
+
+        executor(model_work, [(hp,) for hp in config["models"]], done)
+    summary = summarize(config, trained, measured)
+    write_json_atomic(out / "summary.json", summary)
+    write_models_csv(out / "models.csv", summary)
+    return summary
+
+
+# --------------------------------------------------------------------------- summary
+def model_rows(config: Mapping[str, Any], trained: Mapping[str, dict], measured: Mapping[str, dict]) -> list[dict]:
+    """One row per model: hyperparameters, train/test metrics, gaps and every measured value."""
+    rows = []
+    for hp in config["models"]:
+        record = trained[hp["id"]]
+        values = {}
+        for name in config["plan"]["measures"]:
+            values.update(measured[f"{hp['id']}/{name}"]["values"])
+        rows.append({**{k: v for k, v in hp.items() if k != "index"},
+                     **{k: record[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc", "error_gap",
+                                               "loss_gap")},
+                     "train_seconds": record["history"]["wall_time"], "values": values})
+    return rows
+
+
+def summarize(config: Mapping[str, Any], trained: Mapping[str, dict], measured: Mapping[str, dict]) -> dict:
+    """Kendall τ-a and 95% bootstrap CI of every measure against both gaps, per-model rows, timing."""
+    rows = model_rows(config, trained, measured)
+    names = list(dict.fromkeys(n for row in rows for n in row["values"]))
+    tau: dict[str, dict] = {gap: {} for gap in GAPS}
+    ci: dict[str, dict] = {gap: {} for gap in GAPS}
+    ties = {}
+    for name in names:
+        pairs = [(row["values"][name], row) for row in rows
+                 if row["values"].get(name) is not None and math.isfinite(row["values"][name])]
+        s = [p[0] for p in pairs]
+        ties[name] = has_ties(s)
+        for gap in GAPS:
+            g = [p[1][gap] for p in pairs]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # ties are reported in "ties"
+                tau[gap][name] = kendall_tau(s, g) if len(s) > 1 else None
+            ci[gap][name] = list(bootstrap_ci(s, g, config["n_boot"], seed=config["seed"])) if len(s) > 1 else None
+    seconds = {name: sum(measured[f"{row['id']}/{name}"]["seconds"] for row in rows)
+               for name in config["plan"]["measures"]}
+    return {"task": config["task"], "dataset": config["data"]["name"], "n_models": len(rows),
+            "gaps": GAPS, "kendall_tau": tau, "ci95": ci, "ties": ties,
+            "gap_has_ties": {gap: has_ties([row[gap] for row in rows]) for gap in GAPS},
+            "paper": PAPER_ANCHORS,
+            "population": {gap: [min(r[gap] for r in rows), max(r[gap] for r in rows)] for gap in GAPS}
+            | {"test_acc": [min(r["test_acc"] for r in rows), max(r["test_acc"] for r in rows)]},
+            "seconds": {"train": sum(r["train_seconds"] for r in rows), "measures": seconds},
+            "models": rows, "config": dict(config)}
+
+
+def write_models_csv(path: str | Path, summary: Mapping[str, Any]) -> None:
+    """``models.csv``: one row per model (hyperparameters, metrics, gaps, every measure)."""
+    rows = summary["models"]
+    names = list(dict.fromkeys(n for row in rows for n in row["values"]))
+    fixed = [k for k in rows[0] if k != "values"]
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(fixed + names)
+        for row in rows:
+            writer.writerow([row[k] for k in fixed] + [row["values"].get(n) for n in names])
+    os.replace(tmp, path)
+
+
+def tau_table(summary: Mapping[str, Any]) -> str:
+    """Markdown: τ [95% CI] against both gaps for every measure, paper anchors beside."""
+    anchors = summary["paper"]
+    header = ["measure"] + [f"τ vs {text}" for text in summary["gaps"].values()] + list(anchors)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in summary["kendall_tau"]["error_gap"]:
+        cells = [name]
+        for gap in summary["gaps"]:
+            t, c = summary["kendall_tau"][gap][name], summary["ci95"][gap][name]
+            cells.append("—" if t is None else f"{t:+.2f} [{c[0]:+.2f}, {c[1]:+.2f}]")
+        cells += [f"{a[name]:+.2f}" if name in a else "" for a in anchors.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+def main(task: str, argv: Sequence[str] | None = None, description: str = "") -> dict:
+    """The shared command line of ``experiments/vit_study.py`` and ``experiments/text_study.py``."""
+    import argparse
+    import sys
+
+    from ..data import DatasetUnavailableError
+    from . import parallel
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", required=True, help="output folder (reused to resume)")
+    parser.add_argument("--quick", action="store_true", help="tiny data, 4 models, cheap settings (minutes)")
+    parser.add_argument("--n-models", type=int, help="population size (default 24; quick 4)")
+    parser.add_argument("--dataset", help=f"dataset name (default {DEFAULT_DATASET[task]}; "
+                                          f"{'digits' if task == 'vit' else 'tweets'} with --quick)")
+    parser.add_argument("--rho", type=float, help="worst-case radius (default 0.1)")
+    parser.add_argument("--rho-average", type=float, help="average-case radius (default 0.01)")
+    parser.add_argument("--slq-probes", type=int, help="SLQ probes for Tr H and Rényi (default 8)")
+    parser.add_argument("--measures", nargs="+", choices=list(MEASURES),
+                        help="measurement units (default: all available)")
+    parser.add_argument("--seed", type=int, default=0, help="population, subset, solver and bootstrap seed")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads")
+    parser.add_argument("--no-progress", action="store_true")
+    parallel.add_arguments(parser)
+    args = parser.parse_args(argv)
+    executor = parallel.executor_from_args(parser, args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {k: v for k, v in (("rho", args.rho), ("rho_average", args.rho_average),
+                                   ("slq_probes", args.slq_probes), ("measures", args.measures)) if v is not None}
+    config = study_config(task, quick=args.quick, n_models=args.n_models, dataset=args.dataset, seed=args.seed,
+                          **overrides)
+    t0 = time.perf_counter()
+    try:
+        summary = run_study(args.out, config, progress=not args.no_progress, executor=executor)
+    except DatasetUnavailableError as err:
+        hint = "\n(the small offline fallback: --dataset digits)" if task == "vit" else ""
+        sys.exit(f"error: {err}{hint}")
+    print(f"\n{task} study on {summary['dataset']}: Kendall τ-a of sharpness vs generalization gap, "
+          f"{summary['n_models']} models, 95% bootstrap CI\n")
+    print(tau_table(summary))
+    print(f"\nwall time {time.perf_counter() - t0:.1f} s; outputs in {args.out}")
+    return summary
+
+
+def read_summary(out: str | Path) -> dict:
+    """``<out>/summary.json`` of a finished study."""
+    return json.loads((Path(out) / "summary.json").read_text())

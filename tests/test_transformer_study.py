@@ -1,0 +1,125 @@
+"""The transformer-study pipeline end to end on 3 tiny ViTs and sklearn digits."""
+import csv
+import json
+import math
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from quotientsharp.data import ClassificationData, DatasetUnavailableError
+from quotientsharp.studies import transformers as study
+from quotientsharp.train import evaluate
+
+pytest.importorskip("sklearn")
+
+TINY_ARCH = {"d_model": 16, "depth": 1, "n_heads": 2, "mlp_dim": 32}
+
+
+def tiny_config():
+    config = study.study_config("vit", quick=True, n_models=3, n_iter=3, n_samples=2, slq_m=4, slq_probes=2)
+    config["arch"] = TINY_ARCH
+    config["models"] = study.population("vit", 3, seed=0, epochs=[1])
+    config["subset"] = {"n_batches": 2, "batch_size": 16, "seed": 0}
+    config["n_boot"] = 100
+    return config
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vit_study")
+    config = tiny_config()
+    return out, config, study.run_study(out, config, progress=False)
+
+
+def test_population_is_deterministic_and_varied():
+    first, again = study.population("vit", 6, seed=3), study.population("vit", 6, seed=3)
+    assert first == again
+    assert study.population("vit", 4, seed=3) == first[:4]  # a larger population extends a smaller one
+    assert study.population("vit", 6, seed=4) != first
+    many = study.population("text", 24, seed=0)
+    for key in ("lr", "weight_decay", "batch_size", "epochs", "optimizer", "augment", "dropout"):
+        assert len({str(m[key]) for m in many}) > 1, key
+
+
+def test_every_population_optimizer_trains():
+    data = study.load_data({"name": "digits"})
+    x, y = data.train.tensors
+    small = ClassificationData(TensorDataset(x[:64], y[:64]), TensorDataset(x[64:96], y[64:96]), 10)
+    hp = study.population("vit", 1)[0] | {"epochs": 1, "batch_size": 32}
+    for optimizer in sorted(set(study._optimizer_choices())):
+        _, record = study.train_model("vit", TINY_ARCH, small, hp | {"optimizer": optimizer})
+        assert record["history"]["steps"] == 2 and math.isfinite(record["train_loss"]), optimizer
+
+
+def test_outputs_exist(finished):
+    out, config, summary = finished
+    ids = [m["id"] for m in config["models"]]
+    for i in ids:
+        assert (out / "models" / f"{i}.pt").exists()
+        record = json.loads((out / "models" / f"{i}.json").read_text())["result"]
+        assert record["error_gap"] == pytest.approx((1 - record["test_acc"]) - (1 - record["train_acc"]))
+        for name in config["plan"]["measures"]:
+            unit = json.loads((out / "measures" / i / f"{name}.json").read_text())
+            assert unit["config"]["measure"] == name and unit["result"]["values"]
+    assert {"kendall_tau", "ci95", "models", "paper", "gaps", "n_models", "seconds"} <= set(summary)
+    assert summary["n_models"] == 3
+    expected = {"geodesic_inv", "geodesic_mix", "geodesic_inv_avg", "geodesic_mix_avg", "adaptive",
+                "euclidean", "hessian_max_eigenvalue", "hessian_trace", "renyi_0.5", "renyi_1.5"}
+    for gap in ("error_gap", "loss_gap"):
+        assert expected <= set(summary["kendall_tau"][gap])
+        assert all(-1 <= t <= 1 for t in summary["kendall_tau"][gap].values())
+    assert json.loads((out / "summary.json").read_text())["n_models"] == 3
+    with open(out / "models.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == ids and "geodesic_mix" in rows[0]
+    assert "geodesic_inv" in study.tau_table(summary)
+
+
+def test_resume_skips_finished_work(finished, monkeypatch):
+    out, config, _ = finished
+    units = sorted(out.glob("models/*")) + sorted(out.glob("measures/*/*.json"))
+    mtimes = {p: p.stat().st_mtime_ns for p in units}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("finished work was redone")
+    monkeypatch.setattr(study, "train_model", refuse)
+    monkeypatch.setattr(study, "measure_unit", refuse)
+    study.run_study(out, config, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in units} == mtimes
+
+    # a lost measurement (killed in flight) is recomputed alone
+    lost = out / "measures" / config["models"][1]["id"] / "adaptive.json"
+    lost.unlink()
+    calls = []
+    monkeypatch.undo()
+    real = study.measure_unit
+    monkeypatch.setattr(study, "train_model", refuse)
+    monkeypatch.setattr(study, "measure_unit", lambda name, *a: calls.append(name) or real(name, *a))
+    study.run_study(out, config, progress=False)
+    assert calls == ["adaptive"] and lost.exists()
+
+
+def test_state_dict_reloads_to_identical_predictions(finished):
+    out, config, _ = finished
+    data = study.load_data(config["data"])
+    hp = config["models"][0]
+    record = json.loads((out / "models" / f"{hp['id']}.json").read_text())["result"]
+    first = study.load_trained("vit", config["arch"], data, hp, out / "models" / f"{hp['id']}.pt")
+    second = study.load_trained("vit", config["arch"], data, hp, out / "models" / f"{hp['id']}.pt")
+    x = data.test.tensors[0][:64]
+    with torch.no_grad():
+        assert torch.equal(first(x), second(x))
+    metrics = evaluate(first, data.test)
+    assert metrics["acc"] == record["test_acc"]
+    assert metrics["loss"] == pytest.approx(record["test_loss"], rel=1e-6)
+
+
+def test_missing_dataset_is_reported_cleanly(tmp_path, monkeypatch):
+    def missing(spec):
+        raise DatasetUnavailableError("Fashion-MNIST", "missing file", "apt-get install -y dataset-fashion-mnist")
+    monkeypatch.setattr(study, "load_data", missing)
+    with pytest.raises(SystemExit) as exit_info:
+        study.main("vit", ["--out", str(tmp_path), "--no-progress"])
+    assert "apt-get install -y dataset-fashion-mnist" in str(exit_info.value.code)
+    assert "--dataset digits" in str(exit_info.value.code)
