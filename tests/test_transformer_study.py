@@ -47,7 +47,7 @@ def test_every_population_optimizer_trains():
     x, y = data.train.tensors
     small = ClassificationData(TensorDataset(x[:64], y[:64]), TensorDataset(x[64:96], y[64:96]), 10)
     hp = study.population("vit", 1)[0] | {"epochs": 1, "batch_size": 32}
-    for optimizer in sorted(set(study._optimizer_choices())):
+    for optimizer in sorted(set(study.OPTIMIZERS)):
         _, record = study.train_model("vit", TINY_ARCH, small, hp | {"optimizer": optimizer})
         assert record["history"]["steps"] == 2 and math.isfinite(record["train_loss"]), optimizer
 

@@ -18,8 +18,6 @@ Layout of the output folder (everything resumable through :mod:`quotientsharp.st
 from __future__ import annotations
 
 import csv
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -35,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..curvature import hessian_max_eigenvalue, hessian_slq, renyi_entropy
+from ..curvature import hessian_max_eigenvalue, hessian_slq, quotient_renyi_sharpness, renyi_entropy
 from ..data import ClassificationData, get_dataset
 from ..data.text import UNK_ID
 from ..measures import adaptive_sharpness, euclidean_sharpness, geodesic_sharpness
@@ -56,13 +54,8 @@ PAPER_ANCHORS = {
 
 
 # --------------------------------------------------------------------------- population
-def _optimizer_choices() -> list[str]:
-    """Optimizers of the population: AdamW and SGD, plus the SAM family when importable."""
-    try:
-        importlib.import_module("quotientsharp.optim")
-    except ImportError:
-        return ["adamw", "adamw", "sgd"]
-    return ["adamw", "adamw", "sgd", "sam", "asam", "rsam"]
+OPTIMIZERS = ["adamw", "adamw", "sgd", "sam", "asam", "rsam"]
+"""Optimizers of the population (AdamW drawn twice as often)."""
 
 
 SEARCH_SPACE = {
@@ -85,7 +78,7 @@ def population(task: str, n_models: int, seed: int = 0, epochs: Sequence[int] | 
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     space = dict(SEARCH_SPACE[task], **({"epochs": list(epochs)} if epochs is not None else {}))
-    optimizers = _optimizer_choices()
+    optimizers = OPTIMIZERS
     models = []
     for i in range(n_models):
         rng = np.random.default_rng([seed, i])
@@ -196,23 +189,8 @@ def _slq_measures(model, batches, plan, seed):
     return values, {"trace": trace.to_dict(), "renyi": {str(a): r.to_dict() for a, r in renyi.items()}}
 
 
-QUOTIENT_HESSIAN_MODULE = "quotientsharp.curvature.quotient_hessian"
-
-
-def quotient_renyi_function() -> Callable | None:
-    """The quotient-Hessian Rényi sharpness, if the library has it (hook for the lead's module).
-
-    Expected: ``quotient_renyi_sharpness(model, loss_fn, loader, alpha=[...], m=, n_probes=, seed=,
-    progress=, metric=)`` returning ``{alpha: RenyiResult}``, like
-    :func:`~quotientsharp.curvature.renyi_sharpness` (mixed metric, adaptive elsewhere).
-    """
-    if importlib.util.find_spec(QUOTIENT_HESSIAN_MODULE) is None:
-        return None
-    return getattr(importlib.import_module(QUOTIENT_HESSIAN_MODULE), "quotient_renyi_sharpness", None)
-
-
 def _quotient_renyi(model, batches, plan, seed):
-    results = quotient_renyi_function()(model, F.cross_entropy, batches, alpha=list(plan["alphas"]),
+    results = quotient_renyi_sharpness(model, F.cross_entropy, batches, alpha=list(plan["alphas"]),
                                         m=plan["slq_m"], n_probes=plan["slq_probes"], seed=seed,
                                         progress=False, metric="mix")
     values = {f"quotient_renyi_{a}": r.sharpness for a, r in results.items()}
@@ -236,8 +214,8 @@ Worst-case sharpness at ``plan["rho"]``, average-case at ``plan["rho_average"]``
 
 
 def default_measures() -> list[str]:
-    """Every unit of :data:`MEASURES`; ``quotient_renyi`` only when its module exists."""
-    return [m for m in MEASURES if m != "quotient_renyi" or quotient_renyi_function() is not None]
+    """Every unit of :data:`MEASURES`."""
+    return list(MEASURES)
 
 
 def measure_unit(name: str, model: nn.Module, batches: list, plan: Mapping[str, Any], seed: int) -> dict:
