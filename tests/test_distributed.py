@@ -1,4 +1,5 @@
 """Data-parallel measures on two gloo CPU processes: equal to one process, uneven shards, refusals."""
+import gc
 import socket
 
 import pytest
@@ -90,6 +91,8 @@ def worker(rank, port):
         check_sharpness()
         check_hessian()
         check_refusals()
+        gc.collect()  # free DDP reducers / buffers before the group goes (else gloo may abort at exit)
+        dist.barrier()  # tear down together: a rank destroying the group early aborts its peer
     finally:
         dist.destroy_process_group()
 

@@ -1,4 +1,5 @@
 """Two gloo CPU processes: SAM's local vs global perturbation, SAF's global logit memory."""
+import gc
 import socket
 
 import torch
@@ -90,6 +91,8 @@ def worker(rank, port):
             check_sam(rank, scope)
         for mode in ("global", "per_rank_legacy"):
             check_saf(rank, mode)
+        gc.collect()  # free DDP reducers / buffers before the group goes (else gloo may abort at exit)
+        dist.barrier()  # tear down together: a rank destroying the group early aborts its peer
     finally:
         dist.destroy_process_group()
 
