@@ -1,12 +1,9 @@
 """Data-parallel measures on two gloo CPU processes: equal to one process, uneven shards, refusals."""
-import gc
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo import run_on_gloo
 
 from quotientsharp.curvature import HessianOperator, hessian_max_eigenvalue, hessian_trace
 from quotientsharp.distributed import DataParallel
@@ -15,12 +12,6 @@ from test_sharpness_common import TinyAttentionClassifier
 
 WORLD = 2
 RTOL = 1e-10
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def setup(n_batches, sizes=None):
@@ -84,21 +75,14 @@ def check_refusals():
         HessianOperator(model, F.cross_entropy, batches, distributed=True)
 
 
-def worker(rank, port):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        check_sharpness()
-        check_hessian()
-        check_refusals()
-        gc.collect()  # free DDP reducers / buffers before the group goes (else gloo may abort at exit)
-        dist.barrier()  # tear down together: a rank destroying the group early aborts its peer
-    finally:
-        dist.destroy_process_group()
+def worker(rank):
+    check_sharpness()
+    check_hessian()
+    check_refusals()
 
 
 def test_two_gloo_processes_equal_one():
-    mp.spawn(worker, args=(free_port(),), nprocs=WORLD, join=True)
+    run_on_gloo(worker, WORLD)
 
 
 def test_single_process_plan():

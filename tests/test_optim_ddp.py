@@ -1,22 +1,13 @@
 """Two gloo CPU processes: SAM's local vs global perturbation, SAF's global logit memory."""
-import gc
-import socket
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import run_on_gloo
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from quotientsharp.optim import SAF, SAM
 
 WORLD = 2
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def flat(ts):
@@ -83,19 +74,12 @@ def check_saf(rank, mode):
         assert opt.stats["stale_rows"] == 4  # every target at epoch 1 was written by the other rank
 
 
-def worker(rank, port):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        for scope in ("local", "global"):
-            check_sam(rank, scope)
-        for mode in ("global", "per_rank_legacy"):
-            check_saf(rank, mode)
-        gc.collect()  # free DDP reducers / buffers before the group goes (else gloo may abort at exit)
-        dist.barrier()  # tear down together: a rank destroying the group early aborts its peer
-    finally:
-        dist.destroy_process_group()
+def worker(rank):
+    for scope in ("local", "global"):
+        check_sam(rank, scope)
+    for mode in ("global", "per_rank_legacy"):
+        check_saf(rank, mode)
 
 
 def test_ddp_two_gloo_processes():
-    mp.spawn(worker, args=(free_port(),), nprocs=WORLD, join=True)
+    run_on_gloo(worker, WORLD)
