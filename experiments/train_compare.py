@@ -30,7 +30,6 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ from tqdm.auto import tqdm
 from quotientsharp.data import load_digits_dataset, load_fashion_mnist
 from quotientsharp.models.vit import TinyViT
 from quotientsharp.optim import ASAM, MESA, RSAM, SAF, SAM, GeodesicSAM, IndexedDataset
-from quotientsharp.train import evaluate
+from quotientsharp.train import evaluate, step_loss
 
 METHODS = ("SGD", "SAM", "ASAM", "SAF", "MESA", "RSAM", "GeodesicSAM")
 BASE = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -99,15 +98,6 @@ def build_optimizer(method: str, model: TinyViT, n_train: int, steps_per_epoch: 
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def method_loss(opt: torch.optim.Optimizer) -> Callable[..., torch.Tensor]:
-    """``loss(logits, y, idx, x)``: SAF's and MESA's regularised loss, else cross-entropy."""
-    if isinstance(opt, SAF):
-        return lambda logits, y, idx, x: opt.loss(logits, y, idx)
-    if isinstance(opt, MESA):
-        return lambda logits, y, idx, x: opt.loss(logits, y, x)
-    return lambda logits, y, idx, x: F.cross_entropy(logits, y)
-
-
 def train(model: TinyViT, opt: torch.optim.Optimizer, train_set, epochs: int, batch_size: int, seed: int,
           progress: bool) -> list[float]:
     """Train in place; returns the wall time of each epoch. Same batch order for every method."""
@@ -116,7 +106,7 @@ def train(model: TinyViT, opt: torch.optim.Optimizer, train_set, epochs: int, ba
     total, warm = epochs * len(loader), len(loader)  # linear warm-up over the first epoch, then cosine
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: min((t + 1) / warm, 0.5 * (1 + math.cos(math.pi * t / total))))
-    loss_fn, epoch_times = method_loss(opt), []
+    loss_fn, epoch_times = step_loss(opt), []
     model.train()
     for epoch in tqdm(range(epochs), desc=type(opt).__name__, disable=not progress, leave=False):
         if hasattr(opt, "set_epoch"):

@@ -4,7 +4,8 @@
 
 Reads ``DIR/summary.json`` (ViT or text study) and writes ``FIGDIR/<measure>.{png,pdf}``
 (default ``DIR/figs``): one figure per measure, a panel per gap, Kendall τ-a [95% CI] in each
-title, points coloured by optimizer.
+title, points coloured by optimizer; and ``FIGDIR/tau_overview.{png,pdf}``: τ-a with its 95%
+interval for every measure against each gap.
 """
 from __future__ import annotations
 
@@ -40,6 +41,27 @@ def plot_measure(summary: dict, name: str):
     return fig
 
 
+def plot_overview(summary: dict):
+    """τ-a [95% CI] of every measure (rows) against each gap (one marker per gap)."""
+    names = list(summary["kendall_tau"]["error_gap"])
+    fig, ax = plt.subplots(figsize=(5.5, 0.32 * len(names) + 1.2))
+    for k, (gap, label) in enumerate(summary["gaps"].items()):
+        ys = [i + 0.18 * (k - 0.5) for i in range(len(names))]
+        taus = [summary["kendall_tau"][gap][n] for n in names]
+        cis = [summary["ci95"][gap][n] or [t, t] for n, t in zip(names, taus)]
+        ax.errorbar(taus, ys, xerr=[[t - c[0] for t, c in zip(taus, cis)], [c[1] - t for t, c in zip(taus, cis)]],
+                    fmt="o", ms=4, capsize=2, label=label)
+    ax.axvline(0, color="0.6", lw=0.8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(-1, 1)
+    ax.set_xlabel("Kendall τ-a with the generalization gap [95% bootstrap CI]")
+    ax.legend(fontsize=7, frameon=False, loc="lower right")
+    ax.set_title(f"{summary['task']} study on {summary['dataset']} ({summary['n_models']} models)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dir", help="output folder of experiments/vit_study.py or text_study.py")
@@ -49,8 +71,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     out = Path(args.out or Path(args.dir) / "figs")
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in summary["kendall_tau"]["error_gap"]:
-        fig = plot_measure(summary, name)
+    figures = {name: lambda name=name: plot_measure(summary, name) for name in summary["kendall_tau"]["error_gap"]}
+    figures["tau_overview"] = lambda: plot_overview(summary)
+    for name, make in figures.items():
+        fig = make()
         for ext in ("png", "pdf"):
             fig.savefig(out / f"{name}.{ext}", dpi=150)
             written.append(out / f"{name}.{ext}")

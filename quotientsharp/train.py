@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from quotientsharp.functional import eval_mode, model_device_dtype, to_device
+from quotientsharp.optim import MESA, SAF, IndexedDataset
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -61,6 +62,24 @@ def make_optimizer(
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {name!r}")
 
 
+StepLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def step_loss(opt: torch.optim.Optimizer, label_smoothing: float = 0.0) -> StepLoss:
+    """``loss(logits, targets, indices, inputs)`` that a training step minimises with ``opt``.
+
+    SAF: ``opt.loss(logits, targets, indices)`` (records the logits of the samples ``indices``);
+    MESA: ``opt.loss(logits, targets, inputs)`` (the EMA teacher sees the same, augmented inputs);
+    otherwise cross-entropy with ``label_smoothing`` (SAF/MESA take theirs at construction).
+    """
+    if isinstance(opt, SAF):
+        return lambda logits, targets, indices, inputs: opt.loss(logits, targets, indices)
+    if isinstance(opt, MESA):
+        return lambda logits, targets, indices, inputs: opt.loss(logits, targets, inputs)
+    return lambda logits, targets, indices, inputs: F.cross_entropy(logits, targets,
+                                                                    label_smoothing=label_smoothing)
+
+
 def train_classifier(
     model: nn.Module,
     train_data: Dataset,
@@ -83,10 +102,12 @@ def train_classifier(
     ``augment``: None, ``"shift"`` (±1 pixel), ``"flip"``, ``"shift+flip"`` or a callable
     ``(images, generator) → images``. ``optimizer_factory(params)`` replaces the built-in
     ``optimizer``/``lr``/``weight_decay``/``momentum`` choice; an optimizer with ``set_epoch``
-    (the SAM family's warm-up, SAF/MESA) is told each epoch's index. Shuffling, augmentation and
+    (the SAM family's warm-up, SAF/MESA) is told each epoch's index, and SAF/MESA get the sample
+    indices and inputs their regularised loss needs (:func:`step_loss`). Shuffling, augmentation and
     dropout are seeded from ``seed`` (the global RNG state is restored afterwards), so a model
     initialised identically gives an identical history. History: per-epoch ``train_loss`` and
-    ``train_acc`` (running means over the epoch's augmented batches, train mode), ``epoch_time``
+    ``train_acc`` (running means over the epoch's augmented batches, train mode; the loss
+    minimised, so SAF's/MESA's include their regulariser), ``epoch_time``
     (s), plus ``wall_time`` (s) and ``steps``.
     """
     device = torch.device(device) if device is not None else model_device_dtype(model)[0]
@@ -97,7 +118,8 @@ def train_classifier(
         raise ValueError(f"augment must be one of {sorted(AUGMENTATIONS)} or a callable")
     augment_fn = AUGMENTATIONS[augment] if isinstance(augment, str) else augment
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, generator=generator)
+    loader = DataLoader(IndexedDataset(train_data), batch_size=batch_size, shuffle=True, generator=generator)
+    loss_fn = step_loss(opt, label_smoothing)
     history: dict[str, Any] = {"train_loss": [], "train_acc": [], "epoch_time": [], "steps": 0}
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -109,7 +131,7 @@ def train_classifier(
                 opt.set_epoch(epoch)
             epoch_start = time.perf_counter()
             loss_sum, correct, seen = 0.0, 0, 0
-            for inputs, targets in loader:
+            for indices, inputs, targets in loader:
                 inputs, targets = to_device(inputs, device), targets.to(device)
                 if augment_fn is not None:
                     inputs = augment_fn(inputs, generator)
@@ -118,7 +140,7 @@ def train_classifier(
                 def closure() -> torch.Tensor:
                     opt.zero_grad(set_to_none=True)
                     logits = model(inputs)
-                    loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+                    loss = loss_fn(logits, targets, indices, inputs)
                     loss.backward()
                     if not first_pass:
                         first_pass.append((loss.detach(), logits.detach()))

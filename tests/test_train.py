@@ -5,7 +5,7 @@ from torch.utils.data import TensorDataset
 
 from quotientsharp.data import blobs, load_digits_dataset
 from quotientsharp.models import MLP, TinyViT
-from quotientsharp.optim import RSAM
+from quotientsharp.optim import MESA, RSAM, SAF
 from quotientsharp.train import evaluate, random_flip, random_shift, train_classifier
 
 
@@ -120,3 +120,50 @@ def test_two_pass_optimizer_is_told_the_epoch():
     train_classifier(MLP([4, 8, 2]), data, epochs=3, batch_size=16, lr=0.1, progress=False,
                      optimizer_factory=factory)
     assert opts[0].stats["perturbed"] == 4  # epochs 0-1 are warm-up, epoch 2 has 4 steps
+
+
+def _train_flat(data, factory, epochs):
+    torch.manual_seed(0)
+    model = MLP([4, 8, 2])
+    opt = []
+    train_classifier(model, data, epochs=epochs, batch_size=16, lr=0.0, seed=1, progress=False,
+                     optimizer_factory=lambda params: opt.append(factory(params, model)) or opt[0])
+    return model, opt[0], torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("method", ["saf", "mesa"])
+def test_saf_and_mesa_get_their_regularised_loss(method):
+    """The KL term acts from the second epoch (start_epoch=0) and only through λ: λ = 0 or a
+    single epoch reproduce plain SGD bit for bit, λ > 0 over two epochs does not."""
+    data = blobs(n=64, d=4, n_classes=2, n_test=8, dtype=torch.float32).train
+
+    def factory(lam):
+        def make(params, model):
+            if method == "saf":
+                return SAF(params, torch.optim.SGD, num_samples=len(data), num_classes=2, lam=lam, lag_epochs=1,
+                           start_epoch=0, lr=0.5)
+            return MESA(params, torch.optim.SGD, model=model, lam=lam, decay=0.5, start_epoch=0, lr=0.5)
+        return make
+
+    sgd = lambda params, model: torch.optim.SGD(params, lr=0.5)  # noqa: E731
+    for epochs in (1, 2):
+        plain = _train_flat(data, sgd, epochs)[2]
+        torch.testing.assert_close(_train_flat(data, factory(0.0), epochs)[2], plain, rtol=0, atol=0)
+        regularised = _train_flat(data, factory(5.0), epochs)[2]
+        if epochs == 1:
+            torch.testing.assert_close(regularised, plain, rtol=0, atol=0)
+        else:
+            assert (regularised - plain).abs().max() > 1e-4
+
+
+def test_saf_memory_rows_belong_to_their_samples():
+    """With lr = 0 the network is fixed, so SAF's memory row i must be the logits of sample i."""
+    data = blobs(n=50, d=4, n_classes=2, n_test=8, dtype=torch.float32).train
+    make = lambda params, model: SAF(params, torch.optim.SGD, num_samples=len(data), num_classes=2,  # noqa: E731
+                                     lag_epochs=1, start_epoch=0, lr=0.0)
+    model, opt, _ = _train_flat(data, make, epochs=2)
+    with torch.no_grad():
+        logits = model(data.tensors[0])
+    for epoch in (0, 1):
+        torch.testing.assert_close(opt.logit_memory[:, epoch % 2], logits)
+    assert opt.stats["stale_rows"] == 0

@@ -6,7 +6,7 @@ with :func:`quotientsharp.train.train_classifier`; every model is then measured 
 non-augmented training subset shared by the whole population (:func:`sharpness_batches`), in eval
 mode, through the library's public measures (:data:`MEASURES`). Kendall τ-a of each measure
 against the generalization gap (test error − train error, and test loss − train loss) with a
-bootstrap 95% CI summarises the study.
+bootstrap 95% CI summarises the study; scipy's τ-b is stored beside it (they differ only on ties).
 
 Layout of the output folder (everything resumable through :mod:`quotientsharp.studies.runner`)::
 
@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import kendalltau
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
@@ -54,8 +55,8 @@ PAPER_ANCHORS = {
 
 
 # --------------------------------------------------------------------------- population
-OPTIMIZERS = ["adamw", "adamw", "sgd", "sam", "asam", "rsam"]
-"""Optimizers of the population (AdamW drawn twice as often)."""
+OPTIMIZERS = ["adamw", "adamw", "sgd", "sam", "asam", "rsam", "saf", "mesa", "geodesic_sam"]
+"""Optimizers of the population (AdamW drawn twice as often); the SAM family has an AdamW base."""
 
 
 SEARCH_SPACE = {
@@ -116,20 +117,35 @@ def word_dropout(tokens: torch.Tensor, generator: torch.Generator, p: float = 0.
     return torch.where(drop, torch.full_like(tokens, UNK_ID), tokens)
 
 
-def optimizer_factory(hp: Mapping[str, Any], model: nn.Module) -> Callable | None:
+def optimizer_factory(hp: Mapping[str, Any], model: nn.Module, data: ClassificationData) -> Callable | None:
     """A factory for the SAM-family optimizers (AdamW base) of ``model``; None for the built-in
-    AdamW/SGD. ``model`` gives ASAM its parameter names (it adapts only ``weight`` tensors)."""
+    AdamW/SGD. ``model`` gives ASAM its parameter names (it adapts only ``weight`` tensors) and
+    GeodesicSAM its symmetries. Short runs set the schedules: no RSAM warm-up, SAF's KL from the
+    second epoch on (lag Ẽ = 1) and MESA's from the second epoch with a one-epoch EMA horizon, so
+    SAF and MESA act only in runs of two or more epochs."""
     if hp["optimizer"] in ("adamw", "sgd"):
         return None
     from .. import optim
 
-    base = dict(lr=hp["lr"], weight_decay=hp["weight_decay"], model=model)
+    adamw = torch.optim.AdamW
+    base = dict(lr=hp["lr"], weight_decay=hp["weight_decay"])
     if hp["optimizer"] == "sam":
-        return lambda params: optim.SAM(params, torch.optim.AdamW, rho=0.05, **base)
+        return lambda params: optim.SAM(params, adamw, rho=0.05, model=model, **base)
     if hp["optimizer"] == "asam":
-        return lambda params: optim.ASAM(params, torch.optim.AdamW, rho=0.5, **base)
-    if hp["optimizer"] == "rsam":  # train_classifier never calls set_epoch: no warm-up
-        return lambda params: optim.RSAM(params, torch.optim.AdamW, warmup_epochs=-1, **base)
+        return lambda params: optim.ASAM(params, adamw, rho=0.5, model=model, **base)
+    if hp["optimizer"] == "rsam":  # warmup_epochs=-1: perturb from the first step
+        return lambda params: optim.RSAM(params, adamw, warmup_epochs=-1, model=model, **base)
+    if hp["optimizer"] == "geodesic_sam":
+        return lambda params: optim.GeodesicSAM(params, adamw, rho=0.01, metric="mix", model=model, **base)
+    smoothing = dict(label_smoothing=hp["label_smoothing"], start_epoch=0)
+    if hp["optimizer"] == "saf":
+        n = len(data.train)
+        return lambda params: optim.SAF(params, adamw, num_samples=n, num_classes=data.n_classes, lag_epochs=1,
+                                        **smoothing, **base)
+    if hp["optimizer"] == "mesa":
+        steps = math.ceil(len(data.train) / hp["batch_size"])
+        return lambda params: optim.MESA(params, adamw, model=model, ema_horizon_epochs=1.0, steps_per_epoch=steps,
+                                         **smoothing, **base)
     raise ValueError(f"unknown optimizer {hp['optimizer']!r}")
 
 
@@ -142,7 +158,7 @@ def train_model(task: str, arch: Mapping[str, Any], data: ClassificationData, hp
     history = train_classifier(model, data.train, epochs=hp["epochs"], batch_size=hp["batch_size"], lr=hp["lr"],
                                weight_decay=hp["weight_decay"], optimizer=optimizer,
                                label_smoothing=hp["label_smoothing"], augment=augment, seed=hp["init_seed"],
-                               progress=False, optimizer_factory=optimizer_factory(hp, model))
+                               progress=False, optimizer_factory=optimizer_factory(hp, model, data))
     train, test = evaluate(model, data.train), evaluate(model, data.test)
     record = {"history": history, "train_loss": train["loss"], "train_acc": train["acc"],
               "test_loss": test["loss"], "test_acc": test["acc"],
@@ -349,6 +365,7 @@ def summarize(config: Mapping[str, Any], trained: Mapping[str, dict], measured: 
     rows = model_rows(config, trained, measured)
     names = list(dict.fromkeys(n for row in rows for n in row["values"]))
     tau: dict[str, dict] = {gap: {} for gap in GAPS}
+    tau_b: dict[str, dict] = {gap: {} for gap in GAPS}
     ci: dict[str, dict] = {gap: {} for gap in GAPS}
     ties = {}
     for name in names:
@@ -361,11 +378,13 @@ def summarize(config: Mapping[str, Any], trained: Mapping[str, dict], measured: 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # ties are reported in "ties"
                 tau[gap][name] = kendall_tau(s, g) if len(s) > 1 else None
+            b = float(kendalltau(s, g).statistic) if len(s) > 1 else math.nan  # nan: a constant input
+            tau_b[gap][name] = b if math.isfinite(b) else None
             ci[gap][name] = list(bootstrap_ci(s, g, config["n_boot"], seed=config["seed"])) if len(s) > 1 else None
     seconds = {name: sum(measured[f"{row['id']}/{name}"]["seconds"] for row in rows)
                for name in config["plan"]["measures"]}
     return {"task": config["task"], "dataset": config["data"]["name"], "n_models": len(rows),
-            "gaps": GAPS, "kendall_tau": tau, "ci95": ci, "ties": ties,
+            "gaps": GAPS, "kendall_tau": tau, "kendall_tau_b": tau_b, "ci95": ci, "ties": ties,
             "gap_has_ties": {gap: has_ties([row[gap] for row in rows]) for gap in GAPS},
             "paper": PAPER_ANCHORS,
             "population": {gap: [min(r[gap] for r in rows), max(r[gap] for r in rows)] for gap in GAPS}
@@ -390,7 +409,8 @@ def write_models_csv(path: str | Path, summary: Mapping[str, Any]) -> None:
 
 
 def tau_table(summary: Mapping[str, Any]) -> str:
-    """Markdown: τ [95% CI] against both gaps for every measure, paper anchors beside."""
+    """Markdown: τ-a [95% CI] against both gaps for every measure (τ-b beside it where ties make
+    them differ), paper anchors beside."""
     anchors = summary["paper"]
     header = ["measure"] + [f"τ vs {text}" for text in summary["gaps"].values()] + list(anchors)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -398,7 +418,9 @@ def tau_table(summary: Mapping[str, Any]) -> str:
         cells = [name]
         for gap in summary["gaps"]:
             t, c = summary["kendall_tau"][gap][name], summary["ci95"][gap][name]
-            cells.append("—" if t is None else f"{t:+.2f} [{c[0]:+.2f}, {c[1]:+.2f}]")
+            b = summary.get("kendall_tau_b", {}).get(gap, {}).get(name)
+            tau_b = f" (τ-b {b:+.2f})" if b is not None and t is not None and abs(b - t) >= 0.005 else ""
+            cells.append("—" if t is None else f"{t:+.2f} [{c[0]:+.2f}, {c[1]:+.2f}]{tau_b}")
         cells += [f"{a[name]:+.2f}" if name in a else "" for a in anchors.values()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
