@@ -165,3 +165,23 @@ def test_progress_bar_can_be_silenced(capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         adaptive_sharpness(model, batches, F.cross_entropy, 0.1, n_iter=2, progress=True)
+
+
+def test_antithetic_average_case_against_closed_form():
+    """Euclidean average case of L(W) = mean((Wx)²) (+ a linear term): every antithetic sample is
+    δΣδᵀ exactly (Σ = mean xxᵀ, the linear term cancels), so the mean is ρ² tr Σ within its
+    standard error; the plain draws keep the linear term and are far noisier."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 1, bias=False).double()
+    x = torch.randn(32, 6, dtype=torch.float64)
+    batches = [(x, torch.zeros(32, dtype=torch.float64))]
+    loss = lambda out, y: (out.squeeze(-1) ** 2).mean() + 20.0 * out.mean()  # noqa: E731
+    sigma = x.T @ x / 32
+    kw = dict(kind="average", n_samples=400, progress=False)
+    anti = euclidean_sharpness(model, batches, loss, 0.1, antithetic=True, **kw)
+    plain = euclidean_sharpness(model, batches, loss, 0.1, **kw)
+    expected = 0.01 * float(torch.trace(sigma))
+    assert abs(anti.value - expected) < 4 * anti.stderr
+    assert min(anti.extras[0]["samples"]) > 0  # a positive-definite quadratic form, no linear part
+    assert plain.stderr > 5 * anti.stderr
+    assert anti.config["antithetic"] is True and plain.config["antithetic"] is False

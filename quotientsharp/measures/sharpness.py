@@ -19,7 +19,7 @@ weights are plugged in through ``functional_call``; the module's weights are nev
 Everything runs on the device and in the dtype of the model's parameters.
 
 Shared keyword options (all measures; see :class:`Options`): ``kind``, ``n_iter``,
-``n_restarts``, ``n_samples``, ``avg_scale``, ``seed``, ``progress``, ``grad_through_geodesic``,
+``n_restarts``, ``n_samples``, ``avg_scale``, ``antithetic``, ``seed``, ``progress``, ``grad_through_geodesic``,
 ``logit_normalization``, ``momentum``, ``step_mult``, ``solver``, ``ode_steps``, ``ode_tol``;
 data parallelism: ``process_group``, ``distributed``, ``split`` (:mod:`quotientsharp.distributed`).
 """
@@ -56,6 +56,8 @@ class Options:
     kind: ``"worst"`` (spec §3) or ``"average"`` (§3.4).
     n_iter, n_restarts: ascent iterations per run and extra random-init runs (worst case).
     n_samples, avg_scale: draws per batch and ``"gaussian"`` or ``"sphere"`` (average case).
+    antithetic: average case, evaluate each draw at ``±xi`` (same expectation, the first-order
+        term cancels; off by default as in the spec's §3.4 algorithm).
     seed: the generator of batch i is seeded with ``(seed, i)`` (restarts, zero-gradient
         directions, average-case noise), so populations see identical whitened noise.
     grad_through_geodesic: differentiate through ``xi -> gamma_xi(1)`` (False: ablation).
@@ -72,6 +74,7 @@ class Options:
     n_restarts: int = 0
     n_samples: int = 20
     avg_scale: str = "gaussian"
+    antithetic: bool = False
     seed: int = 0
     progress: bool = True
     grad_through_geodesic: bool = True
@@ -158,7 +161,7 @@ def measure(name: str, model: Model, loader: Iterable, loss_fn: LossFn, rho: flo
             gen = _batch_seed(options.seed, i)
             if options.kind == "average":
                 r = average_increase(obj, quotient, w0, rho, options.n_samples, gen, order, rest_order,
-                                     options.avg_scale, ode_kw)
+                                     options.avg_scale, ode_kw, options.antithetic)
                 ses.append(r.stderr)
                 extras.append({"stderr": r.stderr, "error_increase": r.error_increase,
                                "max_relative_perturbation": r.max_relative_perturbation,
