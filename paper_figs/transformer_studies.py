@@ -32,7 +32,12 @@ def plot_measure(summary: dict, name: str):
         tau, ci = summary["kendall_tau"][gap][name], summary["ci95"][gap][name]
         ax.set_title(f"τ = {tau:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if tau is not None else "τ undefined",
                      fontsize=10)
-        ax.ticklabel_format(axis="both", style="sci", scilimits=(-3, 4))
+        values = [r["values"][name] for r in rows]
+        if values and min(values) > 0 and max(values) > 20 * min(values):  # spans decades: log axis
+            ax.set_yscale("log")
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+        else:
+            ax.ticklabel_format(axis="both", style="sci", scilimits=(-3, 4))
         ax.set_xlabel(label)
         ax.set_ylabel(name)
     axes[0][-1].legend(fontsize=7, frameon=False)

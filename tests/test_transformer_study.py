@@ -153,3 +153,23 @@ def test_figures_are_written(finished, tmp_path):
     names = set(summary["kendall_tau"]["error_gap"]) | {"tau_overview"}
     assert {p.name for p in written} == {f"{n}.{ext}" for n in names for ext in ("png", "pdf")}
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_models_that_never_learned_are_reported_apart():
+    """A model at the majority-class rate is excluded from the "learned" τ block only; with it
+    every measure gains concordant pairs, without it τ is that of the others."""
+    def row(i, acc, gap, value):
+        return {"id": f"m{i}", "train_acc": acc, "error_gap": gap, "loss_gap": gap, "values": {"s": value}}
+
+    rows = [row(0, 0.10, 0.0, 1e-6), row(1, 0.8, 0.03, 2.0), row(2, 0.9, 0.02, 1.0), row(3, 0.85, 0.01, 3.0)]
+    config = {"task": "vit", "data": {"name": "digits"}, "plan": {"measures": ["s"]}, "n_boot": 50, "seed": 0,
+              "models": [{"id": r["id"]} for r in rows]}
+    trained = {r["id"]: {k: r[k] for k in ("train_acc", "error_gap", "loss_gap")}
+               | {"train_loss": 0.0, "test_loss": 0.0, "test_acc": 0.5, "history": {"wall_time": 1.0}} for r in rows}
+    measured = {f"{r['id']}/s": {"values": r["values"], "seconds": 0.1} for r in rows}
+    summary = study.summarize(config, trained, measured, chance_acc=0.1)
+    assert summary["learned"]["excluded"] == ["m0"] and summary["learned"]["n_models"] == 3
+    assert summary["kendall_tau"]["error_gap"]["s"] == pytest.approx(1 / 3)  # (4 concordant − 2 discordant)/6
+    assert summary["learned"]["kendall_tau"]["error_gap"]["s"] == pytest.approx(-1 / 3)
+    table = study.tau_table(summary)
+    assert "3 that learned" in table and "-0.33" in table

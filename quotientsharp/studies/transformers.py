@@ -167,6 +167,12 @@ def train_model(task: str, arch: Mapping[str, Any], data: ClassificationData, hp
     return model, record
 
 
+def majority_rate(data: ClassificationData) -> float:
+    """The training accuracy of always predicting the most frequent training class."""
+    labels = data.train.tensors[1]
+    return float(torch.bincount(labels).max()) / len(labels)
+
+
 def sharpness_batches(data: ClassificationData, n_batches: int, batch_size: int, seed: int) -> list[tuple]:
     """The fixed measurement subset: ``n_batches`` batches of ``batch_size`` training examples,
     drawn once with ``seed``, without augmentation; the same for every model."""
@@ -341,7 +347,7 @@ def run_study(out: str | Path, config: Mapping[str, Any], progress: bool = True,
             bar.update()
 
         executor(model_work, [(hp,) for hp in config["models"]], done)
-    summary = summarize(config, trained, measured)
+    summary = summarize(config, trained, measured, chance_acc=majority_rate(data))
     write_json_atomic(out / "summary.json", summary)
     write_models_csv(out / "models.csv", summary)
     return summary
@@ -363,9 +369,9 @@ def model_rows(config: Mapping[str, Any], trained: Mapping[str, dict], measured:
     return rows
 
 
-def summarize(config: Mapping[str, Any], trained: Mapping[str, dict], measured: Mapping[str, dict]) -> dict:
-    """Kendall τ-a and 95% bootstrap CI of every measure against both gaps, per-model rows, timing."""
-    rows = model_rows(config, trained, measured)
+def tau_block(rows: Sequence[Mapping[str, Any]], n_boot: int, seed: int) -> dict:
+    """Kendall τ-a, scipy's τ-b and the 95% bootstrap CI of τ-a of every measure in ``rows``
+    against both gaps, with which measures have tied values (τ-a ≠ τ-b there)."""
     names = list(dict.fromkeys(n for row in rows for n in row["values"]))
     tau: dict[str, dict] = {gap: {} for gap in GAPS}
     tau_b: dict[str, dict] = {gap: {} for gap in GAPS}
@@ -383,17 +389,34 @@ def summarize(config: Mapping[str, Any], trained: Mapping[str, dict], measured: 
                 tau[gap][name] = kendall_tau(s, g) if len(s) > 1 else None
             b = float(kendalltau(s, g).statistic) if len(s) > 1 else math.nan  # nan: a constant input
             tau_b[gap][name] = b if math.isfinite(b) else None
-            ci[gap][name] = list(bootstrap_ci(s, g, config["n_boot"], seed=config["seed"])) if len(s) > 1 else None
+            ci[gap][name] = list(bootstrap_ci(s, g, n_boot, seed=seed)) if len(s) > 1 else None
+    return {"n_models": len(rows), "kendall_tau": tau, "kendall_tau_b": tau_b, "ci95": ci, "ties": ties,
+            "gap_has_ties": {gap: has_ties([row[gap] for row in rows]) for gap in GAPS}}
+
+
+def summarize(config: Mapping[str, Any], trained: Mapping[str, dict], measured: Mapping[str, dict],
+              chance_acc: float | None = None) -> dict:
+    """Kendall τ-a and 95% bootstrap CI of every measure against both gaps, per-model rows, timing.
+
+    ``chance_acc`` (the majority-class rate of the training set): models whose training accuracy
+    does not exceed it by one point never learned (they predict one class, gap ≈ 0, sharpness ≈ 0)
+    and would count as concordant pairs for any measure, so ``"learned"`` repeats the τ block
+    over the other models (and lists the ``excluded`` ones).
+    """
+    rows = model_rows(config, trained, measured)
     seconds = {name: sum(measured[f"{row['id']}/{name}"]["seconds"] for row in rows)
                for name in config["plan"]["measures"]}
-    return {"task": config["task"], "dataset": config["data"]["name"], "n_models": len(rows),
-            "gaps": GAPS, "kendall_tau": tau, "kendall_tau_b": tau_b, "ci95": ci, "ties": ties,
-            "gap_has_ties": {gap: has_ties([row[gap] for row in rows]) for gap in GAPS},
-            "paper": PAPER_ANCHORS,
-            "population": {gap: [min(r[gap] for r in rows), max(r[gap] for r in rows)] for gap in GAPS}
-            | {"test_acc": [min(r["test_acc"] for r in rows), max(r["test_acc"] for r in rows)]},
-            "seconds": {"train": sum(r["train_seconds"] for r in rows), "measures": seconds},
-            "models": rows, "config": dict(config)}
+    summary = {"task": config["task"], "dataset": config["data"]["name"], "gaps": GAPS,
+               **tau_block(rows, config["n_boot"], config["seed"]), "paper": PAPER_ANCHORS,
+               "population": {gap: [min(r[gap] for r in rows), max(r[gap] for r in rows)] for gap in GAPS}
+               | {"test_acc": [min(r["test_acc"] for r in rows), max(r["test_acc"] for r in rows)]},
+               "seconds": {"train": sum(r["train_seconds"] for r in rows), "measures": seconds}}
+    if chance_acc is not None:
+        learned = [r for r in rows if r["train_acc"] > chance_acc + 0.01]
+        summary["learned"] = {"chance_acc": chance_acc,
+                              "excluded": [r["id"] for r in rows if r not in learned],
+                              **tau_block(learned, config["n_boot"], config["seed"])}
+    return summary | {"models": rows, "config": dict(config)}
 
 
 def write_models_csv(path: str | Path, summary: Mapping[str, Any]) -> None:
@@ -411,19 +434,28 @@ def write_models_csv(path: str | Path, summary: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def tau_cell(block: Mapping[str, Any], gap: str, name: str) -> str:
+    """``τ-a [CI]`` of one measure in a τ block, with ``(τ-b …)`` where ties make them differ."""
+    t, c = block["kendall_tau"][gap].get(name), block["ci95"][gap].get(name)
+    if t is None:
+        return "—"
+    b = block.get("kendall_tau_b", {}).get(gap, {}).get(name)
+    tau_b = f" (τ-b {b:+.2f})" if b is not None and abs(b - t) >= 0.005 else ""
+    return f"{t:+.2f} [{c[0]:+.2f}, {c[1]:+.2f}]{tau_b}"
+
+
 def tau_table(summary: Mapping[str, Any]) -> str:
     """Markdown: τ-a [95% CI] against both gaps for every measure (τ-b beside it where ties make
-    them differ), paper anchors beside."""
+    them differ), the same over the models that learned where some did not, paper anchors beside."""
     anchors = summary["paper"]
-    header = ["measure"] + [f"τ vs {text}" for text in summary["gaps"].values()] + list(anchors)
+    blocks = [(summary, "")]
+    if summary.get("learned", {}).get("excluded"):
+        blocks.append((summary["learned"], f", {summary['learned']['n_models']} that learned"))
+    header = (["measure"] + [f"τ vs {text}{suffix}" for _, suffix in blocks for text in summary["gaps"].values()]
+              + list(anchors))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in summary["kendall_tau"]["error_gap"]:
-        cells = [name]
-        for gap in summary["gaps"]:
-            t, c = summary["kendall_tau"][gap][name], summary["ci95"][gap][name]
-            b = summary.get("kendall_tau_b", {}).get(gap, {}).get(name)
-            tau_b = f" (τ-b {b:+.2f})" if b is not None and t is not None and abs(b - t) >= 0.005 else ""
-            cells.append("—" if t is None else f"{t:+.2f} [{c[0]:+.2f}, {c[1]:+.2f}]{tau_b}")
+        cells = [name] + [tau_cell(block, gap, name) for block, _ in blocks for gap in summary["gaps"]]
         cells += [f"{a[name]:+.2f}" if name in a else "" for a in anchors.values()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
