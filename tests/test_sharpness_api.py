@@ -185,3 +185,19 @@ def test_antithetic_average_case_against_closed_form():
     assert min(anti.extras[0]["samples"]) > 0  # a positive-definite quadratic form, no linear part
     assert plain.stderr > 5 * anti.stderr
     assert anti.config["antithetic"] is True and plain.config["antithetic"] is False
+
+
+def test_average_case_with_non_finite_draws_raises_instead_of_nan():
+    """A network whose attention weights decayed to ~1e-30 (a collapsed SGD run): the mixed
+    metric's whitening Q^{-1/2} explodes and the sampled losses are not finite; the average case
+    must say so, not return NaN. The same model at healthy scale gives a finite value."""
+    model, batches = attention_setup(n_batches=1, dtype=torch.float32)
+    kw = dict(kind="average", metric="mix", n_samples=2, progress=False)
+    assert math.isfinite(geodesic_sharpness(model, batches, F.cross_entropy, 0.01, **kw).value)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1e-30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the relative-perturbation warning comes first
+        with pytest.raises(ValueError, match="average-case loss is not finite at sample 0"):
+            geodesic_sharpness(model, batches, F.cross_entropy, 0.01, **kw)

@@ -56,12 +56,20 @@ def _relative_perturbation(quotient: Quotient, w0: Mapping, xi: Mapping) -> floa
     return max(vals) if vals else None
 
 
+def _nonfinite_message(sample: int, losses: list[float], rel: float | None) -> str:
+    where = "" if rel is None else f"; the draw reaches {rel:.3g}× a GL block's norm"
+    return (f"average-case loss is not finite at sample {sample} ({losses}){where}. A near-zero or "
+            "near-singular block makes the whitened draws explode (the quotient geometry degenerates "
+            "there); check the weights, use a smaller rho or another metric")
+
+
 def average_increase(objective: Objective, quotient: Quotient, w0: Mapping, rho: float, n_samples: int,
                      generator: torch.Generator, order: int | str = 2, rest_order: int | str = 1,
                      avg_scale: str = "gaussian", ode_kw: Mapping | None = None,
                      antithetic: bool = False) -> AverageResult:
     """``n_samples`` draws of the loss increase at ``gamma_xi(1)`` on one batch (no autograd);
-    ``antithetic``: each draw is the mean over ``±xi``."""
+    ``antithetic``: each draw is the mean over ``±xi``. A non-finite loss at a draw raises
+    ``ValueError`` (an average over it would be a silent NaN)."""
     with torch.no_grad():
         return _average_increase(objective, quotient, w0, rho, n_samples, generator, order, rest_order,
                                  avg_scale, ode_kw, antithetic)
@@ -87,7 +95,10 @@ def _average_increase(objective, quotient, w0, rho, n_samples, generator, order,
         rel = r if rel is None else max(rel, r)
         signs = (1.0, -1.0) if antithetic else (1.0,)
         evaluations = [objective(endpoint(xi if sign > 0 else T.scale(xi, sign))) for sign in signs]
-        increases.append(sum(float(loss) for loss, _ in evaluations) / len(signs) - loss0)
+        losses = [float(loss) for loss, _ in evaluations]
+        if not all(map(math.isfinite, losses)):
+            raise ValueError(_nonfinite_message(len(increases), losses, r))
+        increases.append(sum(losses) / len(signs) - loss0)
         errors.append(None if err0 is None else sum(err for _, err in evaluations) / len(signs))
     if rel is not None and rel > MAX_RELATIVE_PERTURBATION:
         warnings.warn(f"average-case perturbation reaches {rel:.2f} of a GL block's norm (> "

@@ -52,6 +52,9 @@ PAPER_ANCHORS = {
     "Rényi paper (ResNet-18/CIFAR-10)": {"renyi_0.5": 0.77, "renyi_1.5": 0.77, "hessian_trace": -0.05},
 }
 """τ published for the closest settings (spec part 2 §6; Rényi: best layer, against the loss gap)."""
+TASK_ANCHORS = {"vit": ("ImageNet ViT", "Rényi paper (ResNet-18/CIFAR-10)"),
+                "text": ("MNLI BERT", "Rényi paper (ResNet-18/CIFAR-10)")}
+"""The anchors each study is compared with."""
 
 
 # --------------------------------------------------------------------------- population
@@ -61,13 +64,18 @@ OPTIMIZERS = ["adamw", "adamw", "sgd", "sam", "asam", "rsam", "saf", "mesa", "ge
 
 SEARCH_SPACE = {
     "vit": {"lr_adamw": [3e-4, 1e-3, 3e-3], "lr_sgd": [0.03, 0.1], "weight_decay": [0.0, 0.01, 0.1, 0.5],
+            "weight_decay_sgd": [0.0, 1e-4, 1e-3, 5e-3],
             "batch_size": [64, 128, 256], "epochs": [2, 4, 8, 16], "label_smoothing": [0.0, 0.1],
             "augment": [None, "shift"], "dropout": [0.0, 0.1]},
     "text": {"lr_adamw": [3e-4, 1e-3, 3e-3], "lr_sgd": [0.03, 0.1], "weight_decay": [0.0, 0.01, 0.1, 0.5],
+             "weight_decay_sgd": [0.0, 1e-4, 1e-3, 5e-3],
              "batch_size": [64, 128, 256], "epochs": [1, 2, 4], "label_smoothing": [0.0, 0.1],
              "augment": [None, "word_dropout"], "dropout": [0.0, 0.1]},
 }
-"""Hyperparameter choices per task; every model draws each one independently."""
+"""Hyperparameter choices per task; every model draws each one independently. Weight decay is
+AdamW's decoupled coefficient (per-step shrinkage lr·wd ≤ 1.5e-3); plain SGD couples it to the
+gradient with a 30–300× larger lr, so it draws from ``weight_decay_sgd`` (lr·wd ≤ 5e-4): with
+the AdamW grid, lr·wd = 0.05 decays every weight to ~1e-30 within a few hundred steps."""
 
 
 def population(task: str, n_models: int, seed: int = 0, epochs: Sequence[int] | None = None) -> list[dict]:
@@ -85,10 +93,11 @@ def population(task: str, n_models: int, seed: int = 0, epochs: Sequence[int] | 
         rng = np.random.default_rng([seed, i])
         pick = lambda key: space[key][int(rng.integers(len(space[key])))]  # noqa: E731
         optimizer = optimizers[int(rng.integers(len(optimizers)))]
-        lr = pick("lr_sgd") if optimizer == "sgd" else pick("lr_adamw")
+        sgd = optimizer == "sgd"
+        lr = pick("lr_sgd") if sgd else pick("lr_adamw")
         models.append({"id": f"{task}{i:03d}", "index": i, "optimizer": optimizer, "lr": lr,
-                       **{k: pick(k) for k in ("weight_decay", "batch_size", "epochs", "label_smoothing",
-                                               "augment", "dropout")},
+                       "weight_decay": pick("weight_decay_sgd" if sgd else "weight_decay"),
+                       **{k: pick(k) for k in ("batch_size", "epochs", "label_smoothing", "augment", "dropout")},
                        "init_seed": seed * 100_003 + i})
     return models
 
@@ -242,14 +251,24 @@ def default_measures() -> list[str]:
 
 
 def measure_unit(name: str, model: nn.Module, batches: list, plan: Mapping[str, Any], seed: int) -> dict:
-    """Run one measurement unit: ``{"values": {name: value}, "seconds", "warnings", "details"}``."""
+    """Run one measurement unit: ``{"values": {name: value}, "seconds", "warnings", "details"}``.
+
+    A measure that is undefined at this model (it raises ``ValueError``, e.g. non-finite
+    average-case draws at a collapsed network) is stored with no values and its ``"error"``, so
+    the sweep goes on and the summary names it; the unit is deterministic, so a rerun reuses it
+    (delete its file to retry)."""
     t0 = time.perf_counter()
+    error = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        values, details = MEASURES[name](model, batches, plan, seed)
+        try:
+            values, details = MEASURES[name](model, batches, plan, seed)
+        except ValueError as e:
+            values, details, error = {}, {}, f"{type(e).__name__}: {e}"
     values = values if isinstance(values, dict) else {name: values}
     return {"values": values, "seconds": time.perf_counter() - t0,
-            "warnings": sorted({str(w.message) for w in caught}), "details": details}
+            "warnings": sorted({str(w.message) for w in caught}), "details": details,
+            **({"error": error} if error else {})}
 
 
 # --------------------------------------------------------------------------- configuration
@@ -336,7 +355,7 @@ def run_study(out: str | Path, config: Mapping[str, Any], progress: bool = True,
         train_unit = {hp["id"]: {"model": hp, "data": config["data"], "arch": arch}}
         trained = run_units(train_store, train_unit, train, progress=False)
         units = {f"{hp['id']}/{name}": {"model": hp["id"], "measure": name, "subset": config["subset"],
-                                        "plan": settings} for name in config["plan"]["measures"]}
+                                        "plan": settings, "hparams": hp} for name in config["plan"]["measures"]}
         return trained, run_units(measure_store, units, measure, progress=False)
 
     trained, measured = {}, {}
@@ -350,6 +369,7 @@ def run_study(out: str | Path, config: Mapping[str, Any], progress: bool = True,
     summary = summarize(config, trained, measured, chance_acc=majority_rate(data))
     write_json_atomic(out / "summary.json", summary)
     write_models_csv(out / "models.csv", summary)
+    (out / "tau_table.md").write_text(tau_table(summary) + "\n")
     return summary
 
 
@@ -371,17 +391,20 @@ def model_rows(config: Mapping[str, Any], trained: Mapping[str, dict], measured:
 
 def tau_block(rows: Sequence[Mapping[str, Any]], n_boot: int, seed: int) -> dict:
     """Kendall τ-a, scipy's τ-b and the 95% bootstrap CI of τ-a of every measure in ``rows``
-    against both gaps, with which measures have tied values (τ-a ≠ τ-b there)."""
+    against both gaps, with which measures have tied values (τ-a ≠ τ-b there) and, under
+    ``"missing"``, the models left out of a measure's τ for want of a finite value."""
     names = list(dict.fromkeys(n for row in rows for n in row["values"]))
     tau: dict[str, dict] = {gap: {} for gap in GAPS}
     tau_b: dict[str, dict] = {gap: {} for gap in GAPS}
     ci: dict[str, dict] = {gap: {} for gap in GAPS}
-    ties = {}
+    ties, missing = {}, {}
     for name in names:
         pairs = [(row["values"][name], row) for row in rows
                  if row["values"].get(name) is not None and math.isfinite(row["values"][name])]
         s = [p[0] for p in pairs]
         ties[name] = has_ties(s)
+        if len(pairs) < len(rows):
+            missing[name] = [row["id"] for row in rows if all(row is not p[1] for p in pairs)]
         for gap in GAPS:
             g = [p[1][gap] for p in pairs]
             with warnings.catch_warnings():
@@ -391,7 +414,7 @@ def tau_block(rows: Sequence[Mapping[str, Any]], n_boot: int, seed: int) -> dict
             tau_b[gap][name] = b if math.isfinite(b) else None
             ci[gap][name] = list(bootstrap_ci(s, g, n_boot, seed=seed)) if len(s) > 1 else None
     return {"n_models": len(rows), "kendall_tau": tau, "kendall_tau_b": tau_b, "ci95": ci, "ties": ties,
-            "gap_has_ties": {gap: has_ties([row[gap] for row in rows]) for gap in GAPS}}
+            "gap_has_ties": {gap: has_ties([row[gap] for row in rows]) for gap in GAPS}, "missing": missing}
 
 
 def summarize(config: Mapping[str, Any], trained: Mapping[str, dict], measured: Mapping[str, dict],
@@ -407,10 +430,13 @@ def summarize(config: Mapping[str, Any], trained: Mapping[str, dict], measured: 
     seconds = {name: sum(measured[f"{row['id']}/{name}"]["seconds"] for row in rows)
                for name in config["plan"]["measures"]}
     summary = {"task": config["task"], "dataset": config["data"]["name"], "gaps": GAPS,
-               **tau_block(rows, config["n_boot"], config["seed"]), "paper": PAPER_ANCHORS,
+               **tau_block(rows, config["n_boot"], config["seed"]), "paper": {k: PAPER_ANCHORS[k] for k in TASK_ANCHORS[config["task"]]},
                "population": {gap: [min(r[gap] for r in rows), max(r[gap] for r in rows)] for gap in GAPS}
                | {"test_acc": [min(r["test_acc"] for r in rows), max(r["test_acc"] for r in rows)]},
-               "seconds": {"train": sum(r["train_seconds"] for r in rows), "measures": seconds}}
+               "seconds": {"train": sum(r["train_seconds"] for r in rows), "measures": seconds},
+               "errors": {key: measured[key]["error"] for key in (f"{row['id']}/{name}" for row in rows
+                                                                   for name in config["plan"]["measures"])
+                          if "error" in measured[key]}}
     if chance_acc is not None:
         learned = [r for r in rows if r["train_acc"] > chance_acc + 0.01]
         summary["learned"] = {"chance_acc": chance_acc,
@@ -441,7 +467,9 @@ def tau_cell(block: Mapping[str, Any], gap: str, name: str) -> str:
         return "—"
     b = block.get("kendall_tau_b", {}).get(gap, {}).get(name)
     tau_b = f" (τ-b {b:+.2f})" if b is not None and abs(b - t) >= 0.005 else ""
-    return f"{t:+.2f} [{c[0]:+.2f}, {c[1]:+.2f}]{tau_b}"
+    missing = block.get("missing", {}).get(name, [])
+    n = f" (n={block['n_models'] - len(missing)})" if missing else ""
+    return f"{t:+.2f} [{c[0]:+.2f}, {c[1]:+.2f}]{tau_b}{n}"
 
 
 def tau_table(summary: Mapping[str, Any]) -> str:
