@@ -61,7 +61,7 @@ def plot_overview(summary: dict):
     ax.invert_yaxis()
     ax.set_xlim(-1, 1)
     ax.set_xlabel("Kendall τ-a with the generalization gap [95% bootstrap CI]")
-    ax.legend(fontsize=7, frameon=False, loc="lower right")
+    ax.legend(fontsize=7, frameon=False, loc="upper left")
     ax.set_title(f"{summary['task']} study on {summary['dataset']} ({summary['n_models']} models)", fontsize=10)
     fig.tight_layout()
     return fig

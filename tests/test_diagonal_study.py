@@ -9,7 +9,7 @@ from scipy.stats import kendalltau
 
 from quotientsharp.data.synthetic import diagonal_regression
 from quotientsharp.studies import diagonal as D
-from quotientsharp.studies.kendall import bootstrap_ci, kendall_tau
+from quotientsharp.studies.kendall import bootstrap_ci, bootstrap_difference_ci, kendall_tau
 from quotientsharp.studies.runner import UnitStore, run_units
 
 
@@ -77,6 +77,24 @@ def test_bootstrap_ci():
     assert -1 <= lo < kendall_tau(x, y) < hi <= 1
     assert bootstrap_ci(x, y, seed=1) == (lo, hi)
     assert bootstrap_ci(x, x, seed=1) == (1.0, 1.0)  # duplicated models are not counted as ties
+
+
+def test_paired_difference_ci_against_a_direct_resampling_loop():
+    """τ(x1,y) − τ(x2,y) on the same resampled models, checked against a plain loop over the
+    resamples (τ over pairs of distinct original models); x vs itself differs by exactly 0."""
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=30)
+    x1, x2 = y + 0.5 * rng.normal(size=30), y + 2.0 * rng.normal(size=30)
+    point, lo, hi = bootstrap_difference_ci(x1, x2, y, n_boot=300, seed=2)
+    assert point == pytest.approx(kendall_tau(x1, y) - kendall_tau(x2, y))
+    diffs = []
+    for idx in np.random.default_rng(2).integers(0, 30, size=(300, 30)):
+        pairs = [(i, j) for a, i in enumerate(idx) for j in idx[a + 1:] if i != j]
+        tau = lambda x: np.mean([np.sign(x[i] - x[j]) * np.sign(y[i] - y[j]) for i, j in pairs])  # noqa: E731
+        diffs.append(tau(x1) - tau(x2))
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])), abs=1e-12)
+    assert 0 < lo < point < hi  # x1 is the less noisy copy of y
+    assert bootstrap_difference_ci(x1, x1, y, n_boot=50) == (0.0, 0.0, 0.0)
 
 
 # --------------------------------------------------------------------------- resumable sweeps

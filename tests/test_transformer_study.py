@@ -200,6 +200,18 @@ def test_a_measure_undefined_at_a_model_is_stored_with_its_error_and_named_in_th
     assert "(n=3)" in study.tau_table(summary)
 
 
+def test_tau_differences_are_paired_over_models_with_both_values(finished):
+    """Geodesic − adaptive τ in the summary equals the difference of the two τ's, its paired CI
+    brackets it, and the table shows it."""
+    _, _, summary = finished
+    for gap in ("error_gap", "loss_gap"):
+        d = summary["tau_difference"][gap]["geodesic_inv - adaptive"]
+        tau = summary["kendall_tau"][gap]
+        assert d[0] == pytest.approx(tau["geodesic_inv"] - tau["adaptive"])
+        assert d[1] <= d[0] <= d[2]
+    assert "Δτ geodesic_inv − adaptive (paired)" in study.tau_table(summary)
+
+
 def test_stale_measures_of_a_retrained_model_are_refused(finished, tmp_path):
     """Change a model's hyperparameters and delete only its trained files: its stored measures
     belong to the old model, so the rerun must refuse them rather than reuse them."""

@@ -40,7 +40,7 @@ from ..data.text import UNK_ID
 from ..measures import adaptive_sharpness, euclidean_sharpness, geodesic_sharpness
 from ..models import TextTransformer, TinyViT
 from ..train import evaluate, train_classifier
-from .kendall import bootstrap_ci, has_ties, kendall_tau
+from .kendall import bootstrap_ci, bootstrap_difference_ci, has_ties, kendall_tau
 from .runner import Executor, UnitStore, run_units, sequential, write_json_atomic
 
 TASKS = ("vit", "text")
@@ -52,6 +52,9 @@ PAPER_ANCHORS = {
     "Rényi paper (ResNet-18/CIFAR-10)": {"renyi_0.5": 0.77, "renyi_1.5": 0.77, "hessian_trace": -0.05},
 }
 """τ published for the closest settings (spec part 2 §6; Rényi: best layer, against the loss gap)."""
+COMPARISONS = [("geodesic_inv", "adaptive"), ("geodesic_mix", "adaptive"),
+               ("geodesic_inv_avg", "adaptive_avg"), ("geodesic_mix_avg", "adaptive_avg")]
+"""Measure pairs whose τ difference gets a paired bootstrap CI (does the quotient help?)."""
 TASK_ANCHORS = {"vit": ("ImageNet ViT", "Rényi paper (ResNet-18/CIFAR-10)"),
                 "text": ("MNLI BERT", "Rényi paper (ResNet-18/CIFAR-10)")}
 """The anchors each study is compared with."""
@@ -392,7 +395,9 @@ def model_rows(config: Mapping[str, Any], trained: Mapping[str, dict], measured:
 def tau_block(rows: Sequence[Mapping[str, Any]], n_boot: int, seed: int) -> dict:
     """Kendall τ-a, scipy's τ-b and the 95% bootstrap CI of τ-a of every measure in ``rows``
     against both gaps, with which measures have tied values (τ-a ≠ τ-b there) and, under
-    ``"missing"``, the models left out of a measure's τ for want of a finite value."""
+    ``"missing"``, the models left out of a measure's τ for want of a finite value, and under
+    ``"tau_difference"`` ``[τ_a − τ_b, lo, hi]`` for each pair of :data:`COMPARISONS` (paired
+    bootstrap: both measures on the same resampled models)."""
     names = list(dict.fromkeys(n for row in rows for n in row["values"]))
     tau: dict[str, dict] = {gap: {} for gap in GAPS}
     tau_b: dict[str, dict] = {gap: {} for gap in GAPS}
@@ -413,8 +418,18 @@ def tau_block(rows: Sequence[Mapping[str, Any]], n_boot: int, seed: int) -> dict
             b = float(kendalltau(s, g).statistic) if len(s) > 1 else math.nan  # nan: a constant input
             tau_b[gap][name] = b if math.isfinite(b) else None
             ci[gap][name] = list(bootstrap_ci(s, g, n_boot, seed=seed)) if len(s) > 1 else None
+    differences: dict[str, dict] = {gap: {} for gap in GAPS}
+    for a, b in COMPARISONS:
+        both = [row for row in rows if all(row["values"].get(n) is not None and math.isfinite(row["values"][n])
+                                           for n in (a, b))]
+        if len(both) > 1:
+            for gap in GAPS:
+                differences[gap][f"{a} - {b}"] = list(bootstrap_difference_ci(
+                    [r["values"][a] for r in both], [r["values"][b] for r in both], [r[gap] for r in both],
+                    n_boot, seed=seed))
     return {"n_models": len(rows), "kendall_tau": tau, "kendall_tau_b": tau_b, "ci95": ci, "ties": ties,
-            "gap_has_ties": {gap: has_ties([row[gap] for row in rows]) for gap in GAPS}, "missing": missing}
+            "gap_has_ties": {gap: has_ties([row[gap] for row in rows]) for gap in GAPS}, "missing": missing,
+            "tau_difference": differences}
 
 
 def summarize(config: Mapping[str, Any], trained: Mapping[str, dict], measured: Mapping[str, dict],
@@ -474,7 +489,8 @@ def tau_cell(block: Mapping[str, Any], gap: str, name: str) -> str:
 
 def tau_table(summary: Mapping[str, Any]) -> str:
     """Markdown: τ-a [95% CI] against both gaps for every measure (τ-b beside it where ties make
-    them differ), the same over the models that learned where some did not, paper anchors beside."""
+    them differ), the same over the models that learned where some did not, paper anchors beside;
+    last, the paired τ differences geodesic − adaptive."""
     anchors = summary["paper"]
     blocks = [(summary, "")]
     if summary.get("learned", {}).get("excluded"):
@@ -485,6 +501,14 @@ def tau_table(summary: Mapping[str, Any]) -> str:
     for name in summary["kendall_tau"]["error_gap"]:
         cells = [name] + [tau_cell(block, gap, name) for block, _ in blocks for gap in summary["gaps"]]
         cells += [f"{a[name]:+.2f}" if name in a else "" for a in anchors.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    for pair in summary.get("tau_difference", {}).get("error_gap", {}):
+        cells = [f"Δτ {pair.replace(' - ', ' − ')} (paired)"]
+        for block, _ in blocks:
+            for gap in summary["gaps"]:
+                d = block.get("tau_difference", {}).get(gap, {}).get(pair)
+                cells.append("—" if d is None else f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]")
+        cells += ["" for _ in anchors]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
