@@ -392,6 +392,12 @@ def model_rows(config: Mapping[str, Any], trained: Mapping[str, dict], measured:
     return rows
 
 
+def _measured(rows: Sequence[Mapping[str, Any]], *names: str) -> list:
+    """The rows with a finite value of every measure in ``names``."""
+    return [row for row in rows
+            if all(row["values"].get(n) is not None and math.isfinite(row["values"][n]) for n in names)]
+
+
 def tau_block(rows: Sequence[Mapping[str, Any]], n_boot: int, seed: int) -> dict:
     """Kendall τ-a, scipy's τ-b and the 95% bootstrap CI of τ-a of every measure in ``rows``
     against both gaps, with which measures have tied values (τ-a ≠ τ-b there) and, under
@@ -404,14 +410,13 @@ def tau_block(rows: Sequence[Mapping[str, Any]], n_boot: int, seed: int) -> dict
     ci: dict[str, dict] = {gap: {} for gap in GAPS}
     ties, missing = {}, {}
     for name in names:
-        pairs = [(row["values"][name], row) for row in rows
-                 if row["values"].get(name) is not None and math.isfinite(row["values"][name])]
-        s = [p[0] for p in pairs]
+        have = _measured(rows, name)
+        s = [row["values"][name] for row in have]
         ties[name] = has_ties(s)
-        if len(pairs) < len(rows):
-            missing[name] = [row["id"] for row in rows if all(row is not p[1] for p in pairs)]
+        if len(have) < len(rows):
+            missing[name] = [row["id"] for row in rows if row not in have]
         for gap in GAPS:
-            g = [p[1][gap] for p in pairs]
+            g = [row[gap] for row in have]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # ties are reported in "ties"
                 tau[gap][name] = kendall_tau(s, g) if len(s) > 1 else None
@@ -420,8 +425,7 @@ def tau_block(rows: Sequence[Mapping[str, Any]], n_boot: int, seed: int) -> dict
             ci[gap][name] = list(bootstrap_ci(s, g, n_boot, seed=seed)) if len(s) > 1 else None
     differences: dict[str, dict] = {gap: {} for gap in GAPS}
     for a, b in COMPARISONS:
-        both = [row for row in rows if all(row["values"].get(n) is not None and math.isfinite(row["values"][n])
-                                           for n in (a, b))]
+        both = _measured(rows, a, b)
         if len(both) > 1:
             for gap in GAPS:
                 differences[gap][f"{a} - {b}"] = list(bootstrap_difference_ci(
@@ -445,7 +449,8 @@ def summarize(config: Mapping[str, Any], trained: Mapping[str, dict], measured: 
     seconds = {name: sum(measured[f"{row['id']}/{name}"]["seconds"] for row in rows)
                for name in config["plan"]["measures"]}
     summary = {"task": config["task"], "dataset": config["data"]["name"], "gaps": GAPS,
-               **tau_block(rows, config["n_boot"], config["seed"]), "paper": {k: PAPER_ANCHORS[k] for k in TASK_ANCHORS[config["task"]]},
+               **tau_block(rows, config["n_boot"], config["seed"]),
+               "paper": {k: PAPER_ANCHORS[k] for k in TASK_ANCHORS[config["task"]]},
                "population": {gap: [min(r[gap] for r in rows), max(r[gap] for r in rows)] for gap in GAPS}
                | {"test_acc": [min(r["test_acc"] for r in rows), max(r["test_acc"] for r in rows)]},
                "seconds": {"train": sum(r["train_seconds"] for r in rows), "measures": seconds},
