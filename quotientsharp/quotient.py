@@ -79,13 +79,7 @@ class Quotient:
 
     def with_metric(self, metric: str, **kw) -> "Quotient":
         """The same groups with another metric (``"inv"``/``"mix"``) on every group that has one."""
-        groups = []
-        for g in self.groups:
-            if hasattr(g, "with_metric"):
-                groups.append(g.with_metric(metric, **kw))
-            else:
-                groups.append(g)
-        return self.replace(groups=groups)
+        return self.replace(groups=[g.with_metric(metric, **kw) for g in self.groups])
 
     # ------------------------------------------------------------------ plumbing
     def validate(self, w: Params) -> None:

@@ -49,29 +49,15 @@ from quotientsharp.curvature.renyi import RenyiResult, renyi_entropy
 from quotientsharp.curvature.results import Estimate, mean_and_stderr
 from quotientsharp.curvature.slq import SLQResult, SpectralDensity, slq
 from quotientsharp.functional import LossFn
-from quotientsharp.groups.attention import AttentionGL
-from quotientsharp.groups.elementwise import Euclidean, PositiveRescaling
 from quotientsharp.quotient import Quotient
 
 METRICS = ("mix", "inv")
 
 
 def vertical_dimension(quotient: Quotient, w: dict[str, torch.Tensor]) -> int:
-    """``dim ker Π_w``: per GL head block ``h² − (h − rk G)(h − rk H)`` (``h²`` at full rank),
-    the zero weights masked by the adaptive metric, the rank of the vertical basis otherwise."""
-    total = 0
-    for g in quotient.all_groups:
-        if isinstance(g, AttentionGL):
-            for G, H in g.extract(w):
-                h = G.shape[-1]
-                a = h - torch.linalg.matrix_rank(G.double())
-                b = h - torch.linalg.matrix_rank(H.double())
-                total += int((h * h - a * b).sum())
-        elif isinstance(g, PositiveRescaling):
-            total += g.masked_count(w)
-        elif not isinstance(g, Euclidean):
-            total += int(torch.linalg.matrix_rank(g.vertical_basis(w).double()))
-    return total
+    """``dim ker Π_w``: the sum of every group's :meth:`~SymmetryGroup.kernel_dimension` (per GL
+    head ``h² − (h − rk G)(h − rk H)``, the zero weights masked by the adaptive metric, ...)."""
+    return sum(g.kernel_dimension(w) for g in quotient.all_groups)
 
 
 class QuotientHessianOperator(LinearOperator):

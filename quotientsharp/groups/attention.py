@@ -335,6 +335,16 @@ class AttentionGL(SymmetryGroup):
         end = integrate_geodesic(christoffel, pack(self.extract(w)), pack(self.extract(xi)), t, n_steps, tol)
         return self.insert(w, [(end[f"G{s}"], end[f"H{s}"]) for s in range(len(labels))])
 
+    def kernel_dimension(self, w: Params) -> int:
+        """``sum over heads of h^2 - (h - rk G)(h - rk H)`` (``h^2`` per head at full rank)."""
+        total = 0
+        for G, H in self.extract(w):
+            h = G.shape[-1]
+            a = h - torch.linalg.matrix_rank(G.double())
+            b = h - torch.linalg.matrix_rank(H.double())
+            total += int((h * h - a * b).sum())
+        return total
+
     def check_domain(self, w: Params) -> None:
         """Raise ``ValueError`` naming the block if a Gram matrix is singular (only with eps = 0)."""
         if self.eps_rel == 0 and self.eps == 0:

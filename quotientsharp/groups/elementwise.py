@@ -33,6 +33,10 @@ class _Trivial(SymmetryGroup):
     def is_horizontal(self, w: Params, xi: Params) -> torch.Tensor:
         return torch.zeros((), dtype=torch.float64)
 
+    def kernel_dimension(self, w: Params) -> int:
+        """The masked coordinates (``Pi`` zeroes them; the vertical space itself is ``{0}``)."""
+        return self.masked_count(w)
+
 
 class PositiveRescaling(_Trivial):
     """Adaptive metric on the named parameters. Group element: ``{name: a}`` with ``a > 0``."""
