@@ -1,7 +1,7 @@
 """Diagonal-network study (spec part 2 §7): Kendall τ between sharpness and test loss.
 
     python experiments/diagonal_nets.py --quick --out results/diag     # ~1-2 min on 2 cores
-    python experiments/diagonal_nets.py --out results/diag_full        # 50 models, all ρ
+    python experiments/diagonal_nets.py --out results/diag_full        # 50 models, all ρ (~25 min)
     python experiments/diagonal_nets.py --out results/diag_full --ray  # models as Ray tasks
 
 Writes ``DIR/models/<id>.json`` per finished model, ``DIR/summary.json``, ``DIR/models.csv`` and
@@ -18,7 +18,7 @@ import torch
 from quotientsharp.studies import parallel
 from quotientsharp.studies.diagonal import RHOS, run_study, study_config, tau_table
 
-QUICK = dict(n_models=15, rhos=(0.01, 0.1), n_restarts=1, ode_iter=10)
+QUICK = dict(n_models=15, rhos=(0.01, 0.1), n_restarts=1)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nKendall τ-a (sharpness vs {summary['generalization']}), {summary['n_models']} models, "
           f"95% bootstrap CI; headline ρ = {summary['headline_rho']}\n")
     print(tau_table(summary))
+    ratio = summary["rk4_over_closed_form"]["range"]
+    if ratio:
+        print(f"\nRK4 / closed-form geodesic_inv (same solver budget), per model: {ratio[0]:.12f} .. {ratio[1]:.12f}")
     print(f"\nwall time {time.perf_counter() - t0:.1f} s; outputs in {args.out}")
     return summary
 

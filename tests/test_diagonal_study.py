@@ -15,7 +15,7 @@ from quotientsharp.studies.runner import UnitStore, run_units
 
 def small_config(n_models=5, ode=False):
     """Fast models (α ≥ 0.1, ≤ ~5k GD steps) and a short solver."""
-    config = D.study_config(rhos=(0.05,), n_iter=10, n_restarts=0, ode_rhos=[0.05] if ode else [], ode_iter=1)
+    config = D.study_config(rhos=(0.05,), n_iter=10, n_restarts=1, ode_rhos=[0.05] if ode else [])
     config["models"] = [m for m in D.population(50) if m["alpha"] >= 0.2][:n_models]
     config["n_boot"] = 200
     return config
@@ -37,6 +37,23 @@ def test_batched_training_equals_training_alone():
         torch.testing.assert_close(fit["u"], alone["u"], rtol=1e-12, atol=0)
         torch.testing.assert_close(fit["v"], alone["v"], rtol=1e-12, atol=0)
     assert len({f["steps"] for f in together}) == 3  # each model stopped on its own
+
+
+@pytest.mark.parametrize("alpha", [1e-3, 1.0])
+def test_first_step_uses_the_floored_step(alpha):
+    """From ``u = √2α``, ``v = 0`` the first GD step moves only v: ``v1 = lr · 2Xᵀy · u0`` with
+    ``lr = c / (λ_max(XᵀX) · max(2α², 1e-3))`` — the floor binds at α = 1e-3 (2α² = 2e-6), not at α = 1."""
+    data = diagonal_regression()
+    X, y, c = data.X_train, data.y_train, 0.3
+    lam = float(torch.linalg.eigvalsh(X.T @ X)[-1])
+    u0 = math.sqrt(2) * alpha
+    lr = c / (lam * max(2 * alpha ** 2, 1e-3))
+    fit = D.train_population(X, y, [alpha], [c], max_steps=1)[0]
+    torch.testing.assert_close(fit["u"], torch.full((X.shape[1],), u0, dtype=X.dtype), rtol=1e-14, atol=0)
+    torch.testing.assert_close(fit["v"], lr * 2 * (X.T @ y) * u0, rtol=1e-12, atol=0)
+    unfloored = D.train_population(X, y, [alpha], [c], max_steps=1, floor=0.0)[0]
+    ratio = float(unfloored["v"].norm() / fit["v"].norm())
+    assert ratio == pytest.approx(max(2 * alpha ** 2, 1e-3) / (2 * alpha ** 2), rel=1e-12)
 
 
 def test_training_step_cap():
@@ -121,6 +138,18 @@ def test_study_end_to_end(tmp_path):
     first = config["models"][0]["id"]
     unit = json.loads((tmp_path / "models" / f"{first}.json").read_text())
     assert unit["result"]["train"]["converged"] and unit["result"]["test_loss"] > 0
+    # the RK4 variant runs on the closed form's solver budget and gives its value (ratio stored)
+    plan = config["plan"]
+    assert {k: plan["geodesic_inv_ode"][k] for k in ("n_iter", "n_restarts")} == \
+        {k: plan["geodesic_inv"][k] for k in ("n_iter", "n_restarts")}
+    ratio = unit["result"]["rk4_over_closed_form"]["0.05"]
+    assert ratio == pytest.approx(unit["result"]["measures"]["geodesic_inv_ode"]["values"]["0.05"]
+                                  / unit["result"]["measures"]["geodesic_inv"]["values"]["0.05"], rel=1e-15)
+    assert ratio == pytest.approx(1.0, abs=1e-9)
+    lo, hi = summary["rk4_over_closed_form"]["range"]
+    assert lo <= ratio <= hi and abs(lo - 1) < 1e-9 and abs(hi - 1) < 1e-9
+    assert summary["rk4_over_closed_form"]["per_model"][first] == unit["result"]["rk4_over_closed_form"]
+    assert "rk4_over_closed_form@0.05" in (tmp_path / "models.csv").read_text().splitlines()[0]
     # the RK4 geodesic gives the closed form's sharpness on the same solver settings
     weights = json.loads((tmp_path / "train" / f"{first}.json").read_text())["result"]
     data = diagonal_regression()
@@ -130,6 +159,14 @@ def test_study_end_to_end(tmp_path):
     assert closed["geodesic_inv"]["values"]["0.05"] == pytest.approx(
         unit["result"]["measures"]["geodesic_inv_ode"]["values"]["0.05"], rel=1e-10)
     assert "| geodesic_inv |" in D.tau_table(summary)
+
+
+def test_stored_training_with_another_step_floor_is_refused(tmp_path):
+    config = small_config(n_models=2)
+    D.run_study(tmp_path, config, progress=False)
+    config["train"]["floor"] = 0.0
+    with pytest.raises(ValueError, match="another configuration"):
+        D.run_study(tmp_path, config, progress=False)
 
 
 def test_study_resumes_after_interruption(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..data.synthetic import diagonal_regression
-from ..groups.diagonal import DiagonalRescaling
+from ..groups.diagonal import DiagonalRescaling, DiagonalRescalingInv
 from ..measures import adaptive_sharpness, euclidean_sharpness, geodesic_sharpness, sum_squared_error
 from ..models.diagonal import DiagonalNet
 from ..quotient import Quotient
@@ -33,6 +33,12 @@ ALPHAS = tuple(float(a) for a in np.logspace(-3, 0, 10))
 STEP_MULTS = (0.1, 0.2, 0.3, 0.4, 0.5)
 RHOS = (0.01, 0.02, 0.05, 0.1, 0.2)
 HEADLINE_RHO = 0.1
+STEP_FLOOR = 1e-3
+"""Floor of ``max_i(u_i² + v_i²)`` in the GD step (spec part 2 §7): without it the first step at
+α ≤ 1e-2 is ~c/(2α²λ_max) and erases the small-initialisation regime."""
+ODE_STEPS = 8
+"""First RK4 step count of ``geodesic_inv_ode``; step doubling then runs until two successive
+endpoints agree to ``ode_tol`` = 1e-10 (relative), so this sets only the cost, not the accuracy."""
 PAPER_TAU = {"adaptive": -0.68, "geodesic_inv": -0.83, "geodesic_mix": -0.86}
 GENERALIZATION = "test loss ||u*v - beta*||^2"
 
@@ -53,11 +59,11 @@ def population(n_models: int = 50) -> list[dict]:
 
 
 def train_population(X: torch.Tensor, y: torch.Tensor, alphas: Sequence[float], step_mults: Sequence[float],
-                     tol: float = 1e-5, max_steps: int = 2_000_000) -> list[dict]:
+                     tol: float = 1e-5, max_steps: int = 2_000_000, floor: float = STEP_FLOOR) -> list[dict]:
     """Full-batch GD on ``L = ||X(u*v) - y||^2`` for all models at once (spec part 2 §7).
 
     Model m starts at ``u = √2 α_m 1``, ``v = 0`` and steps with
-    ``c_m / (λ_max(XᵀX) · max_i(u_i² + v_i²))``, recomputed every step. It stops, independently
+    ``c_m / (λ_max(XᵀX) · max(max_i(u_i² + v_i²), floor))``, recomputed every step. It stops, independently
     of the others, as soon as ``L < tol`` (or after ``max_steps`` steps); stopped models leave the
     batch. Returns per model ``{"u", "v"}`` (tensors), ``"steps"``, ``"train_loss"``, ``"converged"``.
     """
@@ -82,13 +88,13 @@ def train_population(X: torch.Tensor, y: torch.Tensor, alphas: Sequence[float], 
             if not len(active):
                 break
         grad_beta = 2 * (r @ X)
-        lr = (c / (lam * (u * u + v * v).amax(1)))[:, None]
+        lr = (c / (lam * (u * u + v * v).amax(1).clamp_min(floor)))[:, None]
         u, v = u - lr * grad_beta * v, v - lr * grad_beta * u
     return out
 
 
 # --------------------------------------------------------------------------- measures
-class MixedGeodesicBNorm(DiagonalRescaling):
+class MixedGeodesicBNorm(DiagonalRescalingInv):
     """Mixed-metric geodesics inside the ball ``√2‖b‖ ≤ ρ`` (``mix_bnorm``, spec part 2 §5, §7).
 
     The paper's App. E states the mixed radius in ``‖b‖``. Here the inner product, gradient
@@ -160,24 +166,36 @@ def measure_model(u: torch.Tensor, v: torch.Tensor, X: torch.Tensor, y: torch.Te
     return out
 
 
+def rk4_ratios(measures: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
+    """``{str(rho): geodesic_inv_ode / geodesic_inv}`` at every radius both were measured at (same
+    solver budget and seed, so the ratio shows the RK4 geodesic's effect alone); None where the
+    closed-form value is 0."""
+    if "geodesic_inv_ode" not in measures or "geodesic_inv" not in measures:
+        return {}
+    ode, closed = measures["geodesic_inv_ode"]["values"], measures["geodesic_inv"]["values"]
+    return {r: (ode[r] / closed[r] if closed[r] != 0 else None) for r in ode if r in closed}
+
+
 # --------------------------------------------------------------------------- the study
 def study_config(n_models: int = 50, rhos: Sequence[float] = RHOS, seed: int = 0, noise: float = 0.0,
                  n_iter: int = 100, n_restarts: int = 4, ode_rhos: Sequence[float] | None = None,
-                 ode_iter: int = 20, ode_restarts: int = 0) -> dict:
+                 ode_steps: int = ODE_STEPS, step_floor: float = STEP_FLOOR) -> dict:
     """The study's full configuration (JSON-ready; spec part 2 §7 by default).
 
     ``plan`` maps every measure to its radii and solver options. The RK4 variant
-    ``geodesic_inv_ode`` costs ~200× more per iteration, so it runs only at ``ode_rhos``
-    (default: the headline radius) with its own ``ode_iter`` / ``ode_restarts``.
+    ``geodesic_inv_ode`` costs ~10× more per iteration, so it runs only at ``ode_rhos``
+    (default: the headline radius), with the closed form's solver budget (``n_iter``,
+    ``n_restarts``) so that the two values are comparable (their ratio is in the results).
     """
     rhos = [float(r) for r in rhos]
     ode_rhos = [headline_rho(rhos)] if ode_rhos is None else [float(r) for r in ode_rhos]
     plan = {m: {"rhos": rhos, "n_iter": n_iter, "n_restarts": n_restarts}
             for m in MEASURES if not m.endswith("_ode")}
     if ode_rhos:
-        plan["geodesic_inv_ode"] = {"rhos": ode_rhos, "n_iter": ode_iter, "n_restarts": ode_restarts}
+        plan["geodesic_inv_ode"] = {"rhos": ode_rhos, "n_iter": n_iter, "n_restarts": n_restarts,
+                                    "ode_steps": int(ode_steps)}
     return {"data": {"d": 200, "n_train": 100, "sparsity": 0.9, "noise": float(noise), "seed": int(seed)},
-            "train": {"tol": 1e-5, "max_steps": 2_000_000},
+            "train": {"tol": 1e-5, "max_steps": 2_000_000, "floor": float(step_floor)},
             "models": population(n_models),
             "plan": plan,
             "seed": int(seed), "n_boot": 2000}
@@ -201,9 +219,11 @@ def run_study(out: str | Path, config: Mapping[str, Any], progress: bool = True,
     def measure(key: str, unit: Mapping[str, Any]) -> dict:
         w = trained[key]
         u, v = (torch.tensor(w[n], dtype=data.X_train.dtype) for n in ("u", "v"))
+        measures = measure_model(u, v, data.X_train, data.y_train, unit["plan"], unit["seed"])
         return {"train": {k: w[k] for k in ("steps", "train_loss", "converged")},
                 "test_loss": float(((u * v - data.beta_star) ** 2).sum()),
-                "measures": measure_model(u, v, data.X_train, data.y_train, unit["plan"], unit["seed"])}
+                "measures": measures,
+                "rk4_over_closed_form": rk4_ratios(measures)}
 
     units = {m["id"]: {"model": m, "data": config["data"], "train": config["train"], "plan": config["plan"],
                        "seed": config["seed"] * 1000 + m["index"]}
@@ -244,6 +264,8 @@ def summarize(records: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any
             entry["ci95"][name] = list(bootstrap_ci(s, test, n_boot=config["n_boot"], seed=config["seed"]))
     head = headline_rho([float(r) for r in per_rho])
     steps = [records[k]["train"]["steps"] for k in keys]
+    ratios = {k: records[k].get("rk4_over_closed_form", {}) for k in keys}
+    ratio_values = [x for r in ratios.values() for x in r.values() if x is not None]
     return {"n_models": len(keys),
             "generalization": GENERALIZATION,
             "headline_rho": head,
@@ -255,23 +277,30 @@ def summarize(records: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any
                            "all_converged": all(records[k]["train"]["converged"] for k in keys)},
             "measure_seconds": {name: sum(records[k]["measures"][name]["seconds"] for k in keys)
                                 for name in config["plan"]},
+            "rk4_over_closed_form": {"range": [min(ratio_values), max(ratio_values)] if ratio_values else None,
+                                     "max_abs_log": (max(abs(math.log(x)) for x in ratio_values)
+                                                     if ratio_values and min(ratio_values) > 0 else None),
+                                     "per_model": ratios},
             "config": dict(config)}
 
 
 def write_models_csv(path: str | Path, records: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any]) -> None:
     """One row per model: its hyperparameters, training, test loss and every measure at every ρ."""
     cols = [(name, rho) for name, spec in config["plan"].items() for rho in spec["rhos"]]
+    ratio_rhos = config["plan"].get("geodesic_inv_ode", {}).get("rhos", [])
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["id", "alpha", "c", "steps", "train_loss", "test_loss"]
-                        + [f"{name}@{rho}" for name, rho in cols])
+                        + [f"{name}@{rho}" for name, rho in cols]
+                        + [f"rk4_over_closed_form@{rho}" for rho in ratio_rhos])
         for m in config["models"]:
             rec = records[m["id"]]
             writer.writerow([m["id"], m["alpha"], m["c"], rec["train"]["steps"], rec["train"]["train_loss"],
                              rec["test_loss"]]
-                            + [rec["measures"][name]["values"][str(rho)] for name, rho in cols])
+                            + [rec["measures"][name]["values"][str(rho)] for name, rho in cols]
+                            + [rec.get("rk4_over_closed_form", {}).get(str(rho)) for rho in ratio_rhos])
     tmp.replace(path)
 
 
