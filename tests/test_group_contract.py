@@ -81,3 +81,14 @@ def test_quotient_with_metric_asks_every_group():
     names = ("u", "v", "b")
     q = Quotient([DiagonalRescaling("u", "v", "inv")], names).with_metric("mix")
     assert q.groups[0].metric == "mix" and isinstance(q.rest, PositiveRescaling)
+
+
+def test_diagonal_metric_is_a_subclass_not_a_branch():
+    from quotientsharp.groups import DiagonalRescalingInv, DiagonalRescalingMix
+    assert type(DiagonalRescaling("u", "v", "inv")) is DiagonalRescalingInv
+    assert type(DiagonalRescaling("u", "v", "mix")) is DiagonalRescalingMix
+    assert type(DiagonalRescaling("u", "v", "inv").with_metric("mix")) is DiagonalRescalingMix
+    with pytest.raises(ValueError, match="metric"):
+        DiagonalRescaling("u", "v", "euclid")
+    with pytest.raises(ValueError, match="has metric 'inv'"):
+        DiagonalRescalingInv("u", "v", "mix")

@@ -1,8 +1,8 @@
 """Symmetry groups: the extension point (:class:`SymmetryGroup`) and the built-in groups."""
 from .attention import AttentionGL, GLBlock, Piece
 from .base import SymmetryGroup, geodesic_error_slope, geodesic_error_slopes
-from .diagonal import DiagonalRescaling
+from .diagonal import DiagonalRescaling, DiagonalRescalingInv, DiagonalRescalingMix
 from .elementwise import Euclidean, PositiveRescaling
 
-__all__ = ["SymmetryGroup", "AttentionGL", "GLBlock", "Piece", "DiagonalRescaling",
+__all__ = ["SymmetryGroup", "AttentionGL", "GLBlock", "Piece", "DiagonalRescaling", "DiagonalRescalingInv", "DiagonalRescalingMix",
            "PositiveRescaling", "Euclidean", "geodesic_error_slope", "geodesic_error_slopes"]
