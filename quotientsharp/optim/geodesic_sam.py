@@ -14,11 +14,27 @@ import torch
 from torch import nn
 
 from quotientsharp.optim.sam import EPS_NORM, SharpnessAwareOptimizer
-from quotientsharp.optim.utils import Tensors, all_params, unwrap
+from quotientsharp.optim.utils import Tensors, all_params, check_param_groups, check_rho, unwrap
 from quotientsharp.quotient import Quotient
+from quotientsharp.validation import check_choice, check_number
 
 Geodesic = Literal["second_order", "exact", "retraction"]
 GEODESIC_ORDERS: dict[str, int | str] = {"second_order": 2, "exact": "exact", "retraction": 1}
+
+
+def check_geometry_arguments(owner: str, model: Any, quotient: Quotient | None, metric: str,
+                             rest_metric: str, eps_rel: float) -> None:
+    """model an ``nn.Module``; quotient a :class:`Quotient` or None (then the metric names and
+    ``eps_rel`` ≥ 0, finite, are checked: they build the default quotient)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{owner}: model must be the trained nn.Module, got {type(model).__name__}")
+    if quotient is not None:
+        if not isinstance(quotient, Quotient):
+            raise TypeError(f"{owner}: quotient must be a Quotient (or None), got {type(quotient).__name__}")
+        return
+    check_choice("metric", metric, ("mix", "inv"), owner)
+    check_choice("rest_metric", rest_metric, ("adaptive", "euclidean"), owner)
+    check_number("eps_rel", eps_rel, low=0.0, owner=owner)
 
 
 def build_quotient(model: nn.Module, metric: str, rest_metric: str, eps_rel: float) -> Quotient:
@@ -112,10 +128,12 @@ class GeodesicSAM(SharpnessAwareOptimizer):
         metric: Literal["mix", "inv"] = "mix",
         rest_metric: Literal["adaptive", "euclidean"] = "adaptive",
         geodesic: Geodesic = "second_order",
-        eps_rel: float = 1e-6,
+        eps_rel: float = 0.0,
         debug: bool = False,
         **kwargs: Any,
     ):
+        check_rho("GeodesicSAM", rho)
+        check_geometry_arguments("GeodesicSAM", model, quotient, metric, rest_metric, eps_rel)
         if quotient is None:
             quotient = build_quotient(model, metric, rest_metric, eps_rel)
         self.view = QuotientParameters(model, quotient, geodesic)
@@ -156,14 +174,15 @@ class RiemannianSGD(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float, *, model: nn.Module | None = None,
                  quotient: Quotient | None = None, metric: str = "mix", rest_metric: str = "adaptive",
-                 eps_rel: float = 1e-6, geodesic: Geodesic = "second_order",
+                 eps_rel: float = 0.0, geodesic: Geodesic = "second_order",
                  geometry: QuotientParameters | None = None):
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
+        check_number("lr", lr, low=0.0, low_open=True, owner="RiemannianSGD")
         super().__init__(params, {"lr": lr})
+        check_param_groups("RiemannianSGD", self.param_groups)
         if geometry is None:
             if model is None:
                 raise TypeError("RiemannianSGD needs model= (or geometry=, as GeodesicSAM passes)")
+            check_geometry_arguments("RiemannianSGD", model, quotient, metric, rest_metric, eps_rel)
             if quotient is None:
                 quotient = build_quotient(model, metric, rest_metric, eps_rel)
             geometry = QuotientParameters(model, quotient, geodesic)

@@ -12,7 +12,8 @@ from torch import nn
 
 from quotientsharp.functional import forward
 from quotientsharp.optim.saf import softened_kl_rows
-from quotientsharp.optim.utils import WrappedOptimizer, unwrap
+from quotientsharp.optim.utils import WrappedOptimizer, check_distillation, unwrap
+from quotientsharp.validation import check_count, check_number
 
 
 class MESA(WrappedOptimizer):
@@ -58,11 +59,15 @@ class MESA(WrappedOptimizer):
         **base_kwargs: Any,
     ):
         if ema_horizon_epochs is not None:
-            if not steps_per_epoch:
-                raise ValueError("ema_horizon_epochs needs steps_per_epoch")
-            decay = 1.0 - 1.0 / (ema_horizon_epochs * steps_per_epoch)
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must lie in [0, 1), got {decay}")
+            if steps_per_epoch is None:
+                raise ValueError("MESA: ema_horizon_epochs needs steps_per_epoch")
+            horizon = check_number("ema_horizon_epochs", ema_horizon_epochs, low=0.0, low_open=True, owner="MESA")
+            steps = check_count("steps_per_epoch", steps_per_epoch, 1, "MESA")
+            decay = 1.0 - 1.0 / (horizon * steps)
+        decay = check_number("decay", decay, low=0.0, high=1.0, high_open=True, owner="MESA")
+        lam, tau, label_smoothing = check_distillation("MESA", lam, tau, start_epoch, end_epoch, label_smoothing)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"MESA: model must be the trained nn.Module, got {type(model).__name__}")
         super().__init__(params, base_optimizer_cls, **base_kwargs)
         self.decay, self.lam, self.tau = decay, lam, tau
         self.start_epoch, self.end_epoch = start_epoch, end_epoch

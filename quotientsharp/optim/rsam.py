@@ -7,6 +7,7 @@ import torch
 
 from quotientsharp.optim.sam import SharpnessAwareOptimizer
 from quotientsharp.optim.utils import Tensors, global_norm, global_sum
+from quotientsharp.validation import check_number
 
 
 class RSAM(SharpnessAwareOptimizer):
@@ -33,10 +34,9 @@ class RSAM(SharpnessAwareOptimizer):
         warmup_epochs: int = 5,
         **kwargs: Any,
     ):
+        alpha = check_number("alpha", alpha, low=0.0, low_open=True, owner="RSAM")
         if alpha == 1:
-            raise ValueError("RSAM is undefined at alpha = 1 (use SAM, the alpha -> 1+ limit)")
-        if alpha <= 0:
-            raise ValueError(f"alpha must be positive, got {alpha}")
+            raise ValueError("RSAM: alpha = 1 is undefined (use SAM, the alpha -> 1+ limit)")
         super().__init__(params, base_optimizer_cls, rho=rho, warmup_epochs=warmup_epochs, **kwargs)
         self.alpha = alpha
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from quotientsharp.optim.utils import WrappedOptimizer, all_params, is_distributed
+from quotientsharp.optim.utils import WrappedOptimizer, all_params, check_distillation, is_distributed
+from quotientsharp.validation import check_count
 
 
 class IndexedDataset(Dataset):
@@ -89,10 +90,14 @@ class SAF(WrappedOptimizer):
         save_buffer: bool = False,
         **base_kwargs: Any,
     ):
-        if lag_epochs < 1 or start_epoch + 1 < lag_epochs:
+        num_samples = check_count("num_samples", num_samples, 1, "SAF")
+        num_classes = check_count("num_classes", num_classes, 1, "SAF")
+        lam, tau, label_smoothing = check_distillation("SAF", lam, tau, start_epoch, end_epoch, label_smoothing)
+        lag_epochs = check_count("lag_epochs", lag_epochs, 1, "SAF")
+        if start_epoch + 1 < lag_epochs:
             raise ValueError(
-                f"need lag_epochs >= 1 and start_epoch + 1 >= lag_epochs (the first KL epoch must "
-                f"read a written slot), got lag_epochs={lag_epochs}, start_epoch={start_epoch}"
+                f"SAF: need start_epoch + 1 >= lag_epochs (the first KL epoch must read a written "
+                f"slot), got lag_epochs={lag_epochs}, start_epoch={start_epoch}"
             )
         if buffer_mode not in ("global", "per_rank_legacy"):
             raise ValueError(f"buffer_mode must be 'global' or 'per_rank_legacy', got {buffer_mode!r}")

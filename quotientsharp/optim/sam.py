@@ -22,10 +22,12 @@ from quotientsharp.optim.utils import (
     all_params,
     all_reduce_mean,
     bn_frozen,
+    check_rho,
     global_norm,
     is_distributed,
     params_with_grads,
 )
+from quotientsharp.validation import check_choice, check_count, check_number
 
 EPS_NORM = 1e-12
 
@@ -94,15 +96,17 @@ class SharpnessAwareOptimizer(WrappedOptimizer):
         warmup_predicate: WarmupPredicate | None = None,
         **base_kwargs: Any,
     ):
-        if rho < 0:
-            raise ValueError(f"rho must be non-negative, got {rho}")
-        if perturbation not in ("local", "global"):
-            raise ValueError(f"perturbation must be 'local' or 'global', got {perturbation!r}")
-        if accumulate < 1 or accumulate_mode not in ("micro", "global"):
-            raise ValueError(
-                f"need accumulate >= 1 and accumulate_mode in ('micro', 'global'), "
-                f"got {accumulate}, {accumulate_mode!r}"
-            )
+        owner = type(self).__name__
+        rho = check_rho(owner, rho)
+        check_choice("perturbation", perturbation, ("local", "global"), owner)
+        accumulate = check_count("accumulate", accumulate, 1, owner)
+        check_choice("accumulate_mode", accumulate_mode, ("micro", "global"), owner)
+        warmup_epochs = check_count("warmup_epochs", warmup_epochs, -1, owner)
+        if warmup_predicate is not None and not callable(warmup_predicate):
+            raise TypeError(f"{owner}: warmup_predicate must be callable (epoch, metrics) -> bool, "
+                            f"got {warmup_predicate!r}")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"{owner}: model must be the trained nn.Module, got {type(model).__name__}")
         super().__init__(params, base_optimizer_cls, **base_kwargs)
         self.rho = rho
         self.model = model
@@ -349,10 +353,18 @@ class SAM(SharpnessAwareOptimizer):
     """Sharpness-Aware Minimization: ε = ρ·g/(‖g‖ + 1e-12), ‖·‖ over all parameters.
 
     Defaults ρ = 0.05 (CIFAR-10-like); 0.1 for CIFAR-100-like problems. See
-    :class:`SharpnessAwareOptimizer` for the training-loop shape and options.
+    :class:`SharpnessAwareOptimizer` for the training-loop shape and options. ``adaptive=False``
+    (the davda54/sam keyword) is accepted; ``adaptive=True`` raises and points to :class:`ASAM`.
     """
 
     def __init__(self, params: Any, base_optimizer_cls: type[torch.optim.Optimizer], rho: float = 0.05, **kwargs: Any):
+        if kwargs.pop("adaptive", False):
+            raise TypeError(
+                "SAM(adaptive=True) is the davda54/sam spelling of adaptive SAM; here it is its own "
+                "class: ASAM(params, base_optimizer_cls, rho=..., eta=0.0, adaptive_filter=None, ...) "
+                "reproduces that step (T = |θ| on every tensor); the default ASAM(...) follows the "
+                "official ASAM code (η = 0.01, weight tensors only, ρ ≈ 10× SAM's)"
+            )
         super().__init__(params, base_optimizer_cls, rho=rho, **kwargs)
 
     def perturbation(self, grads: Tensors, params: Tensors) -> Tensors:
@@ -383,6 +395,10 @@ class ASAM(SharpnessAwareOptimizer):
         adaptive_filter: Callable[[str, torch.Tensor], bool] | None = weight_names_only,
         **kwargs: Any,
     ):
+        eta = check_number("eta", eta, low=0.0, owner=type(self).__name__)
+        if adaptive_filter is not None and not callable(adaptive_filter):
+            raise TypeError(f"{type(self).__name__}: adaptive_filter must be callable (name, param) -> bool "
+                            f"or None, got {adaptive_filter!r}")
         super().__init__(params, base_optimizer_cls, rho=rho, **kwargs)
         self.eta = eta
         params_list = all_params(self.param_groups)

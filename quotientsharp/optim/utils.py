@@ -3,11 +3,15 @@
 - :class:`WrappedOptimizer`: a ``torch.optim.Optimizer`` that drives a base optimizer and shares
   its ``param_groups`` (so LR schedulers work on either) and checkpoints it in ``state_dict()``;
 - :func:`bn_frozen`: BatchNorm running statistics restored bit-exactly after a block;
+- :func:`check_rho`, :func:`check_param_groups`: the hyperparameter validation shared by every
+  optimizer here (SAM, ASAM, RSAM, GeodesicSAM, RiemannianSGD, SAF, MESA), built on
+  :mod:`quotientsharp.validation`; errors name the optimizer, the hyperparameter and its value;
 - foreach helpers over lists of tensors.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -15,7 +19,64 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from quotientsharp.validation import check_count, check_number
+
 Tensors = list[torch.Tensor]
+
+# Ranges of the base optimizers' per-group hyperparameters (torch.optim names); any other real
+# number in a param group must not be NaN.
+GROUP_RANGES: dict[str, dict[str, Any]] = {
+    "lr": {"low": 0.0},
+    "momentum": {"low": 0.0, "high": 1.0},
+    "dampening": {"low": 0.0, "high": 1.0},
+    "weight_decay": {"low": 0.0},
+    "eps": {"low": 0.0},
+    "alpha": {"low": 0.0, "high": 1.0},
+    "lr_decay": {"low": 0.0},
+    "initial_accumulator_value": {"low": 0.0},
+}
+
+
+def check_rho(owner: str, rho: Any) -> float:
+    """ρ must be a finite number > 0 (NaN or inf would turn every weight into NaN in one step)."""
+    return check_number("rho", rho, low=0.0, low_open=True, owner=owner)
+
+
+def check_hyperparameters(owner: str, values: dict, suffix: str = "") -> None:
+    """Validate the numeric hyperparameters in ``values`` (base-optimizer keyword arguments or a
+    param group): lr, weight_decay, eps ≥ 0 and finite; momentum, dampening, alpha in [0, 1]; each
+    of betas in [0, 1); any other real number not NaN. ``suffix`` follows the name in errors."""
+    for key, value in values.items():
+        if key == "params" or isinstance(value, bool):
+            continue
+        name = f"{key}{suffix}"
+        if key == "betas" and isinstance(value, (tuple, list)):
+            for j, beta in enumerate(value):
+                check_number(f"{key}[{j}]{suffix}", beta, low=0.0, high=1.0, high_open=True, owner=owner)
+        elif key in GROUP_RANGES:
+            check_number(name, value, **GROUP_RANGES[key], owner=owner)
+        elif isinstance(value, float) and math.isnan(value):
+            raise ValueError(f"{owner}: {name} must not be NaN")
+
+
+def check_param_groups(owner: str, param_groups: list[dict], first: int = 0) -> None:
+    """:func:`check_hyperparameters` on every param group (numbered from ``first`` in errors when
+    there are several)."""
+    several = first > 0 or len(param_groups) > 1
+    for i, group in enumerate(param_groups, start=first):
+        check_hyperparameters(owner, group, f" (param group {i})" if several else "")
+
+
+def check_distillation(owner: str, lam: Any, tau: Any, start_epoch: Any, end_epoch: Any,
+                       label_smoothing: Any) -> tuple[float, float, float]:
+    """SAF/MESA: λ ≥ 0 and τ > 0 finite, start_epoch an integer ≥ 0, end_epoch > start_epoch
+    (inf allowed), label_smoothing in [0, 1]; returns ``(λ, τ, label_smoothing)`` as floats."""
+    lam = check_number("lam", lam, low=0.0, owner=owner)
+    tau = check_number("tau", tau, low=0.0, low_open=True, owner=owner)
+    start = check_count("start_epoch", start_epoch, 0, owner)
+    check_number("end_epoch", end_epoch, low=start, low_open=True, finite=False, owner=owner)
+    label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0, high=1.0, owner=owner)
+    return lam, tau, label_smoothing
 
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -99,13 +160,26 @@ class WrappedOptimizer(torch.optim.Optimizer):
                 f"got {base_optimizer_cls!r}"
             )
         super().__init__(params, {})
-        self.base_optimizer = base_optimizer_cls(self.param_groups, **base_kwargs)
+        owner = type(self).__name__
+        check_hyperparameters(owner, base_kwargs)
+        check_param_groups(owner, self.param_groups)
+        try:
+            self.base_optimizer = base_optimizer_cls(self.param_groups, **base_kwargs)
+        except TypeError as err:
+            raise TypeError(f"{owner}: the base optimizer {base_optimizer_cls.__name__} refused the "
+                            f"arguments {sorted(base_kwargs)}: {err}") from err
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
+        check_param_groups(owner, self.param_groups)
 
     def add_param_group(self, param_group: dict) -> None:
         if hasattr(self, "base_optimizer"):
             self.base_optimizer.add_param_group(param_group)
+            try:
+                check_param_groups(type(self).__name__, self.param_groups[-1:], len(self.param_groups) - 1)
+            except (TypeError, ValueError):
+                self.param_groups.pop()
+                raise
         else:  # during torch.optim.Optimizer.__init__
             super().add_param_group(param_group)
 
