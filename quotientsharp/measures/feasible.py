@@ -62,3 +62,106 @@ class HorizontalBall:
         if not math.isfinite(n):
             return None
         return T.scale(d, 1.0 / n) if n > 0 else self.random_unit(generator)
+
+
+# --------------------------------------------------------------------------- relative mixed ball
+BALLS = ("metric", "relative")
+
+
+def _bilinear_norm_sq(G: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``||G Hᵀ||²_F`` per head, ``G, H`` of shape ``(B, n, h)``, ``(B, m, h)``, as ``||R_G R_Hᵀ||²_F``
+    with ``G = Q_G R_G``, ``H = Q_H R_H`` (float64): no ``(n, m)`` product, and backward stable (the
+    Gram form ``<GᵀG, HᵀH>`` loses ``cond(G)²`` digits to cancellation)."""
+    RG = torch.linalg.qr(G.double(), mode="r")[1]
+    RH = torch.linalg.qr(H.double(), mode="r")[1]
+    return (RG @ RH.mT).pow(2).sum((-2, -1))
+
+
+class RelativeBlockBall:
+    """A mixed-metric group whose metric is divided, block by block, by ``s = ||G Hᵀ||²_F`` at the
+    base point ``w0`` (``ball="relative"``, ``mix_rel``; spec part 2 §5.1):
+
+        ``||xi||²_rel = Σ_blocks (||xi_G Hᵀ||²_F + ||G xi_Hᵀ||²_F) / ||G Hᵀ||²_F``.
+
+    Blocks: every QK / VO head of an :class:`~quotientsharp.groups.AttentionGL` (``G, H`` of shape
+    ``(n, h)``, ``(m, h)``), every coordinate of a :class:`~quotientsharp.groups.DiagonalRescaling`
+    (``G = u_i``, ``H = v_i``, ``s = (u_i v_i)²``; then ``||xi||_rel = √2||b||``, the ``mix_bnorm``
+    ball). With ``S`` the per-block scaling by ``s``: ``<xi, zeta>_rel = <S^{-1/2}xi, S^{-1/2}zeta>``,
+    ``grad_rel = S grad``, ``whiten_rel = S^{1/2} whiten``. The factors are constants (taken at
+    ``w0``) and vertical vectors live inside one block, so the horizontal projection, Christoffel
+    symbols and geodesics are the mixed metric's, delegated unchanged; ``s`` is GL-invariant, so
+    the ball is too.
+    """
+
+    _DELEGATED = frozenset({
+        "names", "metric", "action", "pushforward", "vertical", "algebra_zeros", "random_element",
+        "validate", "restrict", "horizontal_projection", "christoffel", "geodesic", "geodesic_2nd",
+        "geodesic_exact", "geodesic_ode", "geodesic_ode_rhs", "geodesic_vjp", "restrict_to_domain",
+        "check_domain", "relative_perturbation", "masked_count", "is_horizontal", "kernel_dimension",
+        "has_closed_form_geodesic", "extract", "insert", "labels", "u", "v", "mixed_domain"})
+
+    def __init__(self, group, w0: Params):
+        from ..groups import AttentionGL, DiagonalRescaling
+        if getattr(group, "metric", None) != "mix":
+            raise ValueError(f"ball='relative' divides the mixed metric by ||G Hᵀ||²_F; {group!r} has metric "
+                             f"{getattr(group, 'metric', None)!r} (use metric='mix')")
+        self.group = group
+        if isinstance(group, AttentionGL):
+            self.kind = "attention"
+            self.scales = [_bilinear_norm_sq(G, H) for G, H in group.extract(w0)]  # (B_s,) per stack
+            labels = [lab for stack in group.labels(w0) for lab in stack]
+        elif isinstance(group, DiagonalRescaling):
+            self.kind = "diagonal"
+            self.scales = [(w0[group.u].double() * w0[group.v].double()) ** 2]
+            labels = [f"{group.u}*{group.v}[{i}]" for i in range(self.scales[0].numel())]
+        else:
+            raise ValueError(f"ball='relative' is defined for AttentionGL and DiagonalRescaling groups, not {group!r}")
+        flat = torch.cat([s.reshape(-1) for s in self.scales])
+        bad = (~torch.isfinite(flat) | (flat <= 0)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"ball='relative' is undefined where the block's bilinear form G Hᵀ is zero or not "
+                             f"finite: {[labels[i] for i in bad[:5]]}{' …' if len(bad) > 5 else ''}")
+
+    def __repr__(self) -> str:
+        return f"RelativeBlockBall({self.group!r})"
+
+    def __getattr__(self, name: str):
+        if name in RelativeBlockBall._DELEGATED:
+            return getattr(self.__dict__["group"], name)
+        raise AttributeError(f"RelativeBlockBall does not provide {name!r} (only the ball, gradient and "
+                             "whitening of the relative metric, and the mixed metric's geometry)")
+
+    def scale_blocks(self, vec: Params, power: float) -> dict:
+        """``S^power vec``: every block of ``vec`` times ``s_block ** power``."""
+        if self.kind == "diagonal":
+            c = self.scales[0] ** power
+            return {n: vec[n] * c.to(vec[n].dtype) for n in (self.group.u, self.group.v)}
+        res = [(xG * c[:, None, None].to(xG.dtype), xH * c[:, None, None].to(xH.dtype))
+               for (xG, xH), c in zip(self.group.extract(vec), (s ** power for s in self.scales))]
+        return self.group.insert({n: torch.zeros_like(vec[n]) for n in self.names}, res)
+
+    def inner(self, w: Params, xi: Params, zeta: Params) -> torch.Tensor:
+        return self.group.inner(w, self.scale_blocks(xi, -0.5), self.scale_blocks(zeta, -0.5))
+
+    def norm_sq(self, w: Params, xi: Params) -> torch.Tensor:
+        return self.group.norm_sq(w, self.scale_blocks(xi, -0.5))
+
+    def norm(self, w: Params, xi: Params) -> torch.Tensor:
+        return self.norm_sq(w, xi).clamp_min(0).sqrt()
+
+    def egrad_to_rgrad(self, w: Params, egrad: Params) -> dict:
+        return self.scale_blocks(self.group.egrad_to_rgrad(w, egrad), 1.0)
+
+    def riemannian_gradient(self, w: Params, egrad: Params) -> dict:
+        return self.scale_blocks(self.group.riemannian_gradient(w, egrad), 1.0)
+
+    def whiten(self, w: Params, zeta: Params) -> dict:
+        return self.scale_blocks(self.group.whiten(w, zeta), 0.5)
+
+
+def relative_ball_quotient(quotient: Quotient, w0: Params) -> Quotient:
+    """``quotient`` with every group's ball made relative at ``w0`` (:class:`RelativeBlockBall`);
+    the rest keeps its metric (adaptive: already relative)."""
+    if not quotient.groups:
+        raise ValueError("ball='relative' needs symmetry groups (AttentionGL or DiagonalRescaling) in the quotient")
+    return quotient.replace(groups=[RelativeBlockBall(g, w0) for g in quotient.groups])

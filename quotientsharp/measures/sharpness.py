@@ -40,6 +40,7 @@ from ..distributed import KEYWORDS as DP_KEYWORDS
 from ..distributed import DataParallel, data_parallel
 from ..quotient import Quotient
 from .average import average_increase
+from .feasible import BALLS, relative_ball_quotient
 from .objective import BatchObjective, LossFn
 from .reference import maximize_reference
 from .result import SharpnessResult
@@ -67,6 +68,9 @@ class Options:
         Euclidean only, the reference code's algorithm).
     ode_steps, ode_tol: RK4 steps and step-doubling tolerance of ``"exact"`` geodesics without a
         closed form (part 1 §6.5; ``ode_tol=None`` runs ``ode_steps`` once).
+    ball: ``"metric"`` (``||xi||_{w0} <= rho``) or ``"relative"``: each mixed-metric block's norm
+        divided by ``||G Hᵀ||²_F`` at w0 (``mix_rel``, spec part 2 §5.1;
+        :class:`~quotientsharp.measures.feasible.RelativeBlockBall`).
     """
 
     kind: str = "worst"
@@ -84,12 +88,15 @@ class Options:
     solver: str = "riemannian"
     ode_steps: int = 64
     ode_tol: float | None = 1e-10
+    ball: str = "metric"
 
     def __post_init__(self):
         if self.kind not in ("worst", "average"):
             raise ValueError(f"kind must be 'worst' or 'average', got {self.kind!r}")
         if self.solver not in ("riemannian", "reference"):
             raise ValueError(f"solver must be 'riemannian' or 'reference', got {self.solver!r}")
+        if self.ball not in BALLS:
+            raise ValueError(f"ball must be one of {BALLS}, got {self.ball!r}")
 
 
 def _options(options: dict) -> tuple[Options, DataParallel]:
@@ -145,6 +152,8 @@ def measure(name: str, model: Model, loader: Iterable, loss_fn: LossFn, rho: flo
     dp.check_same(w0, sizes)
     F.check_finite(w0)
     quotient.validate(w0)
+    if options.ball == "relative":
+        quotient = relative_ball_quotient(quotient, w0)
     if options.solver == "reference" and (quotient.groups or order != 1 or rest_order != 1):
         raise ValueError("solver='reference' reproduces the reference code's adaptive and Euclidean "
                          "sharpness only (no groups, first-order endpoint)")

@@ -52,8 +52,9 @@ PAPER_ANCHORS = {
     "Rényi paper (ResNet-18/CIFAR-10)": {"renyi_0.5": 0.77, "renyi_1.5": 0.77, "hessian_trace": -0.05},
 }
 """τ published for the closest settings (spec part 2 §6; Rényi: best layer, against the loss gap)."""
-COMPARISONS = [("geodesic_inv", "adaptive"), ("geodesic_mix", "adaptive"),
-               ("geodesic_inv_avg", "adaptive_avg"), ("geodesic_mix_avg", "adaptive_avg")]
+COMPARISONS = [("geodesic_inv", "adaptive"), ("geodesic_mix", "adaptive"), ("geodesic_mix_rel", "adaptive"),
+               ("geodesic_inv_avg", "adaptive_avg"), ("geodesic_mix_avg", "adaptive_avg"),
+               ("geodesic_mix_rel_avg", "adaptive_avg")]
 """Measure pairs whose τ difference gets a paired bootstrap CI (does the quotient help?)."""
 TASK_ANCHORS = {"vit": ("ImageNet ViT", "Rényi paper (ResNet-18/CIFAR-10)"),
                 "text": ("MNLI BERT", "Rényi paper (ResNet-18/CIFAR-10)")}
@@ -237,6 +238,9 @@ MEASURES: dict[str, Callable] = {
     "geodesic_mix": _sharpness(geodesic_sharpness, "worst", metric="mix"),
     "geodesic_inv_avg": _sharpness(geodesic_sharpness, "average", metric="inv"),
     "geodesic_mix_avg": _sharpness(geodesic_sharpness, "average", metric="mix"),
+    # mix_rel (spec part 2 §5.1): the mixed metric's ball with each head block divided by ||G Hᵀ||²_F
+    "geodesic_mix_rel": _sharpness(geodesic_sharpness, "worst", metric="mix", ball="relative"),
+    "geodesic_mix_rel_avg": _sharpness(geodesic_sharpness, "average", metric="mix", ball="relative"),
     "adaptive": _sharpness(adaptive_sharpness, "worst"),
     "adaptive_avg": _sharpness(adaptive_sharpness, "average"),
     "euclidean": _sharpness(euclidean_sharpness, "worst"),
