@@ -110,13 +110,14 @@ def attention_blocks(model: nn.Module) -> list[GLBlock]:
     return blocks
 
 
-def find_symmetries(model: nn.Module, metric: str = "mix", rest: str = "adaptive", eps_rel: float = 1e-6,
+def find_symmetries(model: nn.Module, metric: str = "mix", rest: str = "adaptive", eps_rel: float = 0.0,
                     eps: float = 0.0, blocks: Sequence[GLBlock] | None = None,
                     extra_groups: Sequence[SymmetryGroup] = (), order: int | str = 2,
                     rest_order: int | str = 1) -> Quotient:
     """The :class:`Quotient` of ``model``: one :class:`AttentionGL` over every attention block
     found (or the explicit ``blocks``), ``extra_groups`` (e.g. :class:`DiagonalRescaling`), and the
-    ``rest`` metric on every other trainable parameter."""
+    ``rest`` metric on every other trainable parameter. ``eps_rel``/``eps``: the Gram relaxation
+    of :class:`AttentionGL` (default 0: exactly invariant; a dead head raises ``SingularHeadError``)."""
     blocks = attention_blocks(model) if blocks is None else list(blocks)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     for b in blocks:

@@ -65,7 +65,7 @@ class QuotientHessianOperator(LinearOperator):
 
     Args:
         quotient: the geometry; default ``find_symmetries(model, metric, rest, eps_rel)`` with
-            ``metric="mix"``, ``rest="adaptive"``, ``eps_rel=1e-6`` (give either ``quotient`` or
+            ``metric="mix"``, ``rest="adaptive"``, ``eps_rel=0`` (give either ``quotient`` or
             these three). It must cover exactly the trainable parameters.
         mode, **hessian_kwargs: passed to :class:`HessianOperator` (``train_mode``, ``dtype``, ...).
 
@@ -221,7 +221,7 @@ def _default_quotient(model: nn.Module, metric: str | None, rest: str | None, ep
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     return find_symmetries(model, metric=metric, rest=rest or "adaptive",
-                           eps_rel=1e-6 if eps_rel is None else eps_rel)
+                           eps_rel=0.0 if eps_rel is None else eps_rel)
 
 
 # --- model-level measures (mirror quotientsharp.curvature.measures) ---------------------------

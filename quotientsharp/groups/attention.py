@@ -20,6 +20,7 @@ import torch
 from . import gl_math as M
 from ..geodesic import integrate_geodesic
 from .base import Params, SymmetryGroup
+from .gl_math import SingularHeadError  # noqa: F401  (re-exported: raised by AttentionGL)
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,13 @@ class AttentionGL(SymmetryGroup):
     Args:
         blocks: the GL blocks (usually built by :mod:`quotientsharp.adapters`).
         metric: ``"inv"`` (Eq. 9, dimensionless) or ``"mix"`` (Eq. 10).
-        eps_rel: relative relaxation, ``eps_P = eps_rel * tr(G^T G)/h`` (likewise for Q).
-        eps: absolute relaxation added to both Gram matrices.
+        eps_rel: relative relaxation, ``eps_P = eps_rel * tr(G^T G)/h`` (likewise for Q); default
+            0, no relaxation, so the geometry is exactly invariant. A relaxation ``> 0`` breaks
+            invariance by ``O(eps)`` (spec part 1 §4.3).
+        eps: absolute relaxation added to both Gram matrices (default 0).
+
+    A singular Gram matrix (a dead head, or one numerically singular in float64 after the
+    relaxation) raises :class:`~quotientsharp.groups.gl_math.SingularHeadError` naming the head.
 
     Group elements and Lie-algebra elements are lists with one ``(B_s, h, h)`` tensor per stack
     of equally-shaped blocks (see :attr:`stacks`).
@@ -104,7 +110,7 @@ class AttentionGL(SymmetryGroup):
 
     has_closed_form_geodesic = False
 
-    def __init__(self, blocks: Sequence[GLBlock], metric: str = "mix", eps_rel: float = 1e-6, eps: float = 0.0):
+    def __init__(self, blocks: Sequence[GLBlock], metric: str = "mix", eps_rel: float = 0.0, eps: float = 0.0):
         if metric not in M.METRICS:
             raise ValueError(f"metric must be one of {M.METRICS}, got {metric!r}")
         if eps_rel < 0 or eps < 0:
@@ -346,17 +352,19 @@ class AttentionGL(SymmetryGroup):
         return total
 
     def check_domain(self, w: Params) -> None:
-        """Raise ``ValueError`` naming the block if a Gram matrix is singular (only with eps = 0)."""
-        if self.eps_rel == 0 and self.eps == 0:
-            for (G, H), lab in zip(self.extract(w), self.labels(w)):
-                M.gl_factors(G, H, self.metric, 0.0, 0.0, lab, for_projection=False)
+        """Raise :class:`SingularHeadError` naming the head if a Gram matrix is singular."""
+        for (G, H), lab in zip(self.extract(w), self.labels(w)):
+            M.gl_factors(G, H, self.metric, self.eps_rel, self.eps, lab, for_projection=False)
 
     def relative_perturbation(self, w: Params, xi: Params) -> torch.Tensor:
         """``max_blocks max(||xi_G||_F / ||G||_F, ||xi_H||_F / ||H||_F)`` (for the warning of
-        spec part 2 §1)."""
+        spec part 2 §1); an all-zero block (a dead head under an absolute ``eps``) has no scale
+        and counts 0."""
+        def ratio(x, X):
+            n = X.double().norm(dim=(-1, -2))
+            return torch.where(n > 0, x.double().norm(dim=(-1, -2)) / n.clamp_min(1e-300), 0.0).max()
+
         worst = torch.zeros((), dtype=torch.float64)
         for (G, H), (xG, xH) in zip(self.extract(w), self.extract(xi)):
-            rG = xG.double().norm(dim=(-1, -2)) / G.double().norm(dim=(-1, -2)).clamp_min(1e-300)
-            rH = xH.double().norm(dim=(-1, -2)) / H.double().norm(dim=(-1, -2)).clamp_min(1e-300)
-            worst = torch.maximum(worst, torch.maximum(rG.max(), rH.max()).cpu())
+            worst = torch.maximum(worst, torch.maximum(ratio(xG, G), ratio(xH, H)).cpu())
         return worst

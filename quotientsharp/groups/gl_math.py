@@ -47,14 +47,51 @@ def gram_eps(X: torch.Tensor, eps_rel: float, eps_abs: float) -> torch.Tensor:
     return eps_rel * X.pow(2).sum(dim=(-1, -2)) / h + eps_abs
 
 
-def gl_factors(G: torch.Tensor, H: torch.Tensor, metric: str, eps_rel: float = 1e-6,
+class SingularHeadError(ValueError):
+    """A GL block's Gram matrix ``P = G^T G + eps_P I`` or ``Q = H^T H + eps_Q I`` is singular in
+    float64 (e.g. a dead head: ``W_Q, b_Q`` or ``W_V, b_V, W_O`` all zero), so the metric's inverse
+    is infinite there. The message names the block and head and the relaxation that would help."""
+
+
+#: ``lambda_min <= SINGULAR_RTOL * lambda_max`` counts as singular (float64 round-off of ``G^T G``)
+SINGULAR_RTOL = 1e3 * torch.finfo(torch.float64).eps
+
+
+def _check_gram(ev: torch.Tensor, side: str, labels: list[str] | None, eps_rel: float, eps_abs: float) -> None:
+    """Raise :class:`SingularHeadError` for the first block whose Gram eigenvalues ``ev`` ``(B, h)``
+    (ascending) are singular: ``lambda_max = 0`` or ``lambda_min <= SINGULAR_RTOL lambda_max``."""
+    top = ev[:, -1]
+    bad = (top <= 0) | (ev[:, 0] <= SINGULAR_RTOL * top)
+    if not bool(bad.any()):
+        return
+    i = int(bad.nonzero()[0, 0])
+    where = labels[i] if labels is not None else f"block {i}"
+    typical = float(top[~bad].median()) if bool((~bad).any()) else 1.0
+    suggestion = f"{1e-6 * typical:.1e}"
+    if float(top[i]) <= 0:
+        what, fix = ("all zero (a dead head; a relative relaxation eps_rel * tr/h is 0 there too)",
+                     "Pass an absolute relaxation")
+    else:
+        what = f"numerically singular (condition number {float(top[i] / ev[i, 0].clamp_min(1e-300)):.2e})"
+        fix = "Pass eps_rel > 0 or an absolute relaxation"
+    raise SingularHeadError(
+        f"singular Gram matrix of {side} in {where}: the block is {what} [eps_rel={eps_rel:g}, "
+        f"eps={eps_abs:g}], so the GL metric's inverse is infinite. {fix}, e.g. eps={suggestion} "
+        "(1e-6 x the typical Gram eigenvalue of the other heads; invariance then holds only up to "
+        "O(eps)), to find_symmetries / geodesic_sharpness, or leave this layer's blocks out of the "
+        "quotient with find_symmetries(model, blocks=[...]) (its weights then get the rest metric)"
+    )
+
+
+def gl_factors(G: torch.Tensor, H: torch.Tensor, metric: str, eps_rel: float = 0.0,
                eps_abs: float = 0.0, labels: list[str] | None = None,
                for_projection: bool = True) -> GLFactors:
     """Cache P, Q, their inverses and square roots (and, if ``for_projection``, the Sylvester
     eigenbasis of the inverse metric).
 
-    Raises ``ValueError`` naming the block when a Gram matrix is numerically singular and the
-    relaxation is zero."""
+    Raises :class:`SingularHeadError` naming the block when a Gram matrix is singular or
+    numerically singular in float64 after the relaxation (always for an all-zero block unless
+    ``eps_abs > 0``)."""
     G, H = G.double(), H.double()
     h = G.shape[-1]
     eye = torch.eye(h, dtype=torch.float64, device=G.device)
@@ -63,17 +100,8 @@ def gl_factors(G: torch.Tensor, H: torch.Tensor, metric: str, eps_rel: float = 1
     Q = _t(H) @ H + eps_q[:, None, None] * eye
     p, Vp = torch.linalg.eigh(P)
     q, Vq = torch.linalg.eigh(Q)
-    if eps_rel == 0 and eps_abs == 0:
-        for name, ev in (("G (W_Q / W_V side)", p), ("H (W_K / W_O side)", q)):
-            bad = ev[:, 0] <= 1e3 * torch.finfo(torch.float64).eps * ev[:, -1].clamp_min(1e-300)
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                where = labels[i] if labels is not None else f"block {i}"
-                raise ValueError(
-                    f"singular Gram matrix of {name} in {where} (condition number "
-                    f"{float(ev[i, -1] / ev[i, 0].abs().clamp_min(1e-300)):.2e}) with eps = 0; "
-                    "use a positive eps/eps_rel relaxation"
-                )
+    _check_gram(p, "G (W_Q / W_V side)", labels, eps_rel, eps_abs)
+    _check_gram(q, "H (W_K / W_O side)", labels, eps_rel, eps_abs)
     f = GLFactors(
         P=P, Q=Q,
         P_inv=_sym_fn(p, Vp, -1.0), Q_inv=_sym_fn(q, Vq, -1.0),

@@ -13,7 +13,6 @@ which otherwise dominates the variance at small rho (2 loss evaluations per draw
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -21,11 +20,11 @@ import torch
 
 from .. import tangent as T
 from ..quotient import Quotient
-from .feasible import HorizontalBall
+from .feasible import MAX_RELATIVE_PERTURBATION  # noqa: F401  (re-exported)
+from .feasible import HorizontalBall, relative_perturbation, warn_large_perturbation
 from .solver import Endpoint, Objective
 
 SCALES = ("gaussian", "sphere")
-MAX_RELATIVE_PERTURBATION = 0.5
 
 
 @dataclass
@@ -48,12 +47,6 @@ class AverageResult:
             return 0.0
         m = self.increase
         return math.sqrt(sum((x - m) ** 2 for x in self.increases) / (n - 1) / n)
-
-
-def _relative_perturbation(quotient: Quotient, w0: Mapping, xi: Mapping) -> float | None:
-    vals = [float(g.relative_perturbation(w0, xi)) for g in quotient.groups
-            if hasattr(g, "relative_perturbation")]
-    return max(vals) if vals else None
 
 
 def _nonfinite_message(sample: int, losses: list[float], rel: float | None) -> str:
@@ -91,8 +84,8 @@ def _average_increase(objective, quotient, w0, rho, n_samples, generator, order,
     for _ in range(n_samples):
         u = ball.random_unit(generator) if avg_scale == "sphere" else ball.gaussian(generator)
         xi = quotient.restrict_to_domain(ball.w0, T.scale(u, ball.rho))
-        r = _relative_perturbation(quotient, ball.w0, xi)
-        rel = r if rel is None else max(rel, r)
+        r = relative_perturbation(quotient, ball.w0, xi)
+        rel = r if rel is None or r is None else max(rel, r)
         signs = (1.0, -1.0) if antithetic else (1.0,)
         evaluations = [objective(endpoint(xi if sign > 0 else T.scale(xi, sign))) for sign in signs]
         losses = [float(loss) for loss, _ in evaluations]
@@ -100,9 +93,6 @@ def _average_increase(objective, quotient, w0, rho, n_samples, generator, order,
             raise ValueError(_nonfinite_message(len(increases), losses, r))
         increases.append(sum(losses) / len(signs) - loss0)
         errors.append(None if err0 is None else sum(err for _, err in evaluations) / len(signs))
-    if rel is not None and rel > MAX_RELATIVE_PERTURBATION:
-        warnings.warn(f"average-case perturbation reaches {rel:.2f} of a GL block's norm (> "
-                      f"{MAX_RELATIVE_PERTURBATION}); the 2nd-order geodesic is unreliable there, use a "
-                      "smaller rho", stacklevel=5)
+    warn_large_perturbation(rel, "average-case", stacklevel=5)
     err_inc = None if err0 is None else sum(errors) / len(errors) - err0
     return AverageResult(loss0, increases, err0, err_inc, rel)

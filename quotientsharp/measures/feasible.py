@@ -9,6 +9,7 @@ ball is centred at 0 in the same inner product, the metric-orthogonal projection
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -56,12 +57,68 @@ class HorizontalBall:
 
     def ascent_direction(self, egrad: Params, generator: torch.Generator) -> dict | None:
         """``d = Pi(g^{-1} egrad) / ||Pi(g^{-1} egrad)||_{w0}``; a random unit ``d`` if it is 0,
-        None if it is not finite."""
-        d = self.quotient.riemannian_gradient(self.w0, egrad)
-        n = self.norm(d)
+        None if ``egrad`` (or ``d`` even in float64) is not finite.
+
+        When ``g^{-1} egrad`` or its norm overflows the weights' dtype (float32 weights of ~1e14
+        make ``egrad * w^2`` exceed 3e38) but ``egrad`` is finite, ``d`` is computed in float64
+        from ``egrad / 2^e`` (``2^e`` near ``max |egrad|``; ``d`` does not depend on the scale)
+        and cast back."""
+        d = self._unit_rgrad(self.w0, egrad)
+        if d is None and any(t.dtype != torch.float64 for t in self.w0.values()):
+            g64 = _power_of_two_normalized({n: egrad[n].double() for n in self.quotient.names})
+            if g64 is not None:
+                if self._w0_64 is None:
+                    self._w0_64 = {n: t.double() for n, t in self.w0.items()}
+                d64 = self._unit_rgrad(self._w0_64, g64)
+                d = None if d64 is None else {n: d64[n].to(self.w0[n].dtype) for n in d64}
+                if d is not None and _power_of_two_normalized(d) is None:  # overflows the dtype
+                    d = None
+        if d is None:
+            return None
+        return d if d else self.random_unit(generator)
+
+    _w0_64: dict | None = None  # float64 copy of w0 for the overflow fallback of ascent_direction
+
+    def _unit_rgrad(self, w0: Params, egrad: Params) -> dict | None:
+        """``Pi(g^{-1} egrad) / ||.||_{w0}`` at ``w0``; ``{}`` if it is 0, None if not finite."""
+        d = self.quotient.riemannian_gradient(w0, egrad)
+        n = float(self.quotient.norm(w0, d))
         if not math.isfinite(n):
             return None
-        return T.scale(d, 1.0 / n) if n > 0 else self.random_unit(generator)
+        return T.scale(d, 1.0 / n) if n > 0 else {}
+
+
+def _power_of_two_normalized(g: Params) -> dict | None:
+    """``g / 2^e`` with ``2^e`` the power of two just above ``max |g|`` (exact); None if ``g`` is
+    not finite."""
+    top = float(torch.stack([t.abs().amax() for t in g.values() if t.numel()]).amax())
+    if not math.isfinite(top):
+        return None
+    if top == 0.0:
+        return dict(g)
+    scale = math.ldexp(1.0, -math.frexp(top)[1])
+    return {n: t * scale for n, t in g.items()}
+
+
+MAX_RELATIVE_PERTURBATION = 0.5
+"""A perturbation larger than this fraction of a GL block's norm triggers a warning: the
+2nd-order geodesic is unreliable there (spec part 2 §1)."""
+
+
+def relative_perturbation(quotient: Quotient, w0: Params, xi: Params) -> float | None:
+    """``max`` over the quotient's groups of ``g.relative_perturbation(w0, xi)`` (for GL blocks
+    ``||xi_G||_F / ||G||_F`` and alike for H); None if no group has a scale to compare with."""
+    vals = [g.relative_perturbation(w0, xi) for g in quotient.groups]
+    vals = [float(v) for v in vals if v is not None]
+    return max(vals) if vals else None
+
+
+def warn_large_perturbation(rel: float | None, kind: str, stacklevel: int = 2) -> None:
+    """The shared warning of the worst and average case when ``rel > MAX_RELATIVE_PERTURBATION``."""
+    if rel is not None and rel > MAX_RELATIVE_PERTURBATION:
+        warnings.warn(f"{kind} perturbation reaches {rel:.3g} of a GL block's norm (> "
+                      f"{MAX_RELATIVE_PERTURBATION}); the 2nd-order geodesic is unreliable there, use a "
+                      "smaller rho", stacklevel=stacklevel + 1)
 
 
 # --------------------------------------------------------------------------- relative mixed ball

@@ -20,7 +20,8 @@ class SharpnessResult:
         error_increase: mean over batches of the top-1 error increase at ``xi_best`` (worst case)
             or averaged over samples (average case); None unless the task is classification.
         extras: per batch, e.g. ``xi_norm`` (``||xi_best||_{w0}``), ``n_halvings``,
-            ``error_increase`` (worst); ``stderr``, ``max_relative_perturbation`` (average).
+            ``error_increase`` (worst); ``stderr`` (average); ``max_relative_perturbation``
+            (both: ``max ||xi_G||_F / ||G||_F`` over GL blocks, at ``xi_best`` or over the draws).
         traces: per batch, per run, the loss increase and step size at every iteration (worst).
         config: everything needed to reproduce the number (JSON-serialisable).
     """

@@ -180,7 +180,7 @@ def measure(name: str, model: Model, loader: Iterable, loss_fn: LossFn, rho: flo
                 r = solve(obj, quotient, w0, rho, cfg, gen)
                 extras.append({"error_increase": r.error_increase, "xi_norm": r.xi_norm,
                                "n_halvings": r.n_halvings, "n_nonfinite": r.n_nonfinite,
-                               "best_loss": r.best_loss})
+                               "best_loss": r.best_loss, "max_relative_perturbation": r.relative_perturbation})
                 traces.append(r.trace)
             per_batch.append(r.increase)
             base.append(r.base_loss)
@@ -205,7 +205,7 @@ def measure(name: str, model: Model, loader: Iterable, loss_fn: LossFn, rho: flo
 
 def geodesic_sharpness(model: Model, loader: Iterable, loss_fn: LossFn, rho: float, metric: str | None = None,
                        quotient: Quotient | None = None, geodesic: str | int | None = None,
-                       rest_geodesic: str | int | None = None, eps_rel: float = 1e-6,
+                       rest_geodesic: str | int | None = None, eps_rel: float = 0.0, eps: float = 0.0,
                        allow_euclidean_fallback: bool = False, params: Mapping | None = None,
                        **options) -> SharpnessResult:
     """Geodesic sharpness of the paper (Eq. 4): the ascent on the quotient's horizontal ball.
@@ -217,11 +217,13 @@ def geodesic_sharpness(model: Model, loader: Iterable, loss_fn: LossFn, rho: flo
         rho: radius of the metric ball ``||xi||_{w0} <= rho``.
         metric: ``"mix"`` (default when the quotient is found) or ``"inv"``; with an explicit
             ``quotient``, None keeps its metrics and a value replaces them.
-        quotient: the geometry; default ``find_symmetries(model, metric, "adaptive", eps_rel)``.
+        quotient: the geometry; default ``find_symmetries(model, metric, "adaptive", eps_rel, eps)``.
         geodesic: group endpoint order ``"second"``/2, ``"first"``/1, ``"exact"`` (closed form or
             RK4) or ``"ode"``; None: the quotient's ``order`` (2 for a found quotient).
         rest_geodesic: the same for the rest; None: the quotient's ``rest_order`` (1).
-        eps_rel: Gram relaxation of a found quotient (spec part 1 §4.3).
+        eps_rel, eps: relative and absolute Gram relaxation of a found quotient (spec part 1
+            §4.3); default 0, exactly invariant. A dead head then raises
+            :class:`~quotientsharp.groups.gl_math.SingularHeadError` saying which ``eps`` helps.
         allow_euclidean_fallback: when no symmetry is found, measure with the rest metric alone
             (adaptive sharpness) and warn, instead of raising.
         params: the base point for a plain callable model.
@@ -232,7 +234,7 @@ def geodesic_sharpness(model: Model, loader: Iterable, loss_fn: LossFn, rho: flo
         if not isinstance(model, nn.Module):
             raise ValueError("a plain callable model needs an explicit quotient=")
         from ..adapters import find_symmetries
-        quotient = find_symmetries(model, metric=metric or "mix", rest="adaptive", eps_rel=eps_rel)
+        quotient = find_symmetries(model, metric=metric or "mix", rest="adaptive", eps_rel=eps_rel, eps=eps)
     elif metric is not None:
         quotient = quotient.with_metric(metric)
     if not quotient.groups:

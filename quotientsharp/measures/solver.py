@@ -34,7 +34,7 @@ import torch
 
 from .. import tangent as T
 from ..quotient import Quotient
-from .feasible import HorizontalBall
+from .feasible import HorizontalBall, relative_perturbation, warn_large_perturbation
 
 Params = Mapping[str, torch.Tensor]
 Objective = Callable[[Params], tuple[torch.Tensor, "float | None"]]
@@ -89,6 +89,7 @@ class AscentResult:
     n_nonfinite: int  # iterates whose loss or gradient was not finite (treated as a halving)
     base_error: float | None = None
     best_error: float | None = None
+    relative_perturbation: float | None = None  # of xi_best: max over GL blocks of ||xi_G|| / ||G||
     trace: dict = field(default_factory=dict)  # per run: "loss_increase" and "step" per iteration
 
     @property
@@ -185,6 +186,8 @@ def _apgd_run(objective: Objective, endpoint, ball: HorizontalBall, xi0: dict, b
         trace["loss_increase"].append(loss - base.loss)
         trace["step"].append(steps.eta)
         d = ball.ascent_direction(grad, generator) if math.isfinite(loss) else None
+        if d is None and math.isfinite(loss) and _is_zero(xi):
+            raise ValueError(_base_gradient_message(grad, ball))
         if d is None:  # non-finite loss or gradient: left the loss's domain, back off like a halving
             nonfinite += 1
             steps.halve()
@@ -203,6 +206,20 @@ def _apgd_run(objective: Objective, endpoint, ball: HorizontalBall, xi0: dict, b
         loss, err = objective(endpoint(xi))
     best.offer(xi, float(loss), err)
     return best, trace, steps.halvings, nonfinite
+
+
+def _is_zero(xi: Params) -> bool:
+    return not any(bool(t.any()) for t in xi.values())
+
+
+def _base_gradient_message(grad: Params, ball: HorizontalBall) -> str:
+    dt = next(iter(ball.w0.values())).dtype
+    finite = all(bool(torch.isfinite(g).all()) for g in grad.values())
+    what = ("the ascent direction overflows even in float64" if finite
+            else f"the loss's gradient is not finite in {dt}")
+    scale = max(float(t.abs().max()) for t in ball.w0.values() if t.numel())
+    return (f"at the base point (xi = 0, finite loss) {what} (largest weight {scale:.3g}); the sharpness "
+            "would be a meaningless 0. Measure in float64 (model.double()) or rescale the model")
 
 
 def maximize(objective: Objective, quotient: Quotient, w0: Params, rho: float, cfg: AscentConfig,
@@ -230,6 +247,8 @@ def maximize(objective: Objective, quotient: Quotient, w0: Params, rho: float, c
     if nonfinite:
         warnings.warn(f"{nonfinite} ascent iterates had a non-finite loss or gradient (rho={rho} may "
                       "leave the loss's domain); the step was halved there", stacklevel=4)
+    rel = relative_perturbation(quotient, ball.w0, best.xi)
+    warn_large_perturbation(rel, "worst-case", stacklevel=4)
     return AscentResult(base_loss=loss0, best_loss=best.loss, xi_best=best.xi, xi_norm=ball.norm(best.xi),
                         n_halvings=halvings, n_nonfinite=nonfinite, base_error=err0, best_error=best.err,
-                        trace=traces)
+                        relative_perturbation=rel, trace=traces)
