@@ -99,7 +99,7 @@ def main(quick: bool) -> dict:
         loss = F.cross_entropy(model(images), labels)
         return torch.autograd.grad(loss, params)
 
-    ops = {mode: HessianOperator(model, F.cross_entropy, data, mode=mode, check_deterministic=False)
+    ops = {mode: HessianOperator(model, data, F.cross_entropy, mode=mode, check_deterministic=False)
            for mode in ("reverse_over_reverse", "forward_over_reverse")}
     from curvlinops import HessianLinearOperator
 

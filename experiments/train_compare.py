@@ -140,7 +140,7 @@ def sharpness(model: TinyViT, batches: list, quick: bool) -> dict[str, Any]:
     except ImportError as err:
         out["renyi_sharpness_error"] = repr(err)
     else:
-        r = renyi_sharpness(model, F.cross_entropy, batches, alpha=0.5, m=8 if quick else 10,
+        r = renyi_sharpness(model, batches, F.cross_entropy, alpha=0.5, m=8 if quick else 10,
                             n_probes=2 if quick else 5, seed=0, progress=False)
         out["renyi_sharpness"] = r.sharpness
     return out

@@ -81,13 +81,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
     model = trained_model(data, cfg, args.checkpoint, args.seed)
     test = evaluate(model, data.test)
     loader = hessian_subset(data, cfg["n_hessian"], args.seed)
-    op = QuotientHessianOperator(model, F.cross_entropy, loader, metric=args.metric)
+    op = QuotientHessianOperator(model, loader, F.cross_entropy, metric=args.metric)
     plain = slq(op.hessian, cfg["m"], cfg["probes"], seed=args.seed, progress=False)
     quotient = op.slq(cfg["m"], cfg["probes"], seed=args.seed, progress=False)
     titles = [
-        f"Hessian H\nn = {op.n}, Tr ≈ {plain.trace().estimate:.3g}",
+        f"Hessian H\nn = {op.n}, Tr ≈ {plain.trace().value:.3g}",
         f"quotient Hessian ({args.metric} metric, adaptive rest)\n"
-        f"n_h = n − dim V = {op.n_horizontal}, Tr ≈ {quotient.trace().estimate:.3g}",
+        f"n_h = n − dim V = {op.n_horizontal}, Tr ≈ {quotient.trace().value:.3g}",
     ]
     fig = plot([plain.density(), quotient.density()], titles)
     fig.suptitle(f"TinyViT on digits (test acc {test['acc']:.3f}); SLQ m = {cfg['m']}, P = {cfg['probes']}, "

@@ -21,7 +21,7 @@ all-reduced and compared before any work. Launch, e.g.::
     dist.init_process_group("nccl")               # "gloo" on CPUs
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     r = geodesic_sharpness(model.cuda(), loader, loss_fn, rho=0.1, distributed=True)
-    t = hessian_trace(model.cuda(), loss_fn, loader, distributed=True)
+    t = hessian_trace(model.cuda(), loader, loss_fn, distributed=True)
 
 An error on one rank (e.g. a non-finite loss on its batch) ends the job under ``torchrun``.
 """

@@ -43,24 +43,24 @@ def test_fisher_rao_direct_equals_euler_form():
     """Bias-free ReLU net with K = 2 layers: ⟨θ, ∇ℓ_i⟩ = K ⟨∂ℓ_i/∂f, f(x_i)⟩ (Euler)."""
     model = relu_net()
     X, y = classification_data(30, (5,))
-    direct = fisher_rao_norm(model, F.cross_entropy, [(X[:10], y[:10]), (X[10:], y[10:])])
+    direct = fisher_rao_norm(model, [(X[:10], y[:10]), (X[10:], y[10:])], F.cross_entropy)
     logits = model(X).detach().requires_grad_()
     (dl_df,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), logits)
     euler = 4 * float(((dl_df * logits).sum(1) ** 2).mean())
-    assert abs(direct.estimate - euler) < 1e-10 * euler
+    assert abs(direct.value - euler) < 1e-10 * euler
     assert direct.samples.shape == (30,)
-    sampled = fisher_rao_norm(model, F.cross_entropy, [(X, y)], labels="model", seed=1)
-    assert sampled.estimate > 0 and sampled.estimate != direct.estimate
+    sampled = fisher_rao_norm(model, [(X, y)], F.cross_entropy, labels="model", seed=1)
+    assert sampled.value > 0 and sampled.value != direct.value
 
 
 def test_parameter_norm_counts_what_it_says():
     model = mlp_with_layernorm()
-    everything = parameter_norm(model).estimate
+    everything = parameter_norm(model).value
     expected = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).norm().item()
     assert abs(everything - expected) < 1e-12
     matrices = parameter_norm(model, include_vectors=False)
     assert matrices.config["params"] == ["0.weight", "3.weight"]
-    assert abs(matrices.estimate - (model[0].weight.norm() ** 2 + model[3].weight.norm() ** 2).sqrt().item()) < 1e-12
+    assert abs(matrices.value - (model[0].weight.norm() ** 2 + model[3].weight.norm() ** 2).sqrt().item()) < 1e-12
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
@@ -75,13 +75,13 @@ def test_sam_and_asam_one_step_sharpness(norm):
     eps = {"l2": rho * g / g.norm(), "linf": rho * g.sign()}[norm]
     eps_adaptive = {"l2": rho * s**2 * g / (s * g).norm(), "linf": rho * s * g.sign()}[norm]
     base = loss(theta).item()
-    sam = sam_sharpness(model, F.cross_entropy, [(X, y)], rho=rho, norm=norm)
-    asam = asam_sharpness(model, F.cross_entropy, [(X, y)], rho=rho, norm=norm, eta=eta)
-    assert abs(sam.estimate - (loss(theta + eps).item() - base)) < 1e-12
-    assert abs(asam.estimate - (loss(theta + eps_adaptive).item() - base)) < 1e-12
-    assert sam.estimate > 0
+    sam = sam_sharpness(model, [(X, y)], F.cross_entropy, rho=rho, norm=norm)
+    asam = asam_sharpness(model, [(X, y)], F.cross_entropy, rho=rho, norm=norm, eta=eta)
+    assert abs(sam.value - (loss(theta + eps).item() - base)) < 1e-12
+    assert abs(asam.value - (loss(theta + eps_adaptive).item() - base)) < 1e-12
+    assert sam.value > 0
     with pytest.raises(ValueError, match="norm"):
-        sam_sharpness(model, F.cross_entropy, [(X, y)], norm="l1")
+        sam_sharpness(model, [(X, y)], F.cross_entropy, norm="l1")
 
 
 def test_pac_bayes_flatness_bisection():
@@ -97,7 +97,7 @@ def test_pac_bayes_flatness_bisection():
     result = pac_bayes_flatness(model, [(X, y)], n_samples=5, progress=False)
     sigma, drop = result.samples[-1]
     assert result.config["base_accuracy"] > 0.9
-    assert abs(result.estimate - 1 / float(sigma) ** 2) < 1e-12
+    assert abs(result.value - 1 / float(sigma) ** 2) < 1e-12
     assert abs(float(drop) - 0.1) < 0.01 or result.samples.shape[0] == 15
     json.dumps(result.to_dict())
 
@@ -109,30 +109,30 @@ def test_convenience_functions_agree_with_dense_hessian():
     H = dense_hessian(model, X, y)
     exact = torch.linalg.eigvalsh((H + H.T) / 2)
     kwargs = dict(progress=False)
-    trace = hessian_trace(model, F.cross_entropy, data, n_probes=100, **kwargs)
-    assert abs(trace.estimate - float(exact.sum())) < 4 * trace.stderr
-    slq_trace = hessian_trace(model, F.cross_entropy, data, method="slq", n_probes=5, **kwargs)
-    hutchpp = hessian_trace(model, F.cross_entropy, data, method="hutch++", n_probes=30, **kwargs)
-    assert abs(slq_trace.estimate - float(exact.sum())) < 0.5 * abs(float(exact.sum())) + 4 * slq_trace.stderr
+    trace = hessian_trace(model, data, F.cross_entropy, n_probes=100, **kwargs)
+    assert abs(trace.value - float(exact.sum())) < 4 * trace.stderr
+    slq_trace = hessian_trace(model, data, F.cross_entropy, method="slq", n_probes=5, **kwargs)
+    hutchpp = hessian_trace(model, data, F.cross_entropy, method="hutch++", n_probes=30, **kwargs)
+    assert abs(slq_trace.value - float(exact.sum())) < 0.5 * abs(float(exact.sum())) + 4 * slq_trace.stderr
     assert hutchpp.config["method"] == "hutch++"
-    top = hessian_top_eigenvalues(model, F.cross_entropy, data, k=2, **kwargs)
+    top = hessian_top_eigenvalues(model, data, F.cross_entropy, k=2, **kwargs)
     assert torch.allclose(top.eigenvalues, exact.flip(0)[:2], rtol=1e-4)
-    lam = hessian_max_eigenvalue(model, F.cross_entropy, data, mode="forward_over_reverse", **kwargs)
-    assert abs(lam.estimate - float(exact[-1])) < 1e-4 * float(exact[-1])
-    power = hessian_top_eigenvalues(model, F.cross_entropy, data, method="power", tol=1e-6, **kwargs)
+    lam = hessian_max_eigenvalue(model, data, F.cross_entropy, mode="forward_over_reverse", **kwargs)
+    assert abs(lam.value - float(exact[-1])) < 1e-4 * float(exact[-1])
+    power = hessian_top_eigenvalues(model, data, F.cross_entropy, method="power", tol=1e-6, **kwargs)
     assert abs(abs(power.eigenvalues[0]) - float(exact.abs().max())) < 1e-2 * float(exact.abs().max())
     n = H.shape[0]
-    alphas = renyi_sharpness(model, F.cross_entropy, data, alpha=[0.5, 1.5], m=n, n_probes=2, **kwargs)
+    alphas = renyi_sharpness(model, data, F.cross_entropy, alpha=[0.5, 1.5], m=n, n_probes=2, **kwargs)
     for alpha, result in alphas.items():  # m = n: quadrature exact up to probe noise
         assert abs(result.estimate - renyi_entropy(exact, alpha).estimate) < 0.3
         assert result.sharpness == -result.estimate
-    shannon = hessian_shannon_entropy(model, F.cross_entropy, data, m=30, n_probes=2, **kwargs)
+    shannon = hessian_shannon_entropy(model, data, F.cross_entropy, m=30, n_probes=2, **kwargs)
     assert abs(shannon.estimate - renyi_entropy(exact, "shannon").estimate) < 0.5
-    density = hessian_spectral_density(model, F.cross_entropy, data, m=40, n_probes=2, n_grid=500, **kwargs)
+    density = hessian_spectral_density(model, data, F.cross_entropy, m=40, n_probes=2, n_grid=500, **kwargs)
     assert abs(float(torch.trapezoid(density.density, density.grid)) - 1) < 1e-6
     if exact.min() <= 0:
         with pytest.raises(ValueError, match="log det"):
-            hessian_log_det(model, F.cross_entropy, data, m=60, n_probes=1, **kwargs)
+            hessian_log_det(model, data, F.cross_entropy, m=60, n_probes=1, **kwargs)
     json.dumps(alphas[0.5].to_dict())
     json.dumps(top.to_dict())
 
@@ -140,6 +140,6 @@ def test_convenience_functions_agree_with_dense_hessian():
 def test_ggn_curvature_and_study_targets():
     model = mlp_with_layernorm()
     X, y = classification_data(20, (6,))
-    result = renyi_sharpness(model, F.cross_entropy, [(X, y)], alpha=0.5, curvature="ggn", m=20, n_probes=3, progress=False)
+    result = renyi_sharpness(model, [(X, y)], F.cross_entropy, alpha=0.5, curvature="ggn", m=20, n_probes=3, progress=False)
     assert 0 < result.estimate <= torch.log(torch.tensor(float(result.config["n"]))).item()
     assert renyi_study_targets(model) == ["0.weight", "3.weight", "all"]

@@ -34,7 +34,7 @@ def case(request):
 @pytest.mark.parametrize("mode", ["reverse_over_reverse", "forward_over_reverse"])
 def test_hvp_matches_dense(case, mode):
     model, X, y, H = case
-    op = HessianOperator(model, F.cross_entropy, [(X, y)], mode=mode)
+    op = HessianOperator(model, [(X, y)], F.cross_entropy, mode=mode)
     V = torch.randn(op.n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert (op.matvec(V[:, 0]) - H @ V[:, 0]).abs().max() < 1e-10
     assert (op.matmat(V) - H @ V).abs().max() < 1e-10
@@ -42,7 +42,7 @@ def test_hvp_matches_dense(case, mode):
 
 def test_hvp_modes_agree_and_dense_is_symmetric(case):
     model, X, y, H = case
-    dense = {mode: HessianOperator(model, F.cross_entropy, [(X, y)], mode=mode).to_dense()
+    dense = {mode: HessianOperator(model, [(X, y)], F.cross_entropy, mode=mode).to_dense()
              for mode in ("reverse_over_reverse", "forward_over_reverse")}
     assert (dense["reverse_over_reverse"] - dense["forward_over_reverse"]).abs().max() < 1e-12
     assert (dense["reverse_over_reverse"] - dense["reverse_over_reverse"].T).abs().max() < 1e-10
@@ -51,14 +51,14 @@ def test_hvp_modes_agree_and_dense_is_symmetric(case):
 
 def test_hvp_matches_finite_difference_of_gradient(case):
     model, X, y, _ = case
-    op = HessianOperator(model, F.cross_entropy, [(X, y)])
+    op = HessianOperator(model, [(X, y)], F.cross_entropy)
     v = torch.randn(op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     v /= v.norm()
     h = 1e-6
     fd = (op.loss_and_gradient(h * v)[1] - op.loss_and_gradient(-h * v)[1]) / (2 * h)
     hv = op.matvec(v)
     assert (hv - fd).norm() / hv.norm() < 1e-6
-    fd_op = HessianOperator(model, F.cross_entropy, [(X, y)], mode="finite_difference")
+    fd_op = HessianOperator(model, [(X, y)], F.cross_entropy, mode="finite_difference")
     assert (fd_op.matvec(3 * v) - 3 * hv).norm() / (3 * hv.norm()) < 1e-6
 
 
@@ -70,7 +70,7 @@ def test_layernorm_regression_symmetric_and_matches_fd_jacobian():
         model[1].weight.normal_()
         model[1].bias.normal_()
     X, y = classification_data(10, (3,), n_classes=2)
-    H = HessianOperator(model, F.cross_entropy, [(X, y)]).to_dense()
+    H = HessianOperator(model, [(X, y)], F.cross_entropy).to_dense()
     assert (H - H.T).abs().max() < 1e-10
     theta, loss = flat_loss(model, X, y)
 
@@ -89,12 +89,12 @@ def test_loader_weights_batches_by_size(mode):
     model = mlp_with_layernorm()
     X, y = classification_data(71, (6,))
     split = [(X[:7], y[:7]), (X[7:], y[7:])]
-    whole = HessianOperator(model, F.cross_entropy, [(X, y)], mode=mode)
-    batched = HessianOperator(model, F.cross_entropy, split, mode=mode)
+    whole = HessianOperator(model, [(X, y)], F.cross_entropy, mode=mode)
+    batched = HessianOperator(model, split, F.cross_entropy, mode=mode)
     v = torch.randn(whole.n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     assert (batched.matvec(v) - whole.matvec(v)).abs().max() < 1e-12
     assert batched.batch_weights == [7 / 71, 64 / 71]
-    equal_weights = sum(HessianOperator(model, F.cross_entropy, [b], mode=mode).matvec(v) for b in split) / 2
+    equal_weights = sum(HessianOperator(model, [b], F.cross_entropy, mode=mode).matvec(v) for b in split) / 2
     assert (equal_weights - whole.matvec(v)).abs().max() > 1e-6  # the bias the weighting avoids
 
 
@@ -102,7 +102,7 @@ def test_parameter_block_is_the_diagonal_block_and_converters_roundtrip():
     model = mlp_with_layernorm()
     X, y = classification_data(16, (6,))
     H = dense_hessian(model, X, y)
-    op = HessianOperator(model, F.cross_entropy, [(X, y)], params="3.*")  # glob: last layer
+    op = HessianOperator(model, [(X, y)], F.cross_entropy, params="3.*")  # glob: last layer
     assert op.param_names == ["3.weight", "3.bias"]
     offset = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("3."))
     assert (op.to_dense() - H[offset:, offset:]).abs().max() < 1e-10
@@ -127,7 +127,7 @@ def test_select_parameters_forms():
 def test_ggn_matches_explicit_jt_h_j_and_is_psd():
     model = mlp_with_layernorm()
     X, y = classification_data(12, (6,))
-    G = GGNOperator(model, F.cross_entropy, [(X[:5], y[:5]), (X[5:], y[5:])]).to_dense()
+    G = GGNOperator(model, [(X[:5], y[:5]), (X[5:], y[5:])], F.cross_entropy).to_dense()
     theta, _ = flat_loss(model, X, y)
     _, outputs = flat_loss(model, X, y, loss_fn=lambda out, _: out)
     J = torch.autograd.functional.jacobian(outputs, theta).reshape(-1, theta.numel())
@@ -141,17 +141,17 @@ def test_bad_inputs_raise_clear_errors():
     model = mlp_with_layernorm()
     X, y = classification_data(8, (6,))
     with pytest.raises(ValueError, match="empty"):
-        HessianOperator(model, F.cross_entropy, [])
+        HessianOperator(model, [], F.cross_entropy)
     with pytest.raises(ValueError, match="unknown HVP mode"):
-        HessianOperator(model, F.cross_entropy, [(X, y)], mode="jacrev")
+        HessianOperator(model, [(X, y)], F.cross_entropy, mode="jacrev")
     model[0].weight.requires_grad_(False)
     with pytest.raises(ValueError, match="do not require grad"):
-        HessianOperator(model, F.cross_entropy, [(X, y)], params="0.weight")
+        HessianOperator(model, [(X, y)], F.cross_entropy, params="0.weight")
     model[0].weight.requires_grad_(True)
     X_bad = X.clone()
     X_bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite loss"):
-        HessianOperator(model, F.cross_entropy, [(X_bad, y)])
+        HessianOperator(model, [(X_bad, y)], F.cross_entropy)
 
 
 def test_batchnorm_without_running_stats_refused_unless_train_mode():
@@ -159,8 +159,8 @@ def test_batchnorm_without_running_stats_refused_unless_train_mode():
     model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5, track_running_stats=False), nn.Linear(5, 3)).double()
     X, y = classification_data(16, (6,))
     with pytest.raises(ValueError, match="BatchNorm.*train_mode=True"):
-        HessianOperator(model, F.cross_entropy, [(X, y)])
-    assert HessianOperator(model, F.cross_entropy, [(X, y)], train_mode=True).n == 35 + 10 + 18
+        HessianOperator(model, [(X, y)], F.cross_entropy)
+    assert HessianOperator(model, [(X, y)], F.cross_entropy, train_mode=True).n == 35 + 10 + 18
 
 
 def test_train_mode_batchnorm_leaves_running_stats_untouched():
@@ -168,11 +168,11 @@ def test_train_mode_batchnorm_leaves_running_stats_untouched():
     model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).double().eval()
     X, y = classification_data(16, (6,))
     before = model[1].running_mean.clone()
-    op = HessianOperator(model, F.cross_entropy, [(X, y)], train_mode=True)
+    op = HessianOperator(model, [(X, y)], F.cross_entropy, train_mode=True)
     op.matvec(torch.ones(op.n, dtype=torch.float64))
     assert torch.equal(model[1].running_mean, before) and int(model[1].num_batches_tracked) == 0
     assert not model.training
-    eval_op = HessianOperator(model, F.cross_entropy, [(X, y)])
+    eval_op = HessianOperator(model, [(X, y)], F.cross_entropy)
     assert abs(eval_op.loss - op.loss) > 1e-6  # running vs batch statistics really differ
 
 
@@ -181,5 +181,5 @@ def test_nondeterministic_model_is_detected():
     model = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.5), nn.Linear(16, 3)).double()
     X, y = classification_data(16, (6,))
     with pytest.raises(ValueError, match="dropout"):
-        HessianOperator(model, F.cross_entropy, [(X, y)], train_mode=True)
-    HessianOperator(model, F.cross_entropy, [(X, y)])  # eval mode: dropout off, deterministic
+        HessianOperator(model, [(X, y)], F.cross_entropy, train_mode=True)
+    HessianOperator(model, [(X, y)], F.cross_entropy)  # eval mode: dropout off, deterministic

@@ -46,17 +46,17 @@ def check_sharpness():
 
 def check_hessian():
     model, batches = setup(3, [6, 6, 5])  # rank 0: batches 0 and 2, rank 1: batch 1
-    op = HessianOperator(model, F.cross_entropy, batches, distributed=True)
+    op = HessianOperator(model, batches, F.cross_entropy, distributed=True)
     assert len(op.batches) == (2 if dist.get_rank() == 0 else 1)
     assert sum(op.batch_weights) == pytest.approx(11 / 17 if dist.get_rank() == 0 else 6 / 17)
     kw = dict(seed=3, progress=False)
-    close(hessian_trace(model, F.cross_entropy, batches, n_probes=20, distributed=True, **kw).estimate,
-          hessian_trace(model, F.cross_entropy, batches, n_probes=20, **kw).estimate)
-    close(hessian_max_eigenvalue(model, F.cross_entropy, batches, distributed=True, **kw).estimate,
-          hessian_max_eigenvalue(model, F.cross_entropy, batches, **kw).estimate)
+    close(hessian_trace(model, batches, F.cross_entropy, n_probes=20, distributed=True, **kw).value,
+          hessian_trace(model, batches, F.cross_entropy, n_probes=20, **kw).value)
+    close(hessian_max_eigenvalue(model, batches, F.cross_entropy, distributed=True, **kw).value,
+          hessian_max_eigenvalue(model, batches, F.cross_entropy, **kw).value)
     model, batches = setup(1)  # rank 1 holds no batch
-    single = HessianOperator(model, F.cross_entropy, batches)
-    op = HessianOperator(model, F.cross_entropy, batches, process_group=dist.group.WORLD)
+    single = HessianOperator(model, batches, F.cross_entropy)
+    op = HessianOperator(model, batches, F.cross_entropy, process_group=dist.group.WORLD)
     v = torch.randn(op.n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     torch.testing.assert_close(op @ v, single @ v, rtol=0, atol=0)
 
@@ -69,10 +69,10 @@ def check_refusals():
     with pytest.raises(ValueError, match="different weights"):
         geodesic_sharpness(model, batches, F.cross_entropy, 0.1, distributed=True, progress=False)
     with pytest.raises(ValueError, match="different weights"):
-        HessianOperator(model, F.cross_entropy, batches, distributed=True)
+        HessianOperator(model, batches, F.cross_entropy, distributed=True)
     model, batches = setup(2 + dist.get_rank())
     with pytest.raises(ValueError, match="different loaders"):
-        HessianOperator(model, F.cross_entropy, batches, distributed=True)
+        HessianOperator(model, batches, F.cross_entropy, distributed=True)
 
 
 def worker(rank):

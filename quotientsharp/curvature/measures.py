@@ -1,10 +1,14 @@
 """The curvature and norm measures of the Rényi study (spec §7), one function each.
 
-Model-level functions take ``(model, loss_fn, loader)`` and build the operator themselves;
+Model-level functions take ``(model, loader, loss_fn)`` (the order of the sharpness measures;
+swapped arguments raise a ``TypeError`` saying which is which) and build the operator themselves;
 ``operator_kwargs`` (``mode``, ``train_mode``, ``check_deterministic``, ``dtype``, ...) go to
 :class:`~quotientsharp.curvature.operators.HessianOperator` (or :class:`GGNOperator` with
 ``curvature="ggn"``). ``params`` selects the target block (see
-:func:`~quotientsharp.curvature.operators.select_parameters`).
+:func:`~quotientsharp.curvature.operators.select_parameters`). Scalar results are
+:class:`~quotientsharp.curvature.results.Estimate` with the value in ``.value``. Batches follow the
+batch rule of :mod:`quotientsharp.validation` (moved to the model's device; floating inputs in the
+model's dtype, else a named error).
 """
 from __future__ import annotations
 
@@ -35,29 +39,46 @@ from quotientsharp.functional import (
     math_attention,
     split_batch,
 )
+from quotientsharp.validation import (
+    check_batch_for,
+    check_choice,
+    check_count,
+    check_model_loader_loss,
+    check_number,
+)
 
 Params = str | Sequence[str]
 
 
 def curvature_operator(
-    model: nn.Module, loss_fn: LossFn, loader: Iterable, params: Params = "all",
+    model: nn.Module, loader: Iterable, loss_fn: LossFn, params: Params = "all",
     curvature: str = "hessian", **operator_kwargs,
 ) -> HessianOperator | GGNOperator:
     """The Hessian (``curvature="hessian"``) or GGN (``"ggn"``) operator of the loader loss."""
+    check_model_loader_loss("curvature_operator", model, loader, loss_fn)
     if curvature == "hessian":
-        return HessianOperator(model, loss_fn, loader, params, **operator_kwargs)
+        return HessianOperator(model, loader, loss_fn, params, **operator_kwargs)
     if curvature == "ggn":
-        return GGNOperator(model, loss_fn, loader, params, **operator_kwargs)
+        return GGNOperator(model, loader, loss_fn, params, **operator_kwargs)
     raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+
+
+def _operator(where: str, model, loader, loss_fn, params: Params, **operator_kwargs):
+    """:func:`curvature_operator`, with the call shape checked under the public name ``where``."""
+    check_model_loader_loss(where, model, loader, loss_fn)
+    return curvature_operator(model, loader, loss_fn, params, **operator_kwargs)
 
 
 # --- spectral measures -----------------------------------------------------------------------
 def hessian_trace(
-    model, loss_fn, loader, params: Params = "all", method: str = "hutchinson", n_probes: int = 100,
+    model, loader, loss_fn, params: Params = "all", method: str = "hutchinson", n_probes: int = 100,
     m: int = 15, seed: int = 0, progress: bool = True, **operator_kwargs,
 ) -> Estimate:
     """Tr H by ``"hutchinson"`` (P probes), ``"hutch++"`` (budget = P matvecs) or ``"slq"`` (f = id)."""
-    op = curvature_operator(model, loss_fn, loader, params, **operator_kwargs)
+    check_choice("method", method, ("hutchinson", "hutch++", "slq"), "hessian_trace")
+    check_count("n_probes", n_probes, 4 if method == "hutch++" else 1, "hessian_trace")
+    check_count("m", m, 1, "hessian_trace")
+    op = _operator("hessian_trace", model, loader, loss_fn, params, **operator_kwargs)
     if method == "hutchinson":
         return hutchinson(op, n_probes, seed=seed, progress=progress)
     if method == "hutch++":
@@ -68,12 +89,16 @@ def hessian_trace(
 
 
 def hessian_top_eigenvalues(
-    model, loss_fn, loader, k: int = 1, params: Params = "all", method: str = "lanczos",
+    model, loader, loss_fn, k: int = 1, params: Params = "all", method: str = "lanczos",
     which: str = "LA", tol: float | None = None, seed: int = 0, progress: bool = True, **operator_kwargs,
 ) -> EigenResult:
     """Top-k eigenpairs by ``"lanczos"`` (tol 1e-4, ``which`` LA/SA/LM) or ``"power"`` iteration
     (tol 1e-3, largest |λ|, PyHessian semantics)."""
-    op = curvature_operator(model, loss_fn, loader, params, **operator_kwargs)
+    check_count("k", k, 1, "hessian_top_eigenvalues")
+    check_choice("method", method, ("lanczos", "power"), "hessian_top_eigenvalues")
+    if tol is not None:
+        check_number("tol", tol, low=0.0, low_open=True, owner="hessian_top_eigenvalues")
+    op = _operator("hessian_top_eigenvalues", model, loader, loss_fn, params, **operator_kwargs)
     if method == "lanczos":
         return lanczos(op, k, which, tol=tol or 1e-4, seed=seed, progress=progress)
     if method == "power":
@@ -81,47 +106,59 @@ def hessian_top_eigenvalues(
     raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
 
 
-def hessian_max_eigenvalue(model, loss_fn, loader, params: Params = "all", **kwargs) -> Estimate:
+def hessian_max_eigenvalue(model, loader, loss_fn, params: Params = "all", **kwargs) -> Estimate:
     """λ_max(H) by Lanczos; ``samples`` holds the residual ‖Hy − λy‖ of the Ritz pair."""
-    result = hessian_top_eigenvalues(model, loss_fn, loader, 1, params, **kwargs)
+    check_model_loader_loss("hessian_max_eigenvalue", model, loader, loss_fn)
+    result = hessian_top_eigenvalues(model, loader, loss_fn, 1, params, **kwargs)
     return Estimate(float(result.eigenvalues[0]), None, result.residuals, result.config)
 
 
 def hessian_slq(
-    model, loss_fn, loader, params: Params = "all", m: int = 15, n_probes: int = 100, seed: int = 0,
+    model, loader, loss_fn, params: Params = "all", m: int = 15, n_probes: int = 100, seed: int = 0,
     progress: bool = True, **operator_kwargs,
 ) -> SLQResult:
     """One SLQ run (m steps × P Rademacher probes) to derive any spectral sum from."""
-    op = curvature_operator(model, loss_fn, loader, params, **operator_kwargs)
+    return _slq("hessian_slq", model, loader, loss_fn, params, m, n_probes, seed, progress, **operator_kwargs)
+
+
+def _slq(where: str, model, loader, loss_fn, params: Params = "all", m: int = 15, n_probes: int = 100,
+         seed: int = 0, progress: bool = True, **operator_kwargs) -> SLQResult:
+    """:func:`hessian_slq` with errors naming the public function ``where``."""
+    check_count("m", m, 1, where)
+    check_count("n_probes", n_probes, 1, where)
+    op = _operator(where, model, loader, loss_fn, params, **operator_kwargs)
     result = slq(op, m, n_probes, seed=seed, progress=progress)
     result.config["params"] = op.param_names
     return result
 
 
 def hessian_log_det(
-    model, loss_fn, loader, params: Params = "all", clamp_min: float | None = None, **slq_kwargs,
+    model, loader, loss_fn, params: Params = "all", clamp_min: float | None = None, **slq_kwargs,
 ) -> Estimate:
     """log det H = Tr log H by SLQ; raises on a node ≤ 0 unless ``clamp_min`` is given."""
-    return hessian_slq(model, loss_fn, loader, params, **slq_kwargs).log_det(clamp_min)
+    return _slq("hessian_log_det", model, loader, loss_fn, params, **slq_kwargs).log_det(clamp_min)
 
 
 def hessian_shannon_entropy(
-    model, loss_fn, loader, params: Params = "all", normalizer: str = "abs", **slq_kwargs,
+    model, loader, loss_fn, params: Params = "all", normalizer: str = "abs", **slq_kwargs,
 ) -> RenyiResult:
     """Shannon spectral entropy (Rényi α → 1) by SLQ."""
-    return renyi_entropy(hessian_slq(model, loss_fn, loader, params, **slq_kwargs), "shannon", normalizer)
+    result = _slq("hessian_shannon_entropy", model, loader, loss_fn, params, **slq_kwargs)
+    return renyi_entropy(result, "shannon", normalizer)
 
 
 def hessian_spectral_density(
-    model, loss_fn, loader, params: Params = "all", m: int = 100, n_probes: int = 3,
+    model, loader, loss_fn, params: Params = "all", m: int = 100, n_probes: int = 3,
     n_grid: int = 10_000, **slq_kwargs,
 ) -> SpectralDensity:
     """Smoothed spectral density (spec §5: m = 100, 3–5 probes for a less noisy plot)."""
-    return hessian_slq(model, loss_fn, loader, params, m=m, n_probes=n_probes, **slq_kwargs).density(n_grid)
+    check_count("n_grid", n_grid, 2, "hessian_spectral_density")
+    result = _slq("hessian_spectral_density", model, loader, loss_fn, params, m=m, n_probes=n_probes, **slq_kwargs)
+    return result.density(n_grid)
 
 
 def renyi_sharpness(
-    model, loss_fn, loader, alpha: float | str | Sequence[float | str] = 0.5, params: Params = "all",
+    model, loader, loss_fn, alpha: float | str | Sequence[float | str] = 0.5, params: Params = "all",
     normalizer: str = "abs", m: int = 15, n_probes: int = 100, seed: int = 0, **slq_kwargs,
 ) -> RenyiResult | dict:
     """Rényi entropy/sharpness (``.sharpness`` = −H_α) of the loader-loss Hessian by SLQ.
@@ -129,7 +166,7 @@ def renyi_sharpness(
     A sequence of α values is served by a single SLQ run and returns ``{alpha: RenyiResult}``.
     Keep (m, P, subset, seed) fixed within a study: values with different m are not comparable.
     """
-    result = hessian_slq(model, loss_fn, loader, params, m=m, n_probes=n_probes, seed=seed, **slq_kwargs)
+    result = _slq("renyi_sharpness", model, loader, loss_fn, params, m=m, n_probes=n_probes, seed=seed, **slq_kwargs)
     if isinstance(alpha, (str, int, float)):
         return renyi_entropy(result, alpha, normalizer)
     return {a: renyi_entropy(result, a, normalizer) for a in alpha}
@@ -150,7 +187,7 @@ def parameter_norm(model: nn.Module, params: Params = "all", include_vectors: bo
 
 
 def fisher_rao_norm(
-    model: nn.Module, loss_fn: LossFn, loader: Iterable, params: Params = "all", labels: str = "empirical",
+    model: nn.Module, loader: Iterable, loss_fn: LossFn, params: Params = "all", labels: str = "empirical",
     seed: int = 0, train_mode: bool = False,
 ) -> Estimate:
     """Fisher–Rao norm ⟨θ, Fθ⟩ = (1/N) Σ_i (θᵀ ∇_θ ℓ_i)² (empirical Fisher, per-example losses).
@@ -159,6 +196,7 @@ def fisher_rao_norm(
     θᵀ∇ℓ_i is one forward-mode jvp of the per-example losses in direction θ. ``samples``: the
     per-example squares.
     """
+    check_model_loader_loss("fisher_rao_norm", model, loader, loss_fn)
     if labels not in ("empirical", "model"):
         raise ValueError(f"labels must be 'empirical' or 'model', got {labels!r}")
     names = select_parameters(model, params)
@@ -168,8 +206,9 @@ def fisher_rao_norm(
     generator = torch.Generator().manual_seed(seed)
     squares = []
     with eval_mode(model, train_mode), math_attention():
-        for batch in materialize(loader, next(model.parameters()).device):
+        for i, batch in enumerate(materialize(loader, next(model.parameters()).device)):
             inputs, targets = split_batch(batch)
+            check_batch_for(model, inputs, "fisher_rao_norm", i)
             if labels == "model":
                 with torch.no_grad():
                     probs = forward(model, {**frozen, **target}, inputs).softmax(-1)
@@ -211,7 +250,18 @@ def pac_bayes_flatness(
 
     (A public reference implementation passes σ² where a std is expected; here σ is the std.)
     """
+    if not isinstance(model, nn.Module) or callable(loader) and not hasattr(loader, "__iter__"):
+        raise TypeError("pac_bayes_flatness(model, loader, ...): the 1st argument must be the "
+                        f"nn.Module and the 2nd an iterable of batches, got {type(model).__name__} "
+                        f"and {type(loader).__name__}")
+    for name, count in (("depth", depth), ("n_samples", n_samples)):
+        check_count(name, count, 1, "pac_bayes_flatness")
+    check_number("target_drop", target_drop, low=0.0, high=1.0, low_open=True, owner="pac_bayes_flatness")
+    check_number("sigma_max", sigma_max, low=0.0, low_open=True, owner="pac_bayes_flatness")
+    check_number("tol", tol, low=0.0, low_open=True, owner="pac_bayes_flatness")
     batches = materialize(loader, next(model.parameters()).device)
+    for i, batch in enumerate(batches):
+        check_batch_for(model, split_batch(batch)[0], "pac_bayes_flatness", i)
     names = select_parameters(model, params)
     named = dict(model.named_parameters())
     base = {n: p.detach() for n, p in named.items()}
@@ -248,10 +298,12 @@ def _one_step_sharpness(op: ModelOperator, epsilon: torch.Tensor, config: dict) 
 
 
 def sam_sharpness(
-    model, loss_fn, loader, rho: float = 0.05, norm: str = "l2", params: Params = "all", **operator_kwargs,
+    model, loader, loss_fn, rho: float = 0.05, norm: str = "l2", params: Params = "all", **operator_kwargs,
 ) -> Estimate:
     """One-step SAM sharpness L(θ+ε) − L(θ): ε = ρ g/‖g‖ (``"l2"``) or ρ sign(g) (``"linf"``), g = ∇L."""
-    op = ModelOperator(model, loss_fn, loader, params, **operator_kwargs)
+    check_model_loader_loss("sam_sharpness", model, loader, loss_fn)
+    check_number("rho", rho, low=0.0, low_open=True, owner="sam_sharpness")
+    op = ModelOperator(model, loader, loss_fn, params, **operator_kwargs)
     g = op.gradient
     if norm == "l2":
         epsilon = rho * g / g.norm().clamp(min=1e-300)
@@ -263,11 +315,14 @@ def sam_sharpness(
 
 
 def asam_sharpness(
-    model, loss_fn, loader, rho: float = 0.5, norm: str = "l2", eta: float = 0.01, params: Params = "all",
+    model, loader, loss_fn, rho: float = 0.5, norm: str = "l2", eta: float = 0.01, params: Params = "all",
     **operator_kwargs,
 ) -> Estimate:
     """One-step ASAM sharpness with s = |θ| + η: ε = ρ s²⊙g/‖s⊙g‖ (``"l2"``) or ρ s⊙sign(g) (``"linf"``)."""
-    op = ModelOperator(model, loss_fn, loader, params, **operator_kwargs)
+    check_model_loader_loss("asam_sharpness", model, loader, loss_fn)
+    check_number("rho", rho, low=0.0, low_open=True, owner="asam_sharpness")
+    check_number("eta", eta, low=0.0, owner="asam_sharpness")
+    op = ModelOperator(model, loader, loss_fn, params, **operator_kwargs)
     g = op.gradient
     s = op.flatten(op.target).abs() + eta
     if norm == "l2":

@@ -36,6 +36,7 @@ from quotientsharp.functional import (
     model_device_dtype,
     split_batch,
 )
+from quotientsharp.validation import check_batch, check_model_loader_loss
 
 HVP_MODES = ("reverse_over_reverse", "forward_over_reverse", "finite_difference")
 # Default from benchmarks/hessian_cost.py (CPU, torch 2.13, 35k-param transformer, 1 thread):
@@ -219,6 +220,9 @@ def _cast_floating(obj: Any, dtype: torch.dtype) -> Any:
 class ModelOperator(LinearOperator):
     """Shared plumbing of the model curvature operators (data, target block, checks).
 
+    Constructed as ``(model, loader, loss_fn, params="all", ...)``, the order of every measure;
+    batches follow the batch rule of :mod:`quotientsharp.validation`.
+
     Attributes after construction: ``param_names``, ``n`` (target size), ``batches`` and
     ``batch_weights`` (``n_b/N``) of this rank, ``loss`` (float, L(θ)) and ``gradient`` (flat
     float64 ∇L(θ) over the target), summed over the ranks of ``process_group``.
@@ -227,8 +231,8 @@ class ModelOperator(LinearOperator):
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
         loader: Iterable,
+        loss_fn: LossFn,
         params: str | Sequence[str] = "all",
         train_mode: bool = False,
         check_deterministic: bool = True,
@@ -237,12 +241,15 @@ class ModelOperator(LinearOperator):
         process_group=None,
         distributed: bool = False,
     ):
+        check_model_loader_loss(type(self).__name__, model, loader, loss_fn)
         self.model, self.loss_fn, self.train_mode, self.chunk_size = model, loss_fn, train_mode, chunk_size
         self.device, model_dtype = model_device_dtype(model)
         self.compute_dtype = dtype or model_dtype
         self.data_parallel = data_parallel(process_group, distributed)
         index, batches, sizes = self.data_parallel.shard(loader, self.device)
         self.batches = batches if dtype is None else [_cast_floating(b, dtype) for b in batches]
+        for i, b in zip(index, self.batches):
+            check_batch(split_batch(b)[0], {self.compute_dtype}, {self.device}, type(self).__name__, i)
         self.num_data = sum(sizes)
         self.batch_weights = [sizes[i] / self.num_data for i in index]
         self.param_names = select_parameters(model, params)
@@ -368,8 +375,8 @@ class HessianOperator(ModelOperator):
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
         loader: Iterable,
+        loss_fn: LossFn,
         params: str | Sequence[str] = "all",
         mode: str = DEFAULT_HVP_MODE,
         train_mode: bool = False,
@@ -383,7 +390,7 @@ class HessianOperator(ModelOperator):
         if mode not in HVP_MODES:
             raise ValueError(f"unknown HVP mode {mode!r}; choose one of {HVP_MODES}")
         self.mode = mode
-        super().__init__(model, loss_fn, loader, params, train_mode, check_deterministic, dtype, chunk_size,
+        super().__init__(model, loader, loss_fn, params, train_mode, check_deterministic, dtype, chunk_size,
                          process_group, distributed)
         self.fd_step = fd_step or (1e-5 if self.compute_dtype == torch.float64 else 1e-2)
 

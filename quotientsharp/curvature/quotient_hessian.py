@@ -50,6 +50,7 @@ from quotientsharp.curvature.results import Estimate, mean_and_stderr
 from quotientsharp.curvature.slq import SLQResult, SpectralDensity, slq
 from quotientsharp.functional import LossFn
 from quotientsharp.quotient import Quotient
+from quotientsharp.validation import check_choice, check_count, check_model_loader_loss
 
 METRICS = ("mix", "inv")
 
@@ -78,8 +79,8 @@ class QuotientHessianOperator(LinearOperator):
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
         loader: Iterable,
+        loss_fn: LossFn,
         quotient: Quotient | None = None,
         metric: str | None = None,
         rest: str | None = None,
@@ -87,6 +88,7 @@ class QuotientHessianOperator(LinearOperator):
         mode: str = DEFAULT_HVP_MODE,
         **hessian_kwargs,
     ):
+        check_model_loader_loss("QuotientHessianOperator", model, loader, loss_fn)
         if quotient is None:
             quotient = _default_quotient(model, metric, rest, eps_rel)
         elif (metric, rest, eps_rel) != (None, None, None):
@@ -98,7 +100,7 @@ class QuotientHessianOperator(LinearOperator):
             raise ValueError(f"the quotient must cover exactly the trainable parameters; "
                              f"not trainable: {sorted(extra)}, not covered: {sorted(missing)}")
         self.quotient = quotient
-        self.hessian = HessianOperator(model, loss_fn, loader, names, mode=mode, **hessian_kwargs)
+        self.hessian = HessianOperator(model, loader, loss_fn, names, mode=mode, **hessian_kwargs)
         self.param_names, self.n, self.shape = self.hessian.param_names, self.hessian.n, self.hessian.shape
         self.device = self.hessian.device
         self.point = {n: t.to(torch.float64) for n, t in self.hessian.target.items()}
@@ -226,21 +228,27 @@ def _default_quotient(model: nn.Module, metric: str | None, rest: str | None, ep
 
 # --- model-level measures (mirror quotientsharp.curvature.measures) ---------------------------
 def quotient_hessian_top_eigenvalues(
-    model, loss_fn, loader, k: int = 1, which: str = "LA", method: str = "lanczos", m: int | None = None,
+    model, loader, loss_fn, k: int = 1, which: str = "LA", method: str = "lanczos", m: int | None = None,
     tol: float | None = None, seed: int = 0, progress: bool = True, **operator_kwargs,
 ) -> EigenResult:
     """Top-k eigenpairs of the quotient Hessian (see :meth:`QuotientHessianOperator.top_eigenvalues`);
     ``operator_kwargs`` (``quotient``/``metric``/``rest``/``eps_rel``/``mode``/...) build the operator."""
-    op = QuotientHessianOperator(model, loss_fn, loader, **operator_kwargs)
+    check_model_loader_loss("quotient_hessian_top_eigenvalues", model, loader, loss_fn)
+    check_count("k", k, 1, "quotient_hessian_top_eigenvalues")
+    op = QuotientHessianOperator(model, loader, loss_fn, **operator_kwargs)
     return op.top_eigenvalues(k, which, method, m, tol, seed, progress)
 
 
 def quotient_hessian_trace(
-    model, loss_fn, loader, method: str = "hutchinson", n_probes: int = 100, m: int = 15, seed: int = 0,
+    model, loader, loss_fn, method: str = "hutchinson", n_probes: int = 100, m: int = 15, seed: int = 0,
     progress: bool = True, **operator_kwargs,
 ) -> Estimate:
     """Trace over the horizontal space by metric ``"hutchinson"`` or ``"slq"`` (f = id)."""
-    op = QuotientHessianOperator(model, loss_fn, loader, **operator_kwargs)
+    check_model_loader_loss("quotient_hessian_trace", model, loader, loss_fn)
+    check_choice("method", method, ("hutchinson", "slq"), "quotient_hessian_trace")
+    check_count("n_probes", n_probes, 1, "quotient_hessian_trace")
+    check_count("m", m, 1, "quotient_hessian_trace")
+    op = QuotientHessianOperator(model, loader, loss_fn, **operator_kwargs)
     if method == "hutchinson":
         return op.hutchinson(n_probes, seed)
     if method == "slq":
@@ -249,27 +257,30 @@ def quotient_hessian_trace(
 
 
 def quotient_hessian_slq(
-    model, loss_fn, loader, m: int = 15, n_probes: int = 100, seed: int = 0, progress: bool = True,
+    model, loader, loss_fn, m: int = 15, n_probes: int = 100, seed: int = 0, progress: bool = True,
     **operator_kwargs,
 ) -> SLQResult:
     """One horizontal SLQ run of the quotient Hessian (``n = n_h``), for any spectral sum."""
-    return QuotientHessianOperator(model, loss_fn, loader, **operator_kwargs).slq(m, n_probes, seed, progress)
+    check_model_loader_loss("quotient_hessian_slq", model, loader, loss_fn)
+    check_count("m", m, 1, "quotient_hessian_slq")
+    check_count("n_probes", n_probes, 1, "quotient_hessian_slq")
+    return QuotientHessianOperator(model, loader, loss_fn, **operator_kwargs).slq(m, n_probes, seed, progress)
 
 
 def quotient_hessian_spectral_density(
-    model, loss_fn, loader, m: int = 100, n_probes: int = 3, n_grid: int = 10_000, **slq_kwargs,
+    model, loader, loss_fn, m: int = 100, n_probes: int = 3, n_grid: int = 10_000, **slq_kwargs,
 ) -> SpectralDensity:
     """Smoothed spectral density of the quotient Hessian on the horizontal space (spec §5)."""
-    return quotient_hessian_slq(model, loss_fn, loader, m=m, n_probes=n_probes, **slq_kwargs).density(n_grid)
+    return quotient_hessian_slq(model, loader, loss_fn, m=m, n_probes=n_probes, **slq_kwargs).density(n_grid)
 
 
 def quotient_renyi_sharpness(
-    model, loss_fn, loader, alpha: float | str | Sequence[float | str] = 0.5, normalizer: str = "abs",
+    model, loader, loss_fn, alpha: float | str | Sequence[float | str] = 0.5, normalizer: str = "abs",
     m: int = 15, n_probes: int = 100, seed: int = 0, **slq_kwargs,
 ) -> RenyiResult | dict:
     """Rényi entropy/sharpness of the quotient Hessian's horizontal spectrum by SLQ (``n = n_h``);
     a sequence of α values shares one run and returns ``{alpha: RenyiResult}``."""
-    result = quotient_hessian_slq(model, loss_fn, loader, m=m, n_probes=n_probes, seed=seed, **slq_kwargs)
+    result = quotient_hessian_slq(model, loader, loss_fn, m=m, n_probes=n_probes, seed=seed, **slq_kwargs)
     if isinstance(alpha, (str, int, float)):
         return renyi_entropy(result, alpha, normalizer)
     return {a: renyi_entropy(result, a, normalizer) for a in alpha}

@@ -90,7 +90,7 @@ def renyi_entropy(spectrum: torch.Tensor | SLQResult, alpha: float | str = 0.5, 
         samples = torch.stack([
             spectrum.spectral_sum(numerator).samples, spectrum.spectral_sum(denominator).samples,
         ], 1)
-        abs_trace = spectrum.abs_power_trace(1.0).estimate
+        abs_trace = spectrum.abs_power_trace(1.0).value
         config = {**spectrum.config, "source": "slq"}
     else:
         eigenvalues = spectrum.to(torch.float64).reshape(-1)

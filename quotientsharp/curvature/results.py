@@ -32,16 +32,23 @@ def jsonable(obj: Any) -> Any:
 
 @dataclasses.dataclass
 class Estimate:
-    """A scalar estimate with its standard error (``None`` when it does not apply).
+    """A scalar estimate ``value`` with its standard error (``None`` when it does not apply).
 
-    ``samples``: the raw per-probe (or per-trial) values it was averaged from; ``config``: every
-    setting needed to reproduce it (probe count, seed, Lanczos steps, ...).
+    ``value`` is the result field shared with :class:`~quotientsharp.measures.SharpnessResult`;
+    ``estimate`` is a read-only alias of it. ``samples``: the raw per-probe (or per-trial) values
+    it was averaged from; ``config``: every setting needed to reproduce it (probe count, seed,
+    Lanczos steps, ...).
     """
 
-    estimate: float
+    value: float
     stderr: float | None = None
     samples: torch.Tensor | None = None
     config: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def estimate(self) -> float:
+        """Read-only alias of :attr:`value` (the field's former name)."""
+        return self.value
 
     def to_dict(self) -> dict:
         return jsonable(self)

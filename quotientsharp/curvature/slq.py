@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from quotientsharp.curvature.lanczos import _norm, lanczos_tridiagonal, tridiagonal
 from quotientsharp.curvature.operators import as_operator
 from quotientsharp.curvature.results import Estimate, jsonable, mean_and_stderr
+from quotientsharp.validation import check_count
 from quotientsharp.curvature.trace import sample_probes
 
 
@@ -117,6 +118,9 @@ def slq(
     An operator with its own probe distribution (a ``slq`` method, e.g. the quotient Hessian,
     whose probes must be horizontal and metric-whitened) is delegated to when no probes are given.
     """
+    check_count("m", m, 1, "slq")
+    if probes is None:
+        check_count("n_probes", n_probes, 1, "slq")
     own = getattr(op, "slq", None)
     if probes is None and callable(own):
         if distribution != "rademacher":

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from quotientsharp.curvature.operators import as_operator
 from quotientsharp.curvature.results import Estimate, mean_and_stderr
+from quotientsharp.validation import check_count
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -45,6 +46,7 @@ def hutchinson(
     op = as_operator(op)
     n = op.shape[0]
     if probes is None:
+        check_count("n_probes", n_probes, 1, "hutchinson")
         probes = sample_probes(n, n_probes, distribution, torch.Generator().manual_seed(seed))
     samples = []
     for start in tqdm(range(0, probes.shape[1], block_size), desc="Hutchinson", disable=not progress, leave=False):

@@ -39,6 +39,7 @@ from .. import functional as F
 from ..distributed import KEYWORDS as DP_KEYWORDS
 from ..distributed import DataParallel, data_parallel
 from ..quotient import Quotient
+from ..validation import check_measure_call
 from .average import average_increase
 from .feasible import BALLS, relative_ball_quotient
 from .objective import BatchObjective, LossFn
@@ -144,6 +145,7 @@ def measure(name: str, model: Model, loader: Iterable, loss_fn: LossFn, rho: flo
     """The shared driver of every measure: base point, checks, per-batch solve, aggregation
     (``dp``: this rank's batches, gathered after the solve)."""
     dp = dp or DataParallel()
+    check_measure_call(f"{name}_sharpness", model, loader, loss_fn, options)
     if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
         raise ValueError(f"rho must be a positive finite number, got {rho!r}")
     w0 = _base_point(model, quotient, params)

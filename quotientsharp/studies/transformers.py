@@ -215,22 +215,22 @@ def _sharpness(fn: Callable, kind: str, **fixed) -> Callable:
 
 
 def _max_eigenvalue(model, batches, plan, seed):
-    r = hessian_max_eigenvalue(model, F.cross_entropy, batches, tol=plan["lanczos_tol"], seed=seed, progress=False)
-    return {"hessian_max_eigenvalue": r.estimate}, r.to_dict()
+    r = hessian_max_eigenvalue(model, batches, F.cross_entropy, tol=plan["lanczos_tol"], seed=seed, progress=False)
+    return {"hessian_max_eigenvalue": r.value}, r.to_dict()
 
 
 def _slq_measures(model, batches, plan, seed):
     """One SLQ run serves Tr H (= Hutchinson on the same probes) and Rényi sharpness at every α."""
-    slq = hessian_slq(model, F.cross_entropy, batches, m=plan["slq_m"], n_probes=plan["slq_probes"], seed=seed,
+    slq = hessian_slq(model, batches, F.cross_entropy, m=plan["slq_m"], n_probes=plan["slq_probes"], seed=seed,
                       progress=False)
     trace = slq.trace()
     renyi = {a: renyi_entropy(slq, a, "abs") for a in plan["alphas"]}
-    values = {"hessian_trace": trace.estimate, **{f"renyi_{a}": r.sharpness for a, r in renyi.items()}}
+    values = {"hessian_trace": trace.value, **{f"renyi_{a}": r.sharpness for a, r in renyi.items()}}
     return values, {"trace": trace.to_dict(), "renyi": {str(a): r.to_dict() for a, r in renyi.items()}}
 
 
 def _quotient_renyi(model, batches, plan, seed):
-    results = quotient_renyi_sharpness(model, F.cross_entropy, batches, alpha=list(plan["alphas"]),
+    results = quotient_renyi_sharpness(model, batches, F.cross_entropy, alpha=list(plan["alphas"]),
                                         m=plan["slq_m"], n_probes=plan["slq_probes"], seed=seed,
                                         progress=False, metric="mix", eps_rel=STUDY_EPS_REL)
     values = {f"quotient_renyi_{a}": r.sharpness for a, r in results.items()}
