@@ -57,4 +57,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from quotientsharp.studies.runner import run_resumable
+    run_resumable(main)  # Ctrl-C: one line saying a rerun resumes, exit status 130

@@ -9,7 +9,8 @@ Writes ``DIR/models/<id>.{pt,json}``, ``DIR/measures/<id>/<measure>.json`` as ea
 ``--out`` skips finished work. Fashion-MNIST: ``apt-get install -y dataset-fashion-mnist``
 (or ``--dataset digits``).
 """
+from quotientsharp.studies.runner import run_resumable
 from quotientsharp.studies.transformers import main
 
 if __name__ == "__main__":
-    main("vit", description=__doc__.splitlines()[0])
+    run_resumable(main, "vit", description=__doc__.splitlines()[0])

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
+
+INTERRUPTED_EXIT_STATUS = 130
+"""Exit status of a study stopped by Ctrl-C (128 + SIGINT, as the shell reports it)."""
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -98,3 +102,33 @@ def run_units(
 
         executor(compute, todo, done)
     return results
+
+
+def out_argument(argv: Sequence[str]) -> str | None:
+    """The value of ``--out`` in a command line (``--out DIR`` or ``--out=DIR``), else None."""
+    for i, arg in enumerate(argv):
+        if arg == "--out" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--out="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def interrupted_message(out: str | os.PathLike | None) -> str:
+    """The one line a study prints on Ctrl-C."""
+    where = f" in {out}" if out else ""
+    return (f"interrupted: finished work is saved{where}; rerun the same command to resume "
+            f"(finished units are skipped)")
+
+
+def run_resumable(main: Callable[..., Any], *args: Any, default_out: str | os.PathLike | None = None,
+                  **kwargs: Any) -> Any:
+    """``main(*args, **kwargs)``; on Ctrl-C print :func:`interrupted_message` (the ``--out`` of
+    ``sys.argv``, else ``default_out``) as one line on stderr and exit with status 130, instead
+    of a traceback. Everything :func:`run_units` finished is on disk already."""
+    try:
+        return main(*args, **kwargs)
+    except KeyboardInterrupt:
+        out = out_argument(sys.argv[1:]) or default_out
+        print("\n" + interrupted_message(out), file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED_EXIT_STATUS) from None
