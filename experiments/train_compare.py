@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from quotientsharp.data import load_digits_dataset, load_fashion_mnist
 from quotientsharp.models.vit import TinyViT
 from quotientsharp.optim import ASAM, MESA, RSAM, SAF, SAM, GeodesicSAM, IndexedDataset
+from quotientsharp.studies.runner import run_resumable, write_json_atomic
 from quotientsharp.train import evaluate, step_loss
 
 METHODS = ("SGD", "SAM", "ASAM", "SAF", "MESA", "RSAM", "GeodesicSAM")
@@ -232,10 +233,10 @@ def main() -> None:
         if path.exists():
             continue
         result = run(method, seed, args, data)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        write_json_atomic(path, result)  # atomic: a Ctrl-C never leaves a partial run file
     summarize(args.out, tuple(args.methods))
     print((args.out / "table.md").read_text())
 
 
 if __name__ == "__main__":
-    main()
+    run_resumable(main, default_out="results/train_compare")  # Ctrl-C: one line, exit status 130
