@@ -1,0 +1,239 @@
+"""Independent references for checks that were circular (issue 18, item 2), float64.
+
+* Geodesics: the group's RK4 integrates the group's own closed-form Christoffel term, so a wrong Γ
+  went unseen. Here the reference geodesic integrates the *generic* Γ of the base class, computed
+  by autodiff from the metric ``inner`` alone (``SymmetryGroup.christoffel``), with an RK4 written
+  in this file; a second reference, free of any Γ, is the minimiser of the discrete path energy.
+  A sign flip in one term of the closed-form Γ must be caught (a test says so).
+* The quotient Hessian ``Π M⁻¹ (H − C) Π`` against dense matrices built here: ``H`` by
+  ``torch.autograd.functional.hessian``, ``M`` by double backward of ``inner``, ``C`` from the
+  Christoffel symbols ``Γ^λ_{μν} = ½ g^{λσ}(∂_μ g_{σν} + ∂_ν g_{σμ} − ∂_σ g_{μν})`` of that dense
+  metric, and ``Π`` from vertical vectors obtained by differentiating the group *action*.
+* The APGD step schedule against an independent re-implementation of spec part 2 §3.2 on a
+  problem where the step halves (both conditions) and the iterate restarts from the best point.
+* The PAC-Bayes σ bisection must converge to its target accuracy drop.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from quotientsharp import tangent as T
+from quotientsharp.groups import gl_math
+from quotientsharp.groups.attention import AttentionGL, GLBlock, Piece
+from quotientsharp.groups.base import SymmetryGroup
+from quotientsharp.groups.diagonal import DiagonalRescaling, DiagonalRescalingMix
+
+DT = torch.float64
+
+
+# --------------------------------------------------------------------------------------------
+# geodesics
+# --------------------------------------------------------------------------------------------
+HEAD_DIM = 2
+
+
+def gl_problem(metric: str, seed: int = 0, n_heads: int = 2, rows: tuple[int, int] = (5, 4)):
+    """``n_heads`` GL(2) heads, ``G`` stored as a ``(rows[0], 2 n_heads)`` tensor and ``H`` as
+    ``(rows[1], 2 n_heads)`` (head i in columns ``[2i, 2i+2)``); a random point and a random
+    tangent vector of modest size."""
+    block = GLBlock(G=(Piece("G", "cols"),), H=(Piece("H", "cols"),), n_heads=n_heads, head_dim=HEAD_DIM)
+    group = AttentionGL([block], metric)
+    g = torch.Generator().manual_seed(seed)
+    w = {"G": torch.randn(rows[0], n_heads * HEAD_DIM, generator=g, dtype=DT),
+         "H": torch.randn(rows[1], n_heads * HEAD_DIM, generator=g, dtype=DT)}
+    xi = {n: 0.3 * torch.randn(t.shape, generator=g, dtype=DT) for n, t in w.items()}
+    return group, w, xi
+
+
+def diag_problem(metric: str, seed: int = 0):
+    """A diagonal net ``(u, v)`` in R^4 and a horizontal ``xi = (u b, v b)`` (closed-form geodesic)."""
+    group = DiagonalRescaling("u", "v", metric)
+    g = torch.Generator().manual_seed(seed)
+    w = {"u": torch.randn(4, generator=g, dtype=DT), "v": torch.randn(4, generator=g, dtype=DT)}
+    b = 0.2 * torch.randn(4, generator=g, dtype=DT)  # 1 + 2b > 0: inside the mixed geodesic's domain
+    return group, w, group.from_b(w, b)
+
+
+def spec_gl_inner(metric: str, w, xi, zeta):
+    """The metric of spec part 1 §4.1, written from the formulas (per head ``tr(P⁻¹ξ_Gᵀζ_G) +
+    tr(Q⁻¹ξ_Hᵀζ_H)`` or ``tr(Q ξ_Gᵀζ_G) + tr(P ξ_Hᵀζ_H)``), independent of the library; batched
+    over any leading dimensions of the ``(…, rows, n_heads·h)`` tensors."""
+    def heads(x):  # (..., rows, n_heads * h) -> (..., n_heads, rows, h)
+        return x.reshape(*x.shape[:-1], -1, HEAD_DIM).movedim(-2, -3)
+
+    G, H, xG, xH, zG, zH = (heads(x) for x in (w["G"], w["H"], xi["G"], xi["H"], zeta["G"], zeta["H"]))
+    P, Q = G.mT @ G, H.mT @ H
+    if metric == "inv":
+        value = (torch.linalg.solve(P, xG.mT @ zG).diagonal(dim1=-2, dim2=-1).sum(-1)
+                 + torch.linalg.solve(Q, xH.mT @ zH).diagonal(dim1=-2, dim2=-1).sum(-1))
+    else:
+        value = (Q @ xG.mT @ zG).diagonal(dim1=-2, dim2=-1).sum(-1) + (P @ xH.mT @ zH).diagonal(dim1=-2, dim2=-1).sum(-1)
+    return value.sum(-1)
+
+
+def generic_christoffel(group: SymmetryGroup):
+    """``Γ_w(v, v)`` of the base class: autodiff of ``group.inner`` only, never the closed form."""
+    return lambda w, v: SymmetryGroup.christoffel(group, w, v)
+
+
+def rk4(christoffel, w, xi, t: float, n_steps: int):
+    """Classical RK4 on ``(w, v)' = (v, −Γ_w(v, v))`` with ``n_steps`` equal steps; endpoint."""
+    h = t / n_steps
+    w, v = dict(w), dict(xi)
+    for _ in range(n_steps):
+        k1w, k1v = v, T.scale(christoffel(w, v), -1.0)
+        w2, v2 = T.add(w, k1w, h / 2), T.add(v, k1v, h / 2)
+        k2w, k2v = v2, T.scale(christoffel(w2, v2), -1.0)
+        w3, v3 = T.add(w, k2w, h / 2), T.add(v, k2v, h / 2)
+        k3w, k3v = v3, T.scale(christoffel(w3, v3), -1.0)
+        w4, v4 = T.add(w, k3w, h), T.add(v, k3v, h)
+        k4w, k4v = v4, T.scale(christoffel(w4, v4), -1.0)
+        w = T.lincomb((1.0, w), (h / 6, k1w), (h / 3, k2w), (h / 3, k3w), (h / 6, k4w))
+        v = T.lincomb((1.0, v), (h / 6, k1v), (h / 3, k2v), (h / 3, k3v), (h / 6, k4v))
+    return w
+
+
+def distance(a, b) -> float:
+    d = T.sub(a, b)
+    return float(torch.sqrt(T.dot(d, d)))
+
+
+def size(a) -> float:
+    return float(torch.sqrt(T.dot(a, a)))
+
+
+def group_geodesic_discrepancy(group, w, xi, n_steps: int = 4) -> float:
+    """Relative gap between the group's RK4 geodesic (its closed-form Γ) and the RK4 geodesic of
+    the generic Γ, on the same ``n_steps`` grid: round-off for a correct Γ."""
+    ours = rk4(generic_christoffel(group), w, xi, 1.0, n_steps)
+    theirs = group.geodesic(w, xi, 1.0, order="ode", n_steps=n_steps, tol=None)
+    return distance(ours, theirs) / size(xi)
+
+
+def second_order_slope(group, w, xi, ts=(0.2, 0.1, 0.05, 0.025)) -> float:
+    """Log-log slope of ``‖γ_2nd(t) − γ_ref(t)‖``, γ_ref the generic-Γ RK4 geodesic (3 if the
+    closed-form Γ in ``geodesic_2nd`` is right, 2 if it is wrong)."""
+    errors = [distance(group.geodesic(w, xi, t, order=2), rk4(generic_christoffel(group), w, xi, t, 2)) for t in ts]
+    x, y = np.log(ts), np.log(errors)
+    return float(np.polyfit(x, y, 1)[0])
+
+
+@pytest.mark.parametrize("metric", ["inv", "mix"])
+def test_library_metric_is_the_spec_formula(metric):
+    group, w, xi = gl_problem(metric)
+    zeta = T.randn_like(xi, torch.Generator().manual_seed(5))
+    assert float(group.inner(w, xi, zeta)) == pytest.approx(float(spec_gl_inner(metric, w, xi, zeta)), rel=1e-13)
+
+
+@pytest.mark.parametrize("metric", ["inv", "mix"])
+def test_gl_geodesic_matches_generic_christoffel_rk4(metric):
+    group, w, xi = gl_problem(metric)
+    # closed-form Γ == generic Γ at the base point, and along the whole RK4 trajectory
+    gamma, generic = group.christoffel(w, xi), SymmetryGroup.christoffel(group, w, xi)
+    assert distance(gamma, generic) <= 1e-12 * size(generic)
+    assert group_geodesic_discrepancy(group, w, xi) <= 1e-12
+    end = group.geodesic(w, xi, 1.0, order="ode", n_steps=4, tol=None)
+    assert distance(end, T.add(w, xi)) > 1e-2 * size(xi)  # the geodesic is curved here
+    assert 2.8 <= second_order_slope(group, w, xi) <= 3.2
+
+
+@pytest.mark.parametrize("metric", ["inv", "mix"])
+def test_diagonal_closed_form_geodesic_matches_generic_christoffel_rk4(metric):
+    group, w, xi = diag_problem(metric)
+    closed = group.geodesic(w, xi, 1.0, order="exact")
+    errors = [distance(rk4(generic_christoffel(group), w, xi, 1.0, n), closed) / size(xi) for n in (16, 32)]
+    assert errors[1] <= 1e-9 and 12 < errors[0] / errors[1] < 20  # RK4 converges to it at 4th order
+    assert distance(closed, T.add(w, xi)) > 1e-2 * size(xi)
+    assert group_geodesic_discrepancy(group, w, xi) <= 1e-12
+    assert 2.8 <= second_order_slope(group, w, xi) <= 3.2
+
+
+def _flip_last_term_gl(metric, f, G, H, xG, xH):
+    """``gl_christoffel`` with the sign of its last term flipped (``+G P⁻¹ξ_Gᵀξ_G`` for inv,
+    ``−G (ξ_Hᵀξ_H) Q⁻¹`` for mix): a plausible transcription error."""
+    gG, gH = _ORIGINAL_GL_CHRISTOFFEL(metric, f, G, H, xG, xH)
+    if metric == "inv":
+        return gG - 2 * G @ f.P_inv @ (xG.transpose(-1, -2) @ xG), gH
+    return gG + 2 * G @ (xH.transpose(-1, -2) @ xH) @ f.Q_inv, gH
+
+
+_ORIGINAL_GL_CHRISTOFFEL = gl_math.gl_christoffel
+
+
+@pytest.mark.parametrize("metric", ["inv", "mix"])
+def test_a_wrong_gl_christoffel_is_detected(metric, monkeypatch):
+    group, w, xi = gl_problem(metric)
+    monkeypatch.setattr(gl_math, "gl_christoffel", _flip_last_term_gl)
+    assert group_geodesic_discrepancy(group, w, xi) > 1e-3
+    assert second_order_slope(group, w, xi) < 2.2
+
+
+def test_a_wrong_diagonal_christoffel_is_detected(monkeypatch):
+    group, w, xi = diag_problem("mix")
+    right = DiagonalRescalingMix.christoffel
+
+    def wrong(self, w, xi):  # the cross term 2 ξ_u ξ_v / v with the wrong sign
+        out = right(self, w, xi)
+        return {**out, self.u: out[self.u] - 4 * xi[self.u] * xi[self.v] / w[self.v]}
+
+    monkeypatch.setattr(DiagonalRescalingMix, "christoffel", wrong)
+    assert group_geodesic_discrepancy(group, w, xi) > 1e-3
+    assert second_order_slope(group, w, xi) < 2.2
+
+
+def path_energy_minimiser(metric: str, w0, w1, n_segments: int):
+    """Interior nodes of the discrete geodesic from ``w0`` to ``w1``: the minimiser of
+    ``E = n Σ_k g_{m_k}(Δ_k, Δ_k)``, ``Δ_k = w_{k+1} − w_k``, ``m_k = (w_k + w_{k+1})/2`` (midpoint
+    rule; nodes within O(1/n²) of the geodesic at ``t = k/n``), the metric from the spec formula.
+    No Christoffel term enters."""
+    names = list(w0)
+    shapes = {n: w0[n].shape for n in names}
+    flat0, flat1 = T.flatten(w0, names), T.flatten(w1, names)
+    D = flat0.numel()
+    s = torch.linspace(0, 1, n_segments + 1, dtype=DT)[1:-1, None]
+    start = ((1 - s) * flat0 + s * flat1).reshape(-1)
+
+    def unflat(x):
+        out, i = {}, 0
+        for n in names:
+            k = math.prod(shapes[n])
+            out[n] = x[..., i:i + k].reshape(*x.shape[:-1], *shapes[n])
+            i += k
+        return out
+
+    def energy(x):
+        nodes = torch.cat([flat0[None], x.reshape(-1, D), flat1[None]])
+        mid, step = unflat((nodes[1:] + nodes[:-1]) / 2), unflat(nodes[1:] - nodes[:-1])
+        return n_segments * spec_gl_inner(metric, mid, step, step).sum()
+
+    x, gradient = start.clone(), torch.func.grad(energy)
+    hessian = torch.func.jacfwd(gradient)  # forward over reverse (spec part 1 §2 caveat)
+    for _ in range(20):  # Newton's method from the straight line (the energy is smooth and convex near it)
+        step = torch.linalg.solve(hessian(x), gradient(x))
+        x = x - step
+        if float(step.norm()) <= 1e-12 * float(flat1.sub(flat0).norm()):
+            break
+    else:
+        raise AssertionError(f"Newton did not converge on the path energy (last step {float(step.norm()):.2e})")
+    return [unflat(row) for row in x.reshape(-1, D)]
+
+
+@pytest.mark.parametrize("metric", ["inv", "mix"])
+def test_gl_geodesic_midpoint_minimises_the_discrete_path_energy(metric):
+    """The group's geodesic from w to γ(1), evaluated at t = ½, against the energy-minimising
+    path between the same endpoints (Richardson over 8 and 16 segments: O(1/n⁴))."""
+    group, w, xi = gl_problem(metric, n_heads=1, rows=(3, 3))
+    end = group.geodesic(w, xi, 1.0, order="ode", n_steps=128, tol=None)
+    middle = group.geodesic(w, xi, 0.5, order="ode", n_steps=64, tol=None)
+    coarse = path_energy_minimiser(metric, w, end, 8)[3]
+    fine = path_energy_minimiser(metric, w, end, 16)[7]
+    extrapolated = T.lincomb((4 / 3, fine), (-1 / 3, coarse))
+    err_coarse, err_fine = distance(coarse, middle), distance(fine, middle)
+    assert 3.5 < err_coarse / err_fine < 4.5  # second order in the number of segments
+    assert distance(extrapolated, middle) <= 0.05 * err_fine
+    assert distance(middle, T.add(w, T.scale(xi, 0.5))) > 100 * distance(extrapolated, middle)
