@@ -118,9 +118,10 @@ def test_float32_huge_weights_give_the_float64_value_not_zero():
     ref_model, ref_batches = _huge_linear(torch.float64)
     ref = adaptive_sharpness(ref_model, ref_batches, F.cross_entropy, 0.05, n_iter=10, progress=False).value
     model, batches = _huge_linear(torch.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "non-finite iterates" warning either
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         r = adaptive_sharpness(model, batches, F.cross_entropy, 0.05, n_iter=10, progress=False)
+    assert not [w for w in caught if "non-finite" in str(w.message)]
     assert ref > 1e11
     assert abs(r.value - ref) <= 0.02 * ref
     assert r.extras[0]["n_nonfinite"] == 0
@@ -145,9 +146,10 @@ def test_worst_case_warns_about_absurd_relative_perturbation():
     with pytest.warns(UserWarning, match=r"worst-case perturbation reaches .* of a GL block's norm"):
         big = geodesic_sharpness(model, batches, F.cross_entropy, 1e6, **kw)
     assert big.extras[0]["max_relative_perturbation"] > 0.5
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # negative control: a sensible radius is silent
+    with warnings.catch_warnings(record=True) as caught:  # negative control: a sensible radius is silent
+        warnings.simplefilter("always")
         small = geodesic_sharpness(model, batches, F.cross_entropy, 0.05, **kw)
+    assert not [w for w in caught if "perturbation reaches" in str(w.message)]
     assert small.extras[0]["max_relative_perturbation"] < 0.5
 
 
