@@ -81,6 +81,25 @@ class Quotient:
         """The same groups with another metric (``"inv"``/``"mix"``) on every group that has one."""
         return self.replace(groups=[g.with_metric(metric, **kw) for g in self.groups])
 
+    def summary(self) -> str:
+        """Readable description: one line per layer, ``<layer>: QK: ...; VO: ...`` (from the groups'
+        ``block_summaries``: kind, heads, KV groups, group), then groups without block
+        descriptions and the rest metric."""
+        layers: dict[str, dict[str, str]] = {}
+        others = []
+        for g in self.groups:
+            rows = g.block_summaries()
+            if not rows:
+                others.append(repr(g))
+            for layer, part, text in rows:
+                layers.setdefault(layer, {}).setdefault(part, text)
+        lines = [f"{layer}: " + "; ".join(f"{p}: {t}" for p, t in sorted(parts.items()))
+                 for layer, parts in layers.items()]
+        lines += others
+        if self.rest is not None:
+            lines.append(f"rest: {self.rest_kind} metric on {len(self.rest.names)} parameters")
+        return "\n".join(lines)
+
     # ------------------------------------------------------------------ plumbing
     def validate(self, w: Params) -> None:
         """Raise ``ValueError`` naming the parameter when ``w`` does not fit."""

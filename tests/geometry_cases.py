@@ -188,4 +188,91 @@ def elementwise_cases(seed: int = 0) -> list[Case]:
 def all_cases(seed: int = 0) -> list[Case]:
     return (attention_cases("inv", seed) + attention_cases("mix", seed)
             + [diagonal_case("inv", seed), diagonal_case("mix", seed), user_case(seed)]
-            + elementwise_cases(seed))
+            + elementwise_cases(seed) + modern_cases("inv", seed) + modern_cases("mix", seed))
+
+
+# ----------------------------------------------------------------------------- modern attention
+def exact_rmsnorm(model: nn.Module) -> nn.Module:
+    """Replace the forward of HF ``*RMSNorm`` (and ``T5LayerNorm``) modules of the form ``weight * x / rms(x)`` by the
+    same formula in the input dtype: HF computes it in float32 and casts back, which rounds the
+    residual stream (and the QK-norm outputs) to float32 and hides float64 invariance."""
+    import types
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    for m in model.modules():
+        cls = type(m).__name__
+        if (cls.endswith("RMSNorm") or cls == "T5LayerNorm") and hasattr(m, "variance_epsilon") and "Gemma" not in cls:
+            m.forward = types.MethodType(forward, m)
+    return model
+
+
+class _Timm(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m.forward_features(x)
+
+
+def _model_cases(cid, model, x, metric, oracle=False, tags=()):
+    """One case per group that ``find_symmetries`` builds (GL blocks, and scale blocks with QK-norm)."""
+    model = model.to(DT).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = find_symmetries(model, metric=metric, eps_rel=0.0)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        target = torch.randn_like(forward(model, params, x))
+
+    def model_fn(p):
+        return forward(model, {**params, **p}, x)
+
+    def loss_fn(p):
+        return ((model_fn(p) - target) ** 2).mean()
+
+    out = []
+    for g in q.groups:
+        kind = "attention" if isinstance(g, AttentionGL) else "scaling"
+        out.append(Case(f"{cid}-{kind}-{metric}", g, params, model_fn, loss_fn, oracle=oracle,
+                        exact_geodesic=g.has_closed_form_geodesic, tags=set(tags) | {kind, "modern"}))
+    return out
+
+
+def modern_models(seed: int = 0, d: int = 8, heads: int = 2, layers: int = 1):
+    """Tiny modern models built from config (float64), ``{id: (model, input)}``: GQA + rotary
+    (Llama), q/k/v biases (Qwen2), QK-norm (Qwen3, timm), partial rotary with a fused per-head
+    QKV (GPT-NeoX), interleaved partial rotary (GPT-J), fused GQA QKV (Phi-3), MQA (Falcon),
+    relative bias (T5), fused QKV + LayerScale (timm ViT)."""
+    import transformers as tr
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    ids = torch.randint(0, 20, (2, 6), generator=g)
+    tiny = dict(hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * d,
+                vocab_size=20, attn_implementation="sdpa")
+    hd = d // heads
+    models = {
+        "llama-gqa": tr.LlamaModel(tr.LlamaConfig(num_key_value_heads=1, **tiny)),
+        "qwen2-bias": _randomize_biases(tr.Qwen2Model(tr.Qwen2Config(num_key_value_heads=1, **tiny)), g),
+        "qwen3-qknorm": tr.Qwen3Model(tr.Qwen3Config(num_key_value_heads=1, head_dim=hd, rms_norm_eps=1e-30, **tiny)),
+        "neox-partial": tr.GPTNeoXModel(tr.GPTNeoXConfig(rotary_pct=0.5, **tiny)),
+        "gptj-interleaved": tr.GPTJModel(tr.GPTJConfig(n_embd=d, n_layer=layers, n_head=heads, rotary_dim=hd // 2,
+                                                        vocab_size=20, n_positions=16, attn_implementation="sdpa")),
+        "phi3-fused-gqa": tr.Phi3Model(tr.Phi3Config(num_key_value_heads=1, pad_token_id=0, **tiny)),
+        "falcon-mqa": tr.FalconModel(tr.FalconConfig(multi_query=True, new_decoder_architecture=False, **tiny)),
+        "t5-relbias": tr.T5EncoderModel(tr.T5Config(d_model=d, d_kv=hd, num_heads=heads, num_layers=layers,
+                                                     d_ff=2 * d, vocab_size=20)),
+    }
+    out = {k: (exact_rmsnorm(_HF(m)), ids) for k, m in models.items()}
+    from timm.models.vision_transformer import VisionTransformer
+    vit = VisionTransformer(img_size=4, patch_size=2, in_chans=1, num_classes=0, embed_dim=d, depth=layers,
+                            num_heads=heads, mlp_ratio=2.0, qkv_bias=True, init_values=0.5)
+    out["timm-vit-layerscale"] = (_Timm(_randomize_biases(vit, g)), torch.randn(2, 1, 4, 4, generator=g, dtype=DT))
+    return out
+
+
+def modern_cases(metric: str, seed: int = 0) -> list[Case]:
+    return [c for cid, (m, x) in modern_models(seed).items()
+            for c in _model_cases(cid, m, x, metric, oracle=cid in ("llama-gqa", "gptj-interleaved"))]

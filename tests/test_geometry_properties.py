@@ -109,6 +109,8 @@ def test_vertical_vectors_are_loss_null_directions(case):
     ts = np.logspace(-4, -2, 5)
     base = float(case.loss_fn(case.w))
     diffs = [abs(float(case.loss_fn(T.add(case.w, nu, t))) - base) for t in ts]
+    if max(diffs) <= 1e-13 * abs(base):  # the orbit is the straight line itself (a scale group): flat
+        return
     slope = np.polyfit(np.log(ts), np.log(diffs), 1)[0]
     assert 1.9 <= slope <= 2.1, slope
 

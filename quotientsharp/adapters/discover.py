@@ -3,9 +3,12 @@
 Recognised: quotientsharp's :class:`~quotientsharp.models.attention.MultiHeadSelfAttention`,
 ``nn.MultiheadAttention`` (hence ``nn.TransformerEncoderLayer``/``DecoderLayer``), HuggingFace
 BERT-style (``self.query/key/value`` + ``output.dense``), ``q_proj/k_proj/v_proj/o_proj`` style
-(HF ViT) and GPT-2 ``Conv1D`` attention. Layers whose symmetry is broken or different (rotary
-embeddings, QK-normalisation, grouped/multi-query attention, ``add_bias_kv``, relative position
-scores) are refused with :class:`UnsupportedAttentionError` saying why.
+(HF ViT) and GPT-2 ``Conv1D`` attention, and the modern layers of
+:mod:`quotientsharp.adapters.modern` (grouped/multi-query heads, rotary embeddings, QK-norm, fused
+QKV: Llama, Mistral, Qwen2/3, OLMo-2, Gemma, Phi, Phi-3, GPT-NeoX, GPT-J, Falcon, ModernBERT, T5,
+timm ``VisionTransformer``), each with its residual group (spec part 6). Layers whose symmetry
+quotientsharp cannot quotient (``add_bias_kv``, BERT ``relative_key`` scores, multi-head latent
+attention) are refused with :class:`UnsupportedAttentionError` saying why.
 """
 from __future__ import annotations
 
@@ -16,10 +19,13 @@ from torch import nn
 
 from ..groups.attention import AttentionGL, GLBlock
 from ..groups.base import SymmetryGroup
+from ..groups.scaling import HeadScaling, ScaleBlock
 from ..models.attention import MultiHeadSelfAttention
 from ..quotient import Quotient
+from . import modern
 from .attention import (UnsupportedAttentionError, _join, conv1d_blocks, linear_modules_blocks,
                         mha_blocks)
+from .modern import LayerSymmetry
 
 
 def _config(m: nn.Module):
@@ -54,21 +60,33 @@ def _heads(m: nn.Module) -> int:
     raise UnsupportedAttentionError(f"{type(m).__name__}: cannot tell the number of heads")
 
 
-def attention_blocks(model: nn.Module) -> list[GLBlock]:
-    """All GL blocks of the attention layers of ``model`` (raises on unsupported layers; warns
-    about attention-like modules it does not recognise, which then get the rest metric)."""
-    blocks: list[GLBlock] = []
+def _classic(name: str, found: tuple[GLBlock, GLBlock]) -> LayerSymmetry:
+    qk, vo = found
+    text = f"GL({qk.head_dim}) × {qk.n_heads} heads"
+    return LayerSymmetry(name, list(found), [], text, f"GL({vo.head_dim}) × {vo.n_heads} heads")
+
+
+def attention_layers(model: nn.Module) -> list[LayerSymmetry]:
+    """The symmetry of every attention layer of ``model``, in module order: classic layers (part 1)
+    and modern ones (GQA/MQA, rotary, QK-norm, fused QKV: :mod:`quotientsharp.adapters.modern`).
+    Raises :class:`UnsupportedAttentionError` (with the reason) on layers it recognises but cannot
+    quotient; warns, naming the module path, about attention-like modules it does not recognise
+    (their parameters then get the rest metric)."""
+    layers: list[LayerSymmetry] = []
     claimed: set[str] = set()
     modules = dict(model.named_modules())
     for name, m in modules.items():
         if any(name == c or name.startswith(c + ".") for c in claimed):
             continue
         found = None
+        layer = None
         if isinstance(m, MultiHeadSelfAttention):
             found = linear_modules_blocks(_join(name, "q"), _join(name, "k"), _join(name, "v"), _join(name, "o"),
                                           m.q, m.k, m.v, m.n_heads, m.head_dim, name)
         elif isinstance(m, nn.MultiheadAttention):
             found = mha_blocks(name, m)
+        elif (layer := modern.match(name, m)) is not None:
+            pass
         elif all(isinstance(getattr(m, a, None), nn.Linear) for a in ("query", "key", "value")):
             _refuse_if_broken(name, m)
             parent = name.rsplit(".", 1)[0] if "." in name else ""
@@ -98,16 +116,30 @@ def attention_blocks(model: nn.Module) -> list[GLBlock]:
             found = conv1d_blocks(_join(name, "c_attn"), _join(name, "c_proj"), d, _heads(m),
                                   m.c_attn.bias is not None)
         if found is not None:
-            blocks.extend(found)
+            layer = _classic(name, found)
+        if layer is not None:
+            layers.append(layer)
             claimed.add(name)
     for name, m in modules.items():
-        if "attention" in type(m).__name__.lower() and not any(
+        if _looks_like_attention(m) and not any(
                 name == c or name.startswith(c + ".") or c.startswith(name + ".") for c in claimed):
-            if any(True for _ in m.parameters(recurse=False)):
+            if any(True for _ in m.parameters()):  # own parameters or projections as child modules
                 warnings.warn(f"{name} ({type(m).__name__}) looks like attention but is not recognised; "
                               "its parameters get the rest metric. Pass its blocks explicitly "
-                              "(quotientsharp.adapters.linear_attention_blocks) to quotient it.", stacklevel=2)
-    return blocks
+                              "(quotientsharp.adapters.linear_attention_blocks) to quotient it.", stacklevel=3)
+    return layers
+
+
+def _looks_like_attention(m: nn.Module) -> bool:
+    """An attention-named class, or a module with a fused ``qkv``/``query_key_value`` projection."""
+    return "attention" in type(m).__name__.lower() or any(
+        isinstance(getattr(m, a, None), nn.Module) for a in ("qkv", "qkv_proj", "query_key_value", "Wqkv"))
+
+
+def attention_blocks(model: nn.Module) -> list[GLBlock]:
+    """All GL blocks of the attention layers of ``model`` (see :func:`attention_layers`; the scale
+    blocks of QK-norm layers are not GL blocks and are not listed here)."""
+    return [b for layer in attention_layers(model) for b in layer.gl_blocks]
 
 
 def find_symmetries(model: nn.Module, metric: str = "mix", rest: str = "adaptive", eps_rel: float = 0.0,
@@ -118,15 +150,27 @@ def find_symmetries(model: nn.Module, metric: str = "mix", rest: str = "adaptive
     found (or the explicit ``blocks``), ``extra_groups`` (e.g. :class:`DiagonalRescaling`), and the
     ``rest`` metric on every other trainable parameter. ``eps_rel``/``eps``: the Gram relaxation
     of :class:`AttentionGL` (default 0: exactly invariant; a dead head raises ``SingularHeadError``)."""
-    blocks = attention_blocks(model) if blocks is None else list(blocks)
+    scale_blocks: list[ScaleBlock] = []
+    if blocks is None:
+        layers = attention_layers(model)
+        blocks = [b for layer in layers for b in layer.gl_blocks]
+        scale_blocks = [b for layer in layers for b in layer.scale_blocks]
+    else:
+        blocks = list(blocks)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     for b in blocks:
         for pc in b.G + b.H:
             if pc.name not in trainable:
                 raise ValueError(f"{b.label}: parameter {pc.name!r} is not a trainable parameter of the model")
+    for b in scale_blocks:
+        for pc in b.pieces:
+            if pc.name not in trainable:
+                raise ValueError(f"{b.label}: parameter {pc.name!r} is not a trainable parameter of the model")
     groups: list[SymmetryGroup] = []
     if blocks:
         groups.append(AttentionGL(blocks, metric=metric, eps_rel=eps_rel, eps=eps))
+    if scale_blocks:
+        groups.append(HeadScaling(scale_blocks))
     groups.extend(extra_groups)
     q = Quotient.from_model(model, groups, rest=rest, order=order, rest_order=rest_order)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

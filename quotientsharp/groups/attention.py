@@ -20,6 +20,7 @@ import torch
 from . import gl_math as M
 from ..geodesic import integrate_geodesic
 from .base import Params, SymmetryGroup
+from .residual import SubAlgebra, subalgebra_factors, subalgebra_project
 from .gl_math import SingularHeadError  # noqa: F401  (re-exported: raised by AttentionGL)
 
 
@@ -37,6 +38,10 @@ class Piece:
     name: str
     kind: Literal["rows", "cols", "bias"]
     offset: int = 0
+    #: distance between the starts of consecutive heads (default ``h``: contiguous heads); a
+    #: grouped-query block stacks the ``r`` query heads of a KV group as ``r`` pieces with
+    #: offsets ``j*h`` and stride ``r*h`` (spec part 6 §2)
+    stride: int | None = None
 
 
 @dataclass(frozen=True)
@@ -48,12 +53,39 @@ class GLBlock:
     n_heads: int
     head_dim: int
     label: str = ""
+    #: the residual Lie sub-algebra of ``gl(head_dim)`` acting on the block (spec part 6), e.g.
+    #: the rotary commutant; ``None`` is the full ``gl(h)`` with part 1's closed forms
+    algebra: SubAlgebra | None = None
+    #: human-readable description of the block for :meth:`Quotient.summary` (adapters set it)
+    kind: str = ""
+
+
+def _head_index(pc: Piece, heads: int, h: int, device=None):
+    """Indices ``offset + i*stride + [0, h)`` of every head, ``(heads, h)``."""
+    st = h if pc.stride is None else pc.stride
+    return (pc.offset + st * torch.arange(heads, device=device)[:, None]
+            + torch.arange(h, device=device)[None, :])
+
+
+def _span(pc: Piece, heads: int, h: int) -> int:
+    """One past the last index a piece touches."""
+    st = h if pc.stride is None else pc.stride
+    return pc.offset + st * (heads - 1) + h
 
 
 def _extract(w: Mapping[str, torch.Tensor], pieces: Sequence[Piece], heads: int, h: int) -> torch.Tensor:
     parts = []
     for pc in pieces:
         p = w[pc.name]
+        if pc.stride is not None and pc.stride != h:
+            idx = _head_index(pc, heads, h, p.device).reshape(-1)
+            if pc.kind == "rows":
+                parts.append(p.index_select(0, idx).reshape(heads, h, p.shape[1]).transpose(1, 2))
+            elif pc.kind == "cols":
+                parts.append(p.index_select(1, idx).reshape(p.shape[0], heads, h).transpose(0, 1))
+            else:
+                parts.append(p.index_select(0, idx).reshape(heads, 1, h))
+            continue
         lo, hi = pc.offset, pc.offset + heads * h
         if pc.kind == "rows":
             parts.append(p[lo:hi, :].reshape(heads, h, p.shape[1]).transpose(1, 2))
@@ -70,6 +102,19 @@ def _insert(out: dict, pieces: Sequence[Piece], X: torch.Tensor, heads: int, h: 
     row = 0
     for pc in pieces:
         p = out[pc.name]
+        if pc.stride is not None and pc.stride != h:
+            idx = _head_index(pc, heads, h, p.device).reshape(-1)
+            if pc.kind == "rows":
+                k = p.shape[1]
+                out[pc.name] = p.index_copy(0, idx, X[:, row:row + k, :].transpose(1, 2).reshape(heads * h, k).to(p.dtype))
+            elif pc.kind == "cols":
+                k = p.shape[0]
+                out[pc.name] = p.index_copy(1, idx, X[:, row:row + k, :].transpose(0, 1).reshape(k, heads * h).to(p.dtype))
+            else:
+                k = 1
+                out[pc.name] = p.index_copy(0, idx, X[:, row, :].reshape(heads * h).to(p.dtype))
+            row += k
+            continue
         lo, hi = pc.offset, pc.offset + heads * h
         if pc.kind == "rows":
             k = p.shape[1]
@@ -90,6 +135,10 @@ def _piece_rows(w: Mapping[str, torch.Tensor], pc: Piece) -> int:
     return p.shape[1] if pc.kind == "rows" else (p.shape[0] if pc.kind == "cols" else 1)
 
 
+#: public names of the slicing helpers, for other groups over head slices (``HeadScaling``)
+extract_pieces, insert_pieces, piece_rows, head_index = _extract, _insert, _piece_rows, _head_index
+
+
 class AttentionGL(SymmetryGroup):
     """Per-head GL(h) symmetry of (W_Q, W_K) and (W_V, W_O) with the inverse or mixed metric.
 
@@ -105,7 +154,10 @@ class AttentionGL(SymmetryGroup):
     relaxation) raises :class:`~quotientsharp.groups.gl_math.SingularHeadError` naming the head.
 
     Group elements and Lie-algebra elements are lists with one ``(B_s, h, h)`` tensor per stack
-    of equally-shaped blocks (see :attr:`stacks`).
+    of equally-shaped blocks (see :attr:`stacks`). A stack of blocks with a residual
+    :class:`~quotientsharp.groups.residual.SubAlgebra` (rotary, partial rotary: spec part 6) has
+    Lie-algebra elements ``(B_s, dim)`` (coefficients) and a projection onto the complement of
+    that smaller vertical space; its metric, Christoffel term and geodesics are unchanged.
     """
 
     has_closed_form_geodesic = False
@@ -126,10 +178,20 @@ class AttentionGL(SymmetryGroup):
         super().__init__(names)
         self.blocks, self.metric, self.eps_rel, self.eps = blocks, metric, eps_rel, eps
         self.stacks: list[list[int]] | None = None  # block indices per stack, set by validate
+        self._sub_cache: tuple | None = None  # (base factors, sub-algebra factors per stack)
 
     def __repr__(self) -> str:
         heads = sum(b.n_heads for b in self.blocks)
         return f"AttentionGL(metric={self.metric!r}, {len(self.blocks)} blocks, {heads} heads)"
+
+    def block_summaries(self) -> list[tuple[str, str, str]]:
+        """``(layer, "QK"|"VO", description)`` per block (label ``"<layer>/<part>"``)."""
+        out = []
+        for b in self.blocks:
+            layer, _, part = b.label.rpartition("/")
+            alg = b.algebra.describe() if b.algebra is not None else f"GL({b.head_dim})"
+            out.append((layer or b.label, part.upper() or "GL", b.kind or f"{alg} × {b.n_heads} heads"))
+        return out
 
     def with_metric(self, metric: str, **kw) -> "AttentionGL":
         """The same blocks under another metric / relaxation."""
@@ -151,13 +213,17 @@ class AttentionGL(SymmetryGroup):
                     raise ValueError(f"{b.label}: parameter {pc.name!r} of shape {tuple(p.shape)} "
                                      f"does not fit a {pc.kind!r} slice")
                 axis = 1 if pc.kind == "cols" else 0
-                if pc.offset + span > p.shape[axis]:
+                if _span(pc, b.n_heads, b.head_dim) > p.shape[axis]:
                     raise ValueError(
                         f"{b.label}: parameter {pc.name!r} of shape {tuple(p.shape)} has no room for "
                         f"{b.n_heads} heads of size {b.head_dim} at offset {pc.offset} along dim {axis}")
                 idx = [slice(None)] * p.ndim
-                idx[axis] = slice(pc.offset, pc.offset + span)
+                idx[axis] = (_head_index(pc, b.n_heads, b.head_dim).reshape(-1) if pc.stride is not None
+                             else slice(pc.offset, pc.offset + span))
                 cover[pc.name][tuple(idx)] += 1
+            if b.algebra is not None and b.algebra.head_dim != b.head_dim:
+                raise ValueError(f"{b.label}: sub-algebra of gl({b.algebra.head_dim}) on blocks of head dim "
+                                 f"{b.head_dim}")
             for side in ("G", "H"):
                 rows = sum(_piece_rows(w, pc) for pc in getattr(b, side))
                 if rows < b.head_dim:
@@ -173,7 +239,8 @@ class AttentionGL(SymmetryGroup):
         if self.stacks is None:
             shapes: dict[tuple, list[int]] = {}
             for i, b in enumerate(self.blocks):
-                key = (sum(_piece_rows(w, pc) for pc in b.G), sum(_piece_rows(w, pc) for pc in b.H), b.head_dim)
+                key = (sum(_piece_rows(w, pc) for pc in b.G), sum(_piece_rows(w, pc) for pc in b.H), b.head_dim,
+                       b.algebra)
                 shapes.setdefault(key, []).append(i)
             self.stacks = list(shapes.values())
         self._validated = signature
@@ -224,6 +291,34 @@ class AttentionGL(SymmetryGroup):
     def _factors(self, w: Params) -> list[M.GLFactors]:
         return self._base(w)[0]
 
+    def stack_algebras(self, w: Params) -> list[SubAlgebra | None]:
+        """The residual sub-algebra of every stack (``None``: full ``gl(h)``)."""
+        return [self.blocks[s[0]].algebra for s in self._stacks(w)]
+
+    def _projection_factors(self, w: Params) -> list:
+        """Per stack: ``None`` (full gl, closed forms) or the cached
+        :class:`~quotientsharp.groups.residual.SubAlgebraFactors` of its sub-algebra."""
+        fs, blocks = self._base(w)
+        if self._sub_cache is not None and self._sub_cache[0] is fs:
+            return self._sub_cache[1]
+        val = [None if alg is None else subalgebra_factors(self.metric, f, G, H, alg)
+               for alg, f, (G, H) in zip(self.stack_algebras(w), fs, blocks)]
+        self._sub_cache = (fs, val)  # keyed by the identity of the cached base factors
+        return val
+
+    def _project_stacks(self, w: Params, vec: Params, pre=None) -> dict:
+        """``Pi`` per stack (closed form on full-gl stacks, sub-algebra solve otherwise), after
+        the optional per-stack map ``pre(f, xG, xH)``."""
+        fs, blocks_w = self._base(w)
+        subs = self._projection_factors(w)
+        res = []
+        for f, sf, (G, H), (xG, xH) in zip(fs, subs, blocks_w, self.extract(vec)):
+            if pre is not None:
+                xG, xH = pre(f, xG, xH)
+            res.append(M.gl_project(self.metric, f, G, H, xG, xH) if sf is None
+                       else subalgebra_project(sf, G, H, xG, xH))
+        return self.insert({n: torch.zeros_like(vec[n]) for n in self.names}, res)
+
     def _map(self, w: Params, vecs: Sequence[Params], fn) -> dict:
         """Apply ``fn(factors, G, H, *[(xG, xH) per vec]) -> (yG, yH)`` per stack; reassemble."""
         fs, blocks_w = self._base(w)
@@ -246,9 +341,13 @@ class AttentionGL(SymmetryGroup):
         """``A = scale * N(0, I)`` per head (the paper's invariance protocol); with ``max_cond``,
         resample singular values log-uniformly in ``[1, max_cond]`` (orthogonal factors random)."""
         out = []
-        for G, _ in self.extract(w):
+        for (G, _), alg in zip(self.extract(w), self.stack_algebras(w)):
             B, _, h = G.shape
             dev = generator.device if generator is not None else "cpu"
+            if alg is not None:
+                A = alg.random_element(B, generator, max_cond)
+                out.append((scale * A).to(device=G.device, dtype=G.dtype))
+                continue
             A = torch.randn(B, h, h, generator=generator, dtype=torch.float64, device=dev)
             if max_cond is not None:
                 U, _, Vh = torch.linalg.svd(A)
@@ -262,10 +361,12 @@ class AttentionGL(SymmetryGroup):
 
     def algebra_zeros(self, w: Params) -> list[torch.Tensor]:
         return [torch.zeros(G.shape[0], G.shape[-1], G.shape[-1], dtype=G.dtype, device=G.device)
-                for G, _ in self.extract(w)]
+                if alg is None else torch.zeros(G.shape[0], alg.dim, dtype=G.dtype, device=G.device)
+                for (G, _), alg in zip(self.extract(w), self.stack_algebras(w))]
 
     def vertical(self, w: Params, omega) -> dict:
-        res = [M.gl_vertical(G, H, om) for (G, H), om in zip(self.extract(w), omega)]
+        res = [M.gl_vertical(G, H, om if alg is None else alg.matrix(om))
+               for (G, H), om, alg in zip(self.extract(w), omega, self.stack_algebras(w))]
         return self.insert({n: torch.zeros_like(w[n]) for n in self.names}, res)
 
     # ------------------------------------------------------------------ geometry
@@ -286,15 +387,14 @@ class AttentionGL(SymmetryGroup):
                    for f, (xG, xH) in zip(self._factors(w), self.extract(xi))).to(dt)
 
     def horizontal_projection(self, w: Params, xi: Params) -> dict:
-        return self._map(w, [xi], lambda f, G, H, x: M.gl_project(self.metric, f, G, H, *x))
+        return self._project_stacks(w, xi)
 
     def egrad_to_rgrad(self, w: Params, egrad: Params) -> dict:
         return self._map(w, [egrad], lambda f, G, H, d: M.gl_rgrad(self.metric, f, *d))
 
     def riemannian_gradient(self, w: Params, egrad: Params) -> dict:
         """``Pi(g^{-1} egrad)`` in one pass over the blocks."""
-        return self._map(w, [egrad], lambda f, G, H, d: M.gl_project(self.metric, f, G, H,
-                                                                     *M.gl_rgrad(self.metric, f, *d)))
+        return self._project_stacks(w, egrad, lambda f, dG, dH: M.gl_rgrad(self.metric, f, dG, dH))
 
     def christoffel(self, w: Params, xi: Params) -> dict:
         return self._map(w, [xi], lambda f, G, H, x: M.gl_christoffel(self.metric, f, G, H, *x))
@@ -344,11 +444,19 @@ class AttentionGL(SymmetryGroup):
     def kernel_dimension(self, w: Params) -> int:
         """``sum over heads of h^2 - (h - rk G)(h - rk H)`` (``h^2`` per head at full rank)."""
         total = 0
-        for G, H in self.extract(w):
+        for (G, H), alg in zip(self.extract(w), self.stack_algebras(w)):
             h = G.shape[-1]
             a = h - torch.linalg.matrix_rank(G.double())
             b = h - torch.linalg.matrix_rank(H.double())
-            total += int((h * h - a * b).sum())
+            if alg is None:
+                total += int((h * h - a * b).sum())
+            else:  # nu is injective on the sub-algebra when G or H has full column rank
+                full = (a == 0) | (b == 0)
+                total += int(full.sum()) * alg.dim
+                for i in (~full).nonzero()[:, 0].tolist():
+                    E = alg.matrix(torch.eye(alg.dim, dtype=torch.float64))
+                    V = torch.cat([(G[i].double() @ E).flatten(1), (H[i].double() @ E.transpose(1, 2)).flatten(1)], 1)
+                    total += int(torch.linalg.matrix_rank(V))
         return total
 
     def check_domain(self, w: Params) -> None:

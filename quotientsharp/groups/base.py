@@ -114,6 +114,11 @@ class SymmetryGroup(abc.ABC):
         §1); ``None`` when the group has no natural scale to compare with."""
         return None
 
+    def block_summaries(self) -> list[tuple[str, str, str]]:
+        """``(layer, part, description)`` per block, e.g. ``("model.layers.0.self_attn", "QK",
+        "rotary ℂ*^32 × 8 KV groups")``, for :meth:`Quotient.summary`; empty by default."""
+        return []
+
     # ------------------------------------------------------------------ helpers
     def restrict(self, w: Params) -> dict:
         """The sub-dict of ``w`` this group acts on (raises naming a missing parameter)."""

@@ -1,0 +1,1 @@
+"""Test-only torchvision stub (see ``tests/stubs/torchvision/__init__.py``)."""
