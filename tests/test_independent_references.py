@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -23,10 +24,12 @@ import torch
 from torch import nn
 
 from quotientsharp import tangent as T
+from quotientsharp.curvature import QuotientHessianOperator
 from quotientsharp.groups import gl_math
 from quotientsharp.groups.attention import AttentionGL, GLBlock, Piece
 from quotientsharp.groups.base import SymmetryGroup
 from quotientsharp.groups.diagonal import DiagonalRescaling, DiagonalRescalingMix
+from quotientsharp.models.attention import MultiHeadSelfAttention
 
 DT = torch.float64
 
@@ -237,3 +240,133 @@ def test_gl_geodesic_midpoint_minimises_the_discrete_path_energy(metric):
     assert 3.5 < err_coarse / err_fine < 4.5  # second order in the number of segments
     assert distance(extrapolated, middle) <= 0.05 * err_fine
     assert distance(middle, T.add(w, T.scale(xi, 0.5))) > 100 * distance(extrapolated, middle)
+
+
+# --------------------------------------------------------------------------------------------
+# the quotient Hessian
+# --------------------------------------------------------------------------------------------
+class PooledAttention(nn.Module):
+    """One 2-head self-attention layer of width 4 (h = 2, 80 parameters), mean-pooled over tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.att = MultiHeadSelfAttention(4, 2)
+
+    def forward(self, x):
+        return self.att(x).mean(1)
+
+
+def mse(out, target):
+    return ((out - target) ** 2).mean()
+
+
+def small_attention_problem():
+    torch.manual_seed(3)
+    model = PooledAttention().to(DT)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # nonzero biases: the bias rows of the GL blocks matter
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=DT))
+    x, y = torch.randn(5, 3, 4, generator=g, dtype=DT), torch.randn(5, 4, generator=g, dtype=DT)
+    return model, [(x, y)]
+
+
+def dense_quotient_hessian(model, batch, quotient):
+    """``Π M⁻¹ (H − C) Π`` from dense pieces computed here (flat float64 in ``named_parameters`` order):
+
+    * ``H``: ``torch.autograd.functional.hessian`` of the loss;
+    * ``M(w)``: double backward of ``ξ ↦ ½ g_w(ξ, ξ)``;
+    * ``C_{μν} = Σ_λ ∇L_λ Γ^λ_{μν} = ½ u^σ (∂_μ g_{σν} + ∂_ν g_{σμ} − ∂_σ g_{μν})``, ``u = M⁻¹∇L``:
+      ``½ (J + Jᵀ − D_u M)`` with ``J`` the Jacobian of ``w ↦ M(w) u`` and ``D_u M`` the Hessian in
+      ξ of ``½ ⟨∇_w g_w(ξ, ξ), u⟩``, all by reverse mode;
+    * ``Π = I − V (VᵀMV)⁻¹ VᵀM``, the columns of ``V`` the derivatives ``d/dt ψ(I + tE_ij, w)`` of the
+      group **action** at the identity (not the library's ``vertical``).
+    """
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    w0 = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+    n = w0.numel()
+
+    def unflat(x):
+        return dict(zip(names, (part.reshape(s) for part, s in zip(x.split([math.prod(s) for s in shapes]), shapes))))
+
+    inputs, targets = batch
+
+    def loss(x):
+        return mse(torch.func.functional_call(model, unflat(x), (inputs,)), targets)
+
+    def inner(w, a, b):
+        return quotient.inner(unflat(w), unflat(a), unflat(b))
+
+    def metric(w):
+        return torch.autograd.functional.hessian(lambda xi: 0.5 * inner(w, xi, xi), torch.zeros(n, dtype=DT))
+
+    H = torch.autograd.functional.hessian(loss, w0)
+    x = w0.clone().requires_grad_()
+    (gradient,) = torch.autograd.grad(loss(x), x)
+    M = metric(w0)
+    u = torch.linalg.solve(M, gradient)
+
+    def metric_times_u(w):  # M(w) u = ∇_ζ g_w(u, ζ)
+        zeta = torch.zeros(n, dtype=DT, requires_grad=True)
+        return torch.autograd.grad(inner(w, u, zeta), zeta, create_graph=True)[0]
+
+    J = torch.autograd.functional.jacobian(metric_times_u, w0)  # J[ν, μ] = ∂_μ (M u)_ν
+
+    def half_directional(xi):  # ½ ⟨∇_w g_w(ξ, ξ), u⟩, whose ξ-Hessian is D_u M
+        w = w0.clone().requires_grad_()
+        (dw,) = torch.autograd.grad(inner(w, xi, xi), w, create_graph=True)
+        return 0.5 * dw @ u
+
+    DuM = torch.autograd.functional.hessian(half_directional, torch.zeros(n, dtype=DT))
+    C = 0.5 * (J + J.T - DuM)
+
+    columns = []
+    point = unflat(w0)
+    for k, group in enumerate(quotient.groups):
+        identity = [torch.eye(z.shape[-1], dtype=DT).expand_as(z).clone() for z in group.algebra_zeros(point)]
+        for s, z in enumerate(identity):
+            for index in np.ndindex(*z.shape):
+                direction = [torch.zeros_like(e) for e in identity]
+                direction[s][index] = 1.0
+                _, nu = torch.func.jvp(lambda els: group.action(point, els), (identity,), (direction,))
+                columns.append(torch.cat([nu.get(name, torch.zeros(shape, dtype=DT)).reshape(-1)
+                                          for name, shape in zip(names, shapes)]))
+    V = torch.stack(columns, 1)
+    projection = torch.eye(n, dtype=DT) - V @ torch.linalg.solve(V.T @ M @ V, V.T @ M)
+    return projection @ torch.linalg.solve(M, H - C) @ projection, {"H": H, "C": C, "M": M, "V": V}
+
+
+@functools.lru_cache
+def quotient_hessian_case(metric: str):
+    model, loader = small_attention_problem()
+    op = QuotientHessianOperator(model, loader, mse, metric=metric, eps_rel=0.0)
+    reference, parts = dense_quotient_hessian(model, loader[0], op.quotient)
+    return op, reference, parts
+
+
+@pytest.mark.parametrize("metric", ["mix", "inv"])
+def test_quotient_hessian_equals_dense_independent_construction(metric):
+    op, reference, parts = quotient_hessian_case(metric)
+    assert op.param_names == [n for n, _ in small_attention_problem()[0].named_parameters()]
+    assert parts["V"].shape[1] == op.kernel_dim == 2 * 2 * HEAD_DIM**2  # 2 heads × (QK, VO) × h²
+    assert float(torch.linalg.matrix_rank(parts["V"])) == op.kernel_dim
+    dense = op.to_dense()
+    assert (dense - reference).abs().max() <= 1e-10 * reference.abs().max()
+    # the construction is not vacuous: the Christoffel correction of the GL blocks (not only the
+    # adaptive rest's) and the projection both matter
+    H, C, M = parts["H"], parts["C"], parts["M"]
+    on_blocks = op.to_flat({n: torch.full_like(t, float(n not in op.quotient.rest.names))
+                            for n, t in op.point.items()}).bool()
+    assert C[on_blocks][:, on_blocks].abs().max() > 0.3 * H.abs().max()
+    assert (torch.linalg.solve(M, H - C) - reference).abs().max() > 0.05 * reference.abs().max()
+
+
+@pytest.mark.parametrize("metric", ["mix", "inv"])
+def test_quotient_hessian_with_a_wrong_christoffel_term_is_detected(metric, monkeypatch):
+    op, reference, _ = quotient_hessian_case(metric)
+    monkeypatch.setattr(gl_math, "gl_christoffel", _flip_last_term_gl)
+    wrong = torch.stack([op.matvec(reference[:, j]) for j in range(0, op.n, 9)], 1)
+    right = reference @ reference[:, ::9]
+    assert (wrong - right).abs().max() > 1e-4 * right.abs().max()
