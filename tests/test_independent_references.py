@@ -370,3 +370,100 @@ def test_quotient_hessian_with_a_wrong_christoffel_term_is_detected(metric, monk
     wrong = torch.stack([op.matvec(reference[:, j]) for j in range(0, op.n, 9)], 1)
     right = reference @ reference[:, ::9]
     assert (wrong - right).abs().max() > 1e-4 * right.abs().max()
+
+
+# --------------------------------------------------------------------------------------------
+# the APGD step schedule
+# --------------------------------------------------------------------------------------------
+def spec_checkpoints(n_iter: int) -> list[int]:
+    """Spec part 2 §3.1, in Python floats like the reference code: ``p₀ = 0``, ``p₁ = 0.22``,
+    ``p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06)``, ``w_j = ⌈p_j N⌉`` without ``w₀``, until
+    ``w_j ≥ N`` or ``w_j = w_{j−1}``."""
+    p, marks = [0.0, 0.22], []
+    while True:
+        mark = math.ceil(p[-1] * n_iter)
+        if marks and mark == marks[-1]:
+            return marks
+        marks.append(mark)
+        if mark >= n_iter:
+            return marks
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+
+
+def spec_apgd(loss, rho: float, n_iter: int, momentum: float = 0.75):
+    """Spec part 2 §3.2 line by line, for the Euclidean ball (``Π = id``, ``P_S`` rescales onto
+    ``‖ξ‖ ≤ ρ``, endpoint ``w0 + ξ``): ``loss(ξ)`` gives the loss at ``w0 + ξ``. Returns the step
+    and loss increase per iteration, the halvings ``(k, ‖ξ − ξ_best‖ at the restart)`` and the value."""
+    def value_and_grad(xi):
+        x = xi.detach().clone().requires_grad_()
+        value = loss(x)
+        return float(value.detach()), torch.autograd.grad(value, x)[0]
+
+    def ball(x):
+        return x * min(1.0, rho / float(x.norm())) if float(x.norm()) > 0 else x
+
+    marks = set(spec_checkpoints(n_iter))
+    l0 = float(loss(torch.zeros(3, dtype=DT)))
+    xi = xi_prev = xi_best = torch.zeros(3, dtype=DT)
+    l_best, eta, k_prev, n_up = l0, 2 * rho, 0, 0
+    eta_cp, l_cp = eta, l0
+    steps, increases, halvings = [], [], []
+    for k in range(n_iter):
+        l_k, gradient = value_and_grad(xi)
+        steps.append(eta)
+        increases.append(l_k - l0)
+        if l_k > l_best:
+            l_best, xi_best, n_up = l_k, xi, n_up + 1
+        z = ball(xi + eta * gradient / gradient.norm())
+        xi_next = z if k == 0 else ball(xi + momentum * (z - xi) + (1 - momentum) * (xi - xi_prev))
+        xi_prev, xi = xi, xi_next
+        if k in marks:
+            c1 = n_up < 0.75 * (k - k_prev)
+            c2 = eta == eta_cp and l_best == l_cp
+            eta_cp, l_cp, k_prev, n_up = eta, l_best, k, 0
+            if c1 or c2:
+                halvings.append((k, float((xi - xi_best).norm())))
+                eta, xi, xi_prev = eta / 2, xi_best, xi_best
+    l_best = max(l_best, value_and_grad(xi)[0])
+    return steps, increases, halvings, l_best - l0
+
+
+def rugged_loss(seed: int = 13, frequency: float = 1.5):
+    """``Σ_j sin(ω_jᵀθ + φ_j)`` over 4 random waves in R³: non-concave in the ball ρ = 1, so the
+    ascent overshoots, the best loss stalls and the step halves at some checkpoints only."""
+    g = torch.Generator().manual_seed(seed)
+    omega = frequency * torch.randn(4, 3, generator=g, dtype=DT)
+    phase = 2 * math.pi * torch.rand(4, generator=g, dtype=DT)
+    return lambda theta: torch.sin(theta @ omega.T + phase).sum()
+
+
+def test_checkpoints_follow_the_spec_formula_for_every_budget():
+    from quotientsharp.measures import checkpoints
+
+    for n_iter in range(1, 201):
+        assert checkpoints(n_iter) == spec_checkpoints(n_iter), n_iter
+    # gaps 0.22, 0.19, 0.16, 0.13, 0.10, 0.07, then the 0.06 floor; 105 > N is never reached
+    assert spec_checkpoints(100) == [22, 41, 58, 70, 80, 87, 93, 99, 105]
+
+
+def test_apgd_schedule_matches_a_hand_traced_run_with_halvings_and_restarts():
+    """(Condition c2 implies c1 — an unchanged best loss means no improvement since the previous
+    checkpoint — so c2 never changes a decision; dropping it is an equivalent mutant.)"""
+    from quotientsharp.measures import euclidean_sharpness
+
+    loss, rho = rugged_loss(), 1.0
+    steps, increases, halvings, value = spec_apgd(loss, rho, 20)
+    # the problem exercises the schedule: checkpoints 9 and 12 keep the step, the others halve it,
+    # and every restart moves the iterate back to the best point
+    assert [k for k, _ in halvings] == [5, 15, 16, 18, 19]
+    assert all(jump > 1e-5 for _, jump in halvings)
+    assert steps == [2.0] * 6 + [1.0] * 10 + [0.5, 0.25, 0.25, 0.125]
+
+    result = euclidean_sharpness(lambda p, x: p["theta"], [(torch.zeros(1), torch.zeros(1))],
+                                 lambda out, _: loss(out), rho, params={"theta": torch.zeros(3, dtype=DT)},
+                                 n_iter=20, progress=False)
+    trace = result.traces[0]
+    assert trace["step"][0] == steps  # exact: powers of two times 2ρ
+    assert max(abs(a - b) for a, b in zip(trace["loss_increase"][0], increases)) <= 1e-12
+    assert result.extras[0]["n_halvings"] == len(halvings)
+    assert result.value == pytest.approx(value, abs=1e-12)

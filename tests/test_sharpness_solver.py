@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -21,7 +22,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_checkpoint_schedule_matches_reference():
+    # The pin is deliberate: it reproduces the reference implementation's floating-point rounding.
+    # In floats p_4 * 20 = 0.7000000000000001 * 20 rounds up to 15; exact arithmetic of the formula
+    # gives ceil(0.70 * 20) = 14 (checked below), which the reference code never uses.
     assert checkpoints(20) == [5, 9, 12, 15, 16, 18, 19, 20]
+    p = [Fraction(0), Fraction(22, 100)]
+    for _ in range(3):
+        p.append(p[-1] + max(p[-1] - p[-2] - Fraction(3, 100), Fraction(6, 100)))
+    assert [math.ceil(x * 20) for x in p[1:]] == [5, 9, 12, 14]
     assert checkpoints(100)[:4] == [22, 41, 58, 70]
     assert checkpoints(1) == [1]
 
