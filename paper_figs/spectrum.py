@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 from quotientsharp.curvature import QuotientHessianOperator, slq  # noqa: E402
 from quotientsharp.data import load_digits_dataset  # noqa: E402
@@ -53,16 +54,32 @@ def hessian_subset(data, n: int, seed: int, batch_size: int = 256) -> list:
     return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
 
 
-def plot(densities: list, titles: list[str]):
-    """Side-by-side log-scale density panels."""
-    fig, axes = plt.subplots(1, len(densities), figsize=(4.4 * len(densities), 3.3))
-    for ax, d, title in zip(axes, densities, titles):
-        ax.semilogy(d.grid.numpy(), d.density.clamp_min(1e-7).numpy(), lw=1)
-        ax.set_ylim(1e-7, None)
-        ax.set_xlabel("eigenvalue")
-        ax.set_title(title, fontsize=9)
-    axes[0].set_ylabel("density (SLQ)")
-    fig.tight_layout()
+STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
+         "figure.titlesize": 8}
+DOUBLE_COLUMN = 6.8  # inches: readable at the paper's double-column width, every font >= 7 pt
+FLOOR = 1e-7
+
+
+def plot(densities: list, titles: list[str], xlabels: list[str] | None = None):
+    """Side-by-side log-scale density panels (double column): labels on the decades only, every
+    other decade when the axis spans more than six; no labels on minor ticks."""
+    xlabels = xlabels or ["eigenvalue"] * len(densities)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(densities), figsize=(DOUBLE_COLUMN, 2.6), squeeze=False)
+        for ax, d, title, xlabel in zip(axes[0], densities, titles, xlabels):
+            ax.semilogy(d.grid.numpy(), d.density.clamp_min(FLOOR).numpy(), lw=0.8)
+            ax.set_ylim(FLOOR, None)
+            top = float(d.density.max())
+            step = 2 if top / FLOOR > 1e6 else 1
+            ax.yaxis.set_major_locator(ticker.LogLocator(base=10 ** step, numticks=12))
+            ax.yaxis.set_minor_locator(ticker.LogLocator(base=10, subs=(1.0,), numticks=20) if step > 1
+                                       else ticker.LogLocator(base=10, subs=tuple(range(2, 10)), numticks=20))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+            ax.xaxis.set_major_locator(ticker.MaxNLocator(6))
+            ax.set_xlabel(xlabel)
+            ax.set_title(title)
+        axes[0][0].set_ylabel("spectral density (SLQ)")
+        fig.tight_layout()
     return fig
 
 
@@ -89,15 +106,17 @@ def main(argv: list[str] | None = None) -> list[Path]:
         f"quotient Hessian ({args.metric} metric, adaptive rest)\n"
         f"n_h = n − dim V = {op.n_horizontal}, Tr ≈ {quotient.trace().value:.3g}",
     ]
-    fig = plot([plain.density(), quotient.density()], titles)
-    fig.suptitle(f"TinyViT on digits (test acc {test['acc']:.3f}); SLQ m = {cfg['m']}, P = {cfg['probes']}, "
-                 f"{cfg['n_hessian']} training samples", fontsize=9)
-    fig.tight_layout()
+    xlabels = ["eigenvalue of H", f"eigenvalue of the quotient Hessian ({args.metric}-metric units)"]
+    fig = plot([plain.density(), quotient.density()], titles, xlabels)
+    with plt.rc_context(STYLE):
+        fig.suptitle(f"TinyViT on digits (test acc {test['acc']:.3f}); SLQ m = {cfg['m']}, P = {cfg['probes']}, "
+                     f"{cfg['n_hessian']} training samples")
+        fig.tight_layout()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / f"spectrum.{ext}" for ext in ("png", "pdf")]
     for path in written:
-        fig.savefig(path, dpi=150)
+        fig.savefig(path, dpi=200)
     plt.close(fig)
     print("\n".join(str(p) for p in written))
     return written
