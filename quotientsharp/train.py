@@ -51,6 +51,27 @@ AUGMENTATIONS: dict[str, Augment] = {
 }
 
 
+Mix = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+def mixup(inputs: torch.Tensor, targets: torch.Tensor, generator: torch.Generator, alpha: float,
+          n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al. 2018): λ ~ Beta(α, α) once per batch, a random pairing π of the batch,
+    ``(λ·x + (1−λ)·x[π], λ·onehot(y) + (1−λ)·onehot(y[π]))``; soft targets ``(B, n_classes)``.
+    ``alpha = 0`` returns the batch unchanged (one-hot targets)."""
+    if alpha < 0:
+        raise ValueError(f"mixup alpha must be >= 0, got {alpha}")
+    onehot = F.one_hot(targets, n_classes).to(inputs.dtype)
+    if alpha == 0:
+        return inputs, onehot
+    # Beta(α, α) = G₁/(G₁ + G₂) with G₁, G₂ ~ Gamma(α), drawn from ``generator``
+    gammas = torch._standard_gamma(torch.full((2,), float(alpha), dtype=torch.float64), generator=generator)
+    total = float(gammas.sum())
+    lam = float(gammas[0]) / total if total > 0 else 1.0  # both underflow only for α ≪ 1e-2: no mixing
+    perm = torch.randperm(inputs.shape[0], generator=generator).to(inputs.device)
+    return lam * inputs + (1 - lam) * inputs[perm], lam * onehot + (1 - lam) * onehot[perm]
+
+
 def make_optimizer(
     params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float, momentum: float
 ) -> torch.optim.Optimizer:
@@ -96,6 +117,7 @@ def train_classifier(
     device: torch.device | str | None = None,
     progress: bool = True,
     optimizer_factory: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    mix: Mix | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place with mini-batch cross-entropy; returns the history.
 
@@ -103,7 +125,9 @@ def train_classifier(
     ``(images, generator) → images``. ``optimizer_factory(params)`` replaces the built-in
     ``optimizer``/``lr``/``weight_decay``/``momentum`` choice; an optimizer with ``set_epoch``
     (the SAM family's warm-up, SAF/MESA) is told each epoch's index, and SAF/MESA get the sample
-    indices and inputs their regularised loss needs (:func:`step_loss`). Shuffling, augmentation and
+    indices and inputs their regularised loss needs (:func:`step_loss`). ``mix(inputs, targets,
+    generator) → (inputs, soft targets (B, C))`` runs after ``augment`` (e.g. :func:`mixup`); the
+    accuracy then counts the argmax of the soft targets. Shuffling, augmentation, mixing and
     dropout are seeded from ``seed`` (the global RNG state is restored afterwards), so a model
     initialised identically gives an identical history. History: per-epoch ``train_loss`` and
     ``train_acc`` (running means over the epoch's augmented batches, train mode; the loss
@@ -135,6 +159,8 @@ def train_classifier(
                 inputs, targets = to_device(inputs, device), targets.to(device)
                 if augment_fn is not None:
                     inputs = augment_fn(inputs, generator)
+                if mix is not None:
+                    inputs, targets = mix(inputs, targets, generator)
                 first_pass: list[tuple[torch.Tensor, torch.Tensor]] = []
 
                 def closure() -> torch.Tensor:
@@ -151,7 +177,8 @@ def train_classifier(
                 loss, logits = first_pass[0]
                 n = targets.shape[0]
                 loss_sum += float(loss) * n
-                correct += int((logits.argmax(-1) == targets).sum())
+                hard = targets if targets.ndim == 1 else targets.argmax(-1)
+                correct += int((logits.argmax(-1) == hard).sum())
                 seen += n
                 history["steps"] += 1
             history["train_loss"].append(loss_sum / seen)

