@@ -6,14 +6,18 @@ Every check raises with a message that names the function, the argument and the 
   (integers ``>= minimum``).
 - :func:`check_model_loader_loss`: the one argument order of every model-level measure,
   ``(model, loader, loss_fn, ...)``; swapped arguments raise a ``TypeError`` saying which is which.
-- :func:`check_batch`: the batch rule of the sharpness measures and curvature operators.
+- :func:`conform_batch` / :func:`conform_inputs`: the batch rule of the sharpness measures and
+  curvature operators.
 
-**Batch rule.** Batches are moved to the model's device before use (no copy when already there);
-their floating-point *input* tensors must already have a floating dtype of the model's
-parameters (for the curvature operators with ``dtype=``, that dtype: they cast the batch
-themselves). Nothing is cast silently: a mismatch raises :class:`BatchMismatchError` naming the
-tensor, its dtype and device and the model's. Integer tensors (token ids, masks) and the targets
-are not checked (the loss function decides what targets it accepts).
+**Batch rule.** Batches are moved to the model's device before use (no copy when already there).
+Floating-point *input* tensors are cast to the model's floating dtype (the dtype the computation
+runs in: the curvature operators' ``dtype=`` when given, else the parameters' dtype), exactly as if
+the caller had written ``x.to(model_dtype)``; a float32 batch for a float64 model is therefore
+measured on the same (exactly representable) values. Integer and bool tensors (token ids, masks)
+and the targets are never cast (the loss function decides what targets it accepts). A model whose
+parameters have several floating dtypes gets no cast. An input tensor still on another device after
+the move (a custom batch type the move cannot see into) raises :class:`BatchMismatchError` naming
+it, instead of a raw error deep inside the forward pass.
 """
 from __future__ import annotations
 
@@ -117,54 +121,59 @@ def check_model_loader_loss(where: str, model: Any, loader: Any, loss_fn: Any) -
 
 
 class BatchMismatchError(TypeError):
-    """A batch's input tensor has a dtype or device that the model's parameters do not have."""
+    """A batch's input tensor is on a device that the model's parameters are not on."""
 
 
-def _tensors(obj: Any, path: str) -> Iterable[tuple[str, torch.Tensor]]:
+def _conform(obj: Any, dtype: torch.dtype | None, devices: set, path: str, where: str) -> Any:
     if isinstance(obj, torch.Tensor):
-        yield path, obj
-    elif isinstance(obj, Mapping):
-        for k, v in obj.items():
-            yield from _tensors(v, f"{path}[{k!r}]")
-    elif isinstance(obj, (tuple, list)):
-        for i, v in enumerate(obj):
-            yield from _tensors(v, f"{path}[{i}]")
+        if devices and obj.device not in devices:
+            raise BatchMismatchError(
+                f"{where}{path} is on device {obj.device} but the model's parameters are on "
+                f"{', '.join(sorted(map(str, devices)))}; move the model or the data (batches are moved "
+                "to the model's device only through tuples, lists and dicts)")
+        return obj.to(dtype) if dtype is not None and obj.is_floating_point() and obj.dtype != dtype else obj
+    if isinstance(obj, Mapping):
+        return {k: _conform(v, dtype, devices, f"{path}[{k!r}]", where) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)) and not hasattr(obj, "_fields"):
+        return type(obj)(_conform(v, dtype, devices, f"{path}[{i}]", where) for i, v in enumerate(obj))
+    return obj
 
 
-def model_dtypes_devices(model: nn.Module) -> tuple[set[torch.dtype], set[torch.device]]:
-    """The floating dtypes and the devices of a module's parameters."""
-    params = list(model.parameters())
-    return ({p.dtype for p in params if p.is_floating_point()}, {p.device for p in params})
-
-
-def check_batch(inputs: Any, dtypes: Iterable[torch.dtype], devices: Iterable[torch.device],
-                where: str = "", index: int | None = None) -> None:
-    """Raise :class:`BatchMismatchError` if a floating input tensor's dtype is not in ``dtypes``
-    or any input tensor is not on a device in ``devices`` (see the module's batch rule).
-
-    Empty ``dtypes``/``devices`` skip that check (a plain callable model has none).
-    """
-    dtypes, devices = set(dtypes), set(devices)
-    batch = "the batch" if index is None else f"batch {index}"
+def conform_inputs(inputs: Any, dtype: torch.dtype | None, devices: Iterable[torch.device] = (),
+                   where: str = "", index: int | None = None) -> Any:
+    """``inputs`` with every floating tensor cast to ``dtype`` (None: no cast), after checking that
+    every tensor is on one of ``devices`` (empty: no check); see the module's batch rule."""
     prefix = f"{where}: " if where else ""
-    for path, t in _tensors(inputs, "inputs"):
-        if devices and t.device not in devices:
-            raise BatchMismatchError(
-                f"{prefix}{batch}: {path} is on device {t.device} but the model's parameters are on "
-                f"{', '.join(sorted(map(str, devices)))}; move the model or the data "
-                "(measures move batches to the model's device themselves: is this a custom batch type?)")
-        if dtypes and t.is_floating_point() and t.dtype not in dtypes:
-            model_dtype = ", ".join(sorted(str(d) for d in dtypes))
-            raise BatchMismatchError(
-                f"{prefix}{batch}: {path} has dtype {t.dtype} but the model's parameters are "
-                f"{model_dtype}; cast the data (x.to({model_dtype})) or the model "
-                f"(model.to({t.dtype})) so that they match")
+    prefix += "the batch: " if index is None else f"batch {index}: "
+    return _conform(inputs, dtype, set(devices), "inputs", prefix)
 
 
-def check_batch_for(model: Any, inputs: Any, where: str = "", index: int | None = None) -> None:
-    """:func:`check_batch` against ``model``'s parameters (no check for a plain callable)."""
-    if isinstance(model, nn.Module):
-        check_batch(inputs, *model_dtypes_devices(model), where=where, index=index)
+def conform_batch(batch: Any, dtype: torch.dtype | None, devices: Iterable[torch.device] = (),
+                  where: str = "", index: int | None = None) -> Any:
+    """A batch ``(inputs, targets)`` or ``{..., "labels": targets}`` with its inputs conformed by
+    :func:`conform_inputs`; the targets are left as they are."""
+    if isinstance(batch, Mapping):
+        inputs = conform_inputs({k: v for k, v in batch.items() if k != "labels"}, dtype, devices, where, index)
+        return {**inputs, **({"labels": batch["labels"]} if "labels" in batch else {})}
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return type(batch)((conform_inputs(batch[0], dtype, devices, where, index), batch[1]))
+    return batch
+
+
+def model_dtype_devices(model: Any) -> tuple[torch.dtype | None, set[torch.device]]:
+    """The floating dtype of an ``nn.Module``'s parameters (None if they have several or none)
+    and their devices; ``(None, set())`` for a plain callable."""
+    if not isinstance(model, nn.Module):
+        return None, set()
+    params = list(model.parameters())
+    dtypes = {p.dtype for p in params if p.is_floating_point()}
+    return (dtypes.pop() if len(dtypes) == 1 else None), {p.device for p in params}
+
+
+def conform_inputs_for(model: Any, inputs: Any, where: str = "", index: int | None = None) -> Any:
+    """:func:`conform_inputs` to ``model``'s floating dtype and devices (unchanged for a callable)."""
+    dtype, devices = model_dtype_devices(model)
+    return conform_inputs(inputs, dtype, devices, where, index)
 
 
 def check_measure_call(where: str, model: Any, loader: Any, loss_fn: Any, options: Any = None) -> None:

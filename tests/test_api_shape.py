@@ -17,7 +17,7 @@ from quotientsharp import curvature, measures
 from quotientsharp.curvature import (GGNOperator, HessianOperator, QuotientHessianOperator, hutchinson,
                                      slq)
 from quotientsharp.models.vit import TinyViT
-from quotientsharp.validation import BatchMismatchError, check_batch
+from quotientsharp.validation import BatchMismatchError, conform_batch, conform_inputs
 
 LOSS = F.cross_entropy
 
@@ -154,22 +154,45 @@ def test_count_of_the_wrong_type_and_low_level_estimators():
 
 
 # ----- item 7: batch dtype and device --------------------------------------------------------------
+def _number(result):
+    """The scalar (or, for an operator, loss and gradient) that a measure returns."""
+    if isinstance(result, QuotientHessianOperator):
+        result = result.hessian
+    if isinstance(result, (HessianOperator, GGNOperator)):
+        return (result.loss, result.gradient.tolist())
+    if isinstance(result, dict):
+        return {k: v.value if hasattr(v, "value") else v.estimate for k, v in result.items()}
+    return result.value if hasattr(result, "value") else result.estimate
+
+
 @pytest.mark.parametrize("name", ["geodesic_sharpness", "adaptive_sharpness", "euclidean_sharpness", "hessian_trace",
                                   "HessianOperator", "GGNOperator", "QuotientHessianOperator", "fisher_rao_norm",
                                   "sam_sharpness", "renyi_sharpness"])
-def test_a_float32_batch_for_a_float64_model_is_named(name):
+def test_a_float32_batch_is_cast_to_the_float64_model(name):
+    """Documented rule: floating inputs are cast to the model's dtype (before: a raw torch error
+    "mat1 and mat2 must have the same dtype"); float32 -> float64 is exact, so the result is the
+    float64 batch's, bit for bit."""
     fn, kwargs = MEASURES[name]
-    with pytest.raises(BatchMismatchError, match=(r"batch.*: inputs has dtype torch.float32 but the model's "
-                                                  r"parameters are torch.float64; cast the data")):
-        fn(vit(), batches(torch.float32), LOSS, **kwargs)
+    data32 = batches(torch.float32)
+    data64 = [(x.double(), y) for x, y in data32]
+    assert _number(fn(vit(), data32, LOSS, **kwargs)) == _number(fn(vit(), data64, LOSS, **kwargs))
 
 
-def test_average_case_and_pac_bayes_name_the_mismatch_too():
-    with pytest.raises(BatchMismatchError, match="torch.float32 but the model's parameters are torch.float64"):
-        measures.geodesic_sharpness(vit(), batches(torch.float32), LOSS, rho=0.01, kind="average",
-                                    n_samples=2, progress=False)
-    with pytest.raises(BatchMismatchError, match="torch.float32 but the model's parameters are torch.float64"):
-        curvature.pac_bayes_flatness(vit(), batches(torch.float32), n_samples=1, depth=1, progress=False)
+def test_average_case_and_pac_bayes_cast_too():
+    data32 = batches(torch.float32)
+    data64 = [(x.double(), y) for x, y in data32]
+    kw = {"rho": 0.01, "kind": "average", "n_samples": 2, "progress": False}
+    assert (measures.geodesic_sharpness(vit(), data32, LOSS, **kw).value
+            == measures.geodesic_sharpness(vit(), data64, LOSS, **kw).value)
+    kw = {"n_samples": 2, "depth": 2, "progress": False}
+    assert curvature.pac_bayes_flatness(vit(), data32, **kw).value == curvature.pac_bayes_flatness(vit(), data64, **kw).value
+
+
+def test_a_float64_batch_for_a_float32_model_runs_in_float32():
+    model, data = vit().float(), batches(torch.float64)
+    op = HessianOperator(model, data, LOSS)
+    assert op.batches[0][0].dtype == torch.float32 and op.compute_dtype == torch.float32
+    assert measures.adaptive_sharpness(model, data, LOSS, rho=0.01, n_iter=2, progress=False).config["dtype"] == "torch.float32"
 
 
 def test_the_operators_dtype_option_casts_the_batch_itself():
@@ -178,7 +201,7 @@ def test_the_operators_dtype_option_casts_the_batch_itself():
     assert op.compute_dtype == torch.float64 and op.batches[0][0].dtype == torch.float64
 
 
-def test_integer_inputs_and_targets_are_not_checked():
+def test_integer_inputs_and_targets_are_not_cast():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3)).double()
     tokens = torch.randint(0, 10, (8, 3))
@@ -186,24 +209,30 @@ def test_integer_inputs_and_targets_are_not_checked():
                                          progress=False)
     assert result.value >= 0
     regression = nn.Linear(3, 1).double()
-    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1)  # float32 targets: the loss decides
-    assert curvature.hessian_trace(regression, [(x, y)], F.mse_loss, n_probes=2, progress=False).value > 0
+    x, y = torch.randn(8, 3), torch.randn(8, 1)  # float32 inputs and targets
+    op = HessianOperator(regression, [(x, y)], F.mse_loss)
+    assert op.batches[0][0].dtype == torch.float64 and op.batches[0][1].dtype == torch.float32
+    out = conform_batch({"x": x, "mask": tokens, "labels": y}, torch.float64)
+    assert torch.equal(out["x"], x.double()) and out["mask"] is tokens and out["labels"] is y
 
 
-def test_a_batch_on_another_device_is_named():
+def test_a_tensor_left_on_another_device_is_named():
     inputs = {"pixels": torch.empty(2, 3, device="meta")}
     with pytest.raises(BatchMismatchError, match=(r"HessianOperator: batch 3: inputs\['pixels'\] is on device meta but "
                                                   r"the model's parameters are on cpu")):
-        check_batch(inputs, {torch.float32}, {torch.device("cpu")}, "HessianOperator", 3)
-    check_batch(inputs, {torch.float32}, {torch.device("meta")})  # same device and dtype: no error
+        conform_inputs(inputs, torch.float32, {torch.device("cpu")}, "HessianOperator", 3)
+    assert conform_inputs(inputs, torch.float32, {torch.device("meta")})["pixels"].dtype == torch.float32
 
 
 # ----- item 8: the top level -----------------------------------------------------------------------
 def test_main_api_importable_from_the_top_level():
-    from quotientsharp import (ASAM, SAM, GeodesicSAM, Quotient, adaptive_sharpness,  # noqa: F401
+    from quotientsharp import (ASAM, SAM, GeodesicSAM, Quotient, adaptive_sharpness,
                                average_geodesic_sharpness, euclidean_sharpness, find_symmetries,
                                geodesic_sharpness, groups, hessian_trace, renyi_sharpness)
     from quotientsharp.adapters import find_symmetries as direct
+    assert all(callable(obj) for obj in (ASAM, GeodesicSAM, Quotient, adaptive_sharpness, average_geodesic_sharpness,
+                                         euclidean_sharpness, hessian_trace, renyi_sharpness))
+    assert hessian_trace is curvature.hessian_trace and ASAM is quotientsharp.optim.ASAM
     assert find_symmetries is direct and geodesic_sharpness is measures.geodesic_sharpness
     assert groups is quotientsharp.groups and SAM is quotientsharp.optim.SAM
     for name in quotientsharp.__all__:

@@ -1,4 +1,8 @@
-"""Curvature of the loss: Hessian/GGN operators, eigenvalues, traces, SLQ, Rényi sharpness."""
+"""Curvature of the loss: Hessian/GGN operators, eigenvalues, traces, SLQ, Rényi sharpness.
+
+Every model-level function and operator takes ``(model, loader, loss_fn, ...)``, the order of the
+sharpness measures; scalar results are :class:`Estimate` with the number in ``.value``.
+"""
 from quotientsharp.curvature.lanczos import EigenResult, lanczos, lanczos_tridiagonal, power_iteration
 from quotientsharp.curvature.measures import (
     asam_sharpness,

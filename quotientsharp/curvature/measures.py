@@ -7,8 +7,8 @@ swapped arguments raise a ``TypeError`` saying which is which) and build the ope
 ``curvature="ggn"``). ``params`` selects the target block (see
 :func:`~quotientsharp.curvature.operators.select_parameters`). Scalar results are
 :class:`~quotientsharp.curvature.results.Estimate` with the value in ``.value``. Batches follow the
-batch rule of :mod:`quotientsharp.validation` (moved to the model's device; floating inputs in the
-model's dtype, else a named error).
+batch rule of :mod:`quotientsharp.validation` (moved to the model's device; floating inputs cast
+to the model's dtype).
 """
 from __future__ import annotations
 
@@ -40,11 +40,13 @@ from quotientsharp.functional import (
     split_batch,
 )
 from quotientsharp.validation import (
-    check_batch_for,
     check_choice,
     check_count,
     check_model_loader_loss,
     check_number,
+    conform_batch,
+    conform_inputs_for,
+    model_dtype_devices,
 )
 
 Params = str | Sequence[str]
@@ -208,7 +210,7 @@ def fisher_rao_norm(
     with eval_mode(model, train_mode), math_attention():
         for i, batch in enumerate(materialize(loader, next(model.parameters()).device)):
             inputs, targets = split_batch(batch)
-            check_batch_for(model, inputs, "fisher_rao_norm", i)
+            inputs = conform_inputs_for(model, inputs, "fisher_rao_norm", i)
             if labels == "model":
                 with torch.no_grad():
                     probs = forward(model, {**frozen, **target}, inputs).softmax(-1)
@@ -259,9 +261,9 @@ def pac_bayes_flatness(
     check_number("target_drop", target_drop, low=0.0, high=1.0, low_open=True, owner="pac_bayes_flatness")
     check_number("sigma_max", sigma_max, low=0.0, low_open=True, owner="pac_bayes_flatness")
     check_number("tol", tol, low=0.0, low_open=True, owner="pac_bayes_flatness")
-    batches = materialize(loader, next(model.parameters()).device)
-    for i, batch in enumerate(batches):
-        check_batch_for(model, split_batch(batch)[0], "pac_bayes_flatness", i)
+    dtype, devices = model_dtype_devices(model)
+    batches = [conform_batch(b, dtype, devices, "pac_bayes_flatness", i)
+               for i, b in enumerate(materialize(loader, next(model.parameters()).device))]
     names = select_parameters(model, params)
     named = dict(model.named_parameters())
     base = {n: p.detach() for n, p in named.items()}

@@ -36,7 +36,7 @@ from quotientsharp.functional import (
     model_device_dtype,
     split_batch,
 )
-from quotientsharp.validation import check_batch, check_model_loader_loss
+from quotientsharp.validation import check_model_loader_loss, conform_batch
 
 HVP_MODES = ("reverse_over_reverse", "forward_over_reverse", "finite_difference")
 # Default from benchmarks/hessian_cost.py (CPU, torch 2.13, 35k-param transformer, 1 thread):
@@ -248,8 +248,8 @@ class ModelOperator(LinearOperator):
         self.data_parallel = data_parallel(process_group, distributed)
         index, batches, sizes = self.data_parallel.shard(loader, self.device)
         self.batches = batches if dtype is None else [_cast_floating(b, dtype) for b in batches]
-        for i, b in zip(index, self.batches):
-            check_batch(split_batch(b)[0], {self.compute_dtype}, {self.device}, type(self).__name__, i)
+        self.batches = [conform_batch(b, self.compute_dtype, {self.device}, type(self).__name__, i)
+                        for i, b in zip(index, self.batches)]
         self.num_data = sum(sizes)
         self.batch_weights = [sizes[i] / self.num_data for i in index]
         self.param_names = select_parameters(model, params)

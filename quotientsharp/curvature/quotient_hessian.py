@@ -65,6 +65,7 @@ class QuotientHessianOperator(LinearOperator):
     """``A = Π M⁻¹ (H − C) Π`` over all trainable parameters, self-adjoint in ``⟨u, v⟩ = uᵀMv``.
 
     Args:
+        model, loader, loss_fn: as every measure (``loss_fn(outputs, targets)`` the batch mean).
         quotient: the geometry; default ``find_symmetries(model, metric, rest, eps_rel)`` with
             ``metric="mix"``, ``rest="adaptive"``, ``eps_rel=0`` (give either ``quotient`` or
             these three). It must cover exactly the trainable parameters.

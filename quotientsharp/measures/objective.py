@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from ..validation import check_batch_for
+from ..validation import conform_inputs_for
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -39,7 +39,7 @@ class BatchObjective:
                  loss_fn: LossFn, logit_normalization: bool = False):
         self.model, self.loss_fn, self.logit_normalization = model, loss_fn, logit_normalization
         self.inputs, self.targets = F.split_batch(batch)
-        check_batch_for(model, self.inputs, "sharpness")
+        self.inputs = conform_inputs_for(model, self.inputs, "sharpness")
 
     def outputs(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if isinstance(self.model, nn.Module):
