@@ -5,6 +5,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,12 +50,22 @@ def test_result_fields_and_json():
     model, batches = attention_setup(n_batches=3)
     r = geodesic_sharpness(model, batches, F.cross_entropy, 0.1, metric="inv", progress=False)
     assert isinstance(r, SharpnessResult)
-    assert r.value == pytest.approx(sum(r.per_batch) / 3) and all(v >= 0 for v in r.per_batch)
-    assert r.stderr is not None and r.stderr >= 0
-    assert r.error_increase is not None
-    for e, t in zip(r.extras, r.traces):
-        assert e["xi_norm"] <= 0.1 * (1 + 1e-9) and e["n_halvings"] >= 0
+    assert r.value == pytest.approx(sum(r.per_batch) / 3, rel=1e-14)
+    assert r.stderr == pytest.approx(float(np.std(r.per_batch, ddof=1)) / math.sqrt(3), rel=1e-12)
+    assert r.error_increase == pytest.approx(sum(e["error_increase"] for e in r.extras) / 3, abs=1e-15)
+    for v, b, e, t in zip(r.per_batch, r.base_loss, r.extras, r.traces):
         assert len(t["loss_increase"][0]) == 20 and t["step"][0][0] == pytest.approx(0.2)
+        # the value is the best loss seen: at least every traced iterate, and reached at one of them
+        # or at the final extra forward; the base loss is recorded as such
+        assert v == pytest.approx(e["best_loss"] - b, abs=1e-14) and v >= max(t["loss_increase"][0]) > 0
+        assert e["xi_norm"] <= 0.1 * (1 + 1e-9)
+        # error rates on 6 examples: increases are multiples of 1/6
+        assert abs(6 * e["error_increase"] - round(6 * e["error_increase"])) < 1e-12
+        # every halving but one at the last iteration shows as a halved step in the trace
+        steps = t["step"][0]
+        seen = sum(round(math.log2(a / b)) for a, b in zip(steps, steps[1:]))
+        assert all(a == b or a == 2 * b for a, b in zip(steps, steps[1:]))
+        assert seen <= e["n_halvings"] <= seen + 1
     d = json.loads(json.dumps(r.to_dict()))
     assert d["config"]["measure"] == "geodesic" and d["config"]["metrics"] == ["inv"]
     assert d["config"]["order"] == 2 and d["config"]["rest_order"] == 1
