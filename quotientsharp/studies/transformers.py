@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..curvature import hessian_max_eigenvalue, hessian_slq, quotient_renyi_sharpness, renyi_entropy
+from ..curvature.layerwise import layerwise_renyi, parse_value_name, select_layer_alpha
 from ..data import ClassificationData, get_dataset
 from ..data.text import UNK_ID
 from ..measures import adaptive_sharpness, euclidean_sharpness, geodesic_sharpness
@@ -243,6 +244,14 @@ def _quotient_renyi(model, batches, plan, seed):
     return values, {str(a): r.to_dict() for a, r in results.items()}
 
 
+def _layer_renyi(model, batches, plan, seed):
+    """Rényi sharpness of every weight tensor's Hessian block (one SLQ run per layer, the study's
+    m, probes and α): values ``layer_renyi_<alpha>@<layer>``."""
+    r = layerwise_renyi(model, batches, F.cross_entropy, alphas=list(plan["alphas"]), m=plan["slq_m"],
+                        n_probes=plan["slq_probes"], seed=seed)
+    return r.values(), r.to_dict()
+
+
 MEASURES: dict[str, Callable] = {
     "geodesic_inv": _sharpness(geodesic_sharpness, "worst", metric="inv", eps_rel=STUDY_EPS_REL),
     "geodesic_mix": _sharpness(geodesic_sharpness, "worst", metric="mix", eps_rel=STUDY_EPS_REL),
@@ -258,14 +267,31 @@ MEASURES: dict[str, Callable] = {
     "hessian_max_eigenvalue": _max_eigenvalue,
     "hessian_slq": _slq_measures,
     "quotient_renyi": _quotient_renyi,
+    "layer_renyi": _layer_renyi,
 }
 """Measurement units: ``(model, batches, plan, seed) -> (value or {name: value}, details)``.
 Worst-case sharpness at ``plan["rho"]``, average-case at ``plan["rho_average"]``."""
 
 
+OPT_IN_MEASURES = ("layer_renyi",)
+"""Units run only when asked for (``--measures``): per-layer Rényi costs one SLQ run per weight
+tensor, ~14× the full-Hessian SLQ on the 2-layer TinyViT."""
+
+
 def default_measures() -> list[str]:
-    """Every unit of :data:`MEASURES`."""
-    return list(MEASURES)
+    """Every unit of :data:`MEASURES` but the :data:`OPT_IN_MEASURES`."""
+    return [name for name in MEASURES if name not in OPT_IN_MEASURES]
+
+
+def layer_renyi_selection(rows: Sequence[Mapping[str, Any]], n_boot: int, seed: int) -> dict:
+    """Per gap: the layer and α of per-layer Rényi sharpness chosen on a seeded half of the models
+    and its τ on the other half (:func:`~quotientsharp.curvature.layerwise.select_layer_alpha`);
+    ``{}`` without per-layer values or with fewer than 4 models."""
+    if len(rows) < 4 or not any(parse_value_name(n) for row in rows for n in row["values"]):
+        return {}
+    values = {row["id"]: row["values"] for row in rows}
+    return {gap: select_layer_alpha(values, {row["id"]: row[gap] for row in rows}, seed=seed, n_boot=n_boot)
+            for gap in GAPS}
 
 
 def measure_unit(name: str, model: nn.Module, batches: list, plan: Mapping[str, Any], seed: int) -> dict:
@@ -518,6 +544,9 @@ def summarize(config: Mapping[str, Any], trained: Mapping[str, dict], measured: 
         summary["learned"] = {"chance_acc": chance_acc,
                               "excluded": [r["id"] for r in rows if r not in learned],
                               **tau_block(learned, config["n_boot"], config["seed"])}
+    selection = layer_renyi_selection(rows, config["n_boot"], config["seed"])
+    if selection:  # per-layer Rényi: layer and α chosen on half the models, τ on the other half
+        summary["layer_renyi_selection"] = selection
     return summary | {"models": rows, "config": dict(config)}
 
 
@@ -608,7 +637,7 @@ def main(task: str, argv: Sequence[str] | None = None, description: str = "") ->
     parser.add_argument("--rho-average", type=float, help="average-case radius (default 0.01)")
     parser.add_argument("--slq-probes", type=int, help="SLQ probes for Tr H and Rényi (default 8)")
     parser.add_argument("--measures", nargs="+", choices=list(MEASURES),
-                        help="measurement units (default: all available)")
+                        help=f"measurement units (default: all but {', '.join(OPT_IN_MEASURES)})")
     parser.add_argument("--seed", type=int, default=0, help="population, subset, solver and bootstrap seed")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument("--no-progress", action="store_true")
