@@ -269,3 +269,44 @@ def test_inverse_metric_matches_oracle(orthonormal_model, rho):
     assert oracle >= increase(first_order) - 1e-12
     value = _measure("geodesic_inv", orthonormal_model, rho)
     assert (1 - 1e-6) * oracle <= value <= oracle + 1e-10
+
+
+# --------------------------------------------------------------------------- figures
+def _figure_script():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "paper_figs" / "diagonal_nets.py"
+    spec = importlib.util.spec_from_file_location("paper_figs_diagonal_nets", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_figures_run_on_a_tiny_study_and_are_readable(tmp_path):
+    """paper_figs/diagonal_nets.py on a 5-model study: an overview (6.8 in) and one figure per
+    measure (3.3 in), each checked for overlapping tick labels and text under 7 pt before saving;
+    titles are human-readable with the paper's τ; the old layout (log axis with labelled minor
+    ticks on a narrow range, 10 pt at 4 in) fails the same check."""
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    figs = _figure_script()
+    config = D.study_config(rhos=(0.05,), n_iter=3, n_restarts=0, ode_rhos=[0.05])
+    config["models"] = [m for m in D.population(50) if m["alpha"] >= 0.2][:5]
+    config["n_boot"] = 50
+    D.run_study(tmp_path / "study", config, progress=False)
+    paths = figs.main([str(tmp_path / "study"), "--out", str(tmp_path / "figs")])
+    names = {p.name for p in paths}
+    assert {"diag_overview.png", "diag_overview.pdf"} <= names
+    assert {f"diag_{m}.png" for m in D.MEASURES} <= names and all(p.stat().st_size > 0 for p in paths)
+    assert figs.title("geodesic_inv", -0.5, D.PAPER_TAU) == "geodesic, inverse metric\nτ = −0.50 (paper −0.83)"
+    assert "paper" not in figs.title("euclidean", 0.1, D.PAPER_TAU) and "_" not in figs.title("geodesic_mix_bnorm", 0, {})
+    # negative control: the previous style on values within 3% of each other
+    fig, ax = plt.subplots(figsize=(4, 3.2))
+    ax.scatter([11.0, 11.1, 11.2, 11.3], [1, 2, 3, 4])
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(ticker.LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(10, 10)))
+    ax.tick_params(labelsize=6)
+    problems = figs.readability_problems(fig)
+    plt.close(fig)
+    assert any("overlap" in p for p in problems) and any("< 7" in p for p in problems)
