@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from quotientsharp import AttentionGL, DiagonalRescaling, Euclidean, PositiveRescaling, SymmetryGroup
+from quotientsharp import DiagonalRescaling, Euclidean, PositiveRescaling, SymmetryGroup
 from quotientsharp.adapters import find_symmetries
 from quotientsharp.functional import forward
 from quotientsharp.models.attention import MultiHeadSelfAttention
@@ -235,9 +235,10 @@ def _model_cases(cid, model, x, metric, oracle=False, tags=()):
 
     out = []
     for g in q.groups:
-        kind = "attention" if isinstance(g, AttentionGL) else "scaling"
+        kind = {"AttentionGL": "attention", "HeadScaling": "scaling", "JointGroup": "joint"}[type(g).__name__]
+        extra = {"attention"} if kind == "joint" else set()  # GL parts: conditioned elements, extract/insert
         out.append(Case(f"{cid}-{kind}-{metric}", g, params, model_fn, loss_fn, oracle=oracle,
-                        exact_geodesic=g.has_closed_form_geodesic, tags=set(tags) | {kind, "modern"}))
+                        exact_geodesic=g.has_closed_form_geodesic, tags=set(tags) | {kind, "modern"} | extra))
     return out
 
 
@@ -245,7 +246,8 @@ def modern_models(seed: int = 0, d: int = 8, heads: int = 2, layers: int = 1):
     """Tiny modern models built from config (float64), ``{id: (model, input)}``: GQA + rotary
     (Llama), q/k/v biases (Qwen2), QK-norm (Qwen3, timm), partial rotary with a fused per-head
     QKV (GPT-NeoX), interleaved partial rotary (GPT-J), fused GQA QKV (Phi-3), MQA (Falcon),
-    relative bias (T5), fused QKV + LayerScale (timm ViT)."""
+    relative bias (T5), fused QKV + LayerScale (timm ViT), fused QKV + QK-norm (timm ViT: a
+    ``JointGroup`` of head scales on the q/k rows and GL on the v rows)."""
     import transformers as tr
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -270,7 +272,20 @@ def modern_models(seed: int = 0, d: int = 8, heads: int = 2, layers: int = 1):
     vit = VisionTransformer(img_size=4, patch_size=2, in_chans=1, num_classes=0, embed_dim=d, depth=layers,
                             num_heads=heads, mlp_ratio=2.0, qkv_bias=True, init_values=0.5)
     out["timm-vit-layerscale"] = (_Timm(_randomize_biases(vit, g)), torch.randn(2, 1, 4, 4, generator=g, dtype=DT))
+    vit = VisionTransformer(img_size=4, patch_size=2, in_chans=1, num_classes=0, embed_dim=d, depth=layers,
+                            num_heads=heads, mlp_ratio=2.0, qkv_bias=True, qk_norm=True)
+    out["timm-vit-qknorm"] = (_Timm(exact_layernorm_qk(_randomize_biases(vit, g))),
+                              torch.randn(2, 1, 4, 4, generator=g, dtype=DT))
     return out
+
+
+def exact_layernorm_qk(model: nn.Module) -> nn.Module:
+    """``eps = 0`` in the QK LayerNorms: the per-head scales are then an exact symmetry (with
+    ``eps > 0`` only up to ``eps / var``)."""
+    for n, m in model.named_modules():
+        if n.endswith(("q_norm", "k_norm")) and isinstance(m, nn.LayerNorm):
+            m.eps = 0.0
+    return model
 
 
 def modern_cases(metric: str, seed: int = 0) -> list[Case]:

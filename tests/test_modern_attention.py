@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as tr
-from geometry_cases import DT, _HF, exact_rmsnorm, modern_models
+from geometry_cases import DT, _HF, exact_layernorm_qk, exact_rmsnorm, modern_models
 
 from quotientsharp import tangent as T
 from quotientsharp.adapters import UnsupportedAttentionError, find_symmetries
@@ -255,13 +255,18 @@ def test_mla_and_bert_relative_key_stay_refused():
                                                    position_embedding_type="relative_key")))
 
 
-def test_timm_vit_fused_qkv_with_layerscale_is_found_and_qk_norm_refused_with_reason():
+def test_timm_vit_fused_qkv_with_layerscale_and_qk_norm():
     from timm.models.vision_transformer import VisionTransformer
     kw = dict(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=2, num_heads=2, init_values=0.1)
     s = _summary(VisionTransformer(**kw))
     assert s.splitlines()[0] == "blocks.0.attn: QK: GL(8) × 2 heads; VO: GL(8) × 2 heads"
-    with pytest.raises(UnsupportedAttentionError, match="QK-norm on a fused QKV"):
-        find_symmetries(VisionTransformer(qk_norm=True, **kw))
+    q = _quiet_find(VisionTransformer(qk_norm=True, **kw))
+    assert [type(g).__name__ for g in q.groups] == ["JointGroup"]  # scales and GL share the fused qkv weight
+    assert q.summary().splitlines()[0].startswith("blocks.0.attn: QK: QK-norm: ℝ₊ per head (2 query + 2 key scales)")
+    assert "; VO: GL(8) × 2 heads" in q.summary().splitlines()[0]
+    from timm.models.vision_transformer import Attention
+    with pytest.raises(UnsupportedAttentionError, match="scale_norm"):  # a norm between V and O
+        find_symmetries(torch.nn.Sequential(Attention(16, 2, scale_norm=True, norm_layer=torch.nn.LayerNorm)))
 
 
 def test_unrecognised_attention_with_child_projections_warns_naming_the_path():
@@ -287,7 +292,8 @@ def _lm_setup(kind):
     if kind == "timm":
         from timm.models.vision_transformer import VisionTransformer
         model = VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=2,
-                                  num_heads=2, qkv_bias=True, init_values=0.5).to(DT).eval()
+                                  num_heads=2, qkv_bias=True, qk_norm=True, init_values=0.5)
+        model = exact_layernorm_qk(model).to(DT).eval()
         x = torch.randn(8, 1, 8, 8, generator=g, dtype=DT)
         return model, [(x, torch.randint(0, 3, (8,), generator=g))], F.cross_entropy
     cfg = dict(TINY, hidden_size=16, num_attention_heads=4, num_key_value_heads=2, intermediate_size=32)
@@ -325,3 +331,23 @@ def test_geodesic_sharpness_invariant_under_residual_group_adaptive_moves(kind):
     a0 = adaptive_sharpness(model, batches, loss, **kw).value
     a1 = adaptive_sharpness(moved, batches, loss, **kw).value
     assert abs(a1 - a0) >= 0.1 * a0, (a0, a1)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_joint_group_geodesic_vjp_matches_autograd(order):
+    """The product group over a fused qkv (timm QK-norm): each part moves only its own slices."""
+    m, x = modern_models(0)["timm-vit-qknorm"]
+    G = _quiet_find(m.to(DT)).groups[0]
+    w = {n: p for n, p in _params(m).items() if n in G.names}
+    gen = torch.Generator().manual_seed(10)
+    xi = T.scale(G.horizontal_projection(w, T.randn_like(w, gen)), 0.05)
+    c = T.randn_like(w, gen)
+    leaf = {n: t.clone().requires_grad_(True) for n, t in xi.items()}
+    end = G.geodesic(w, leaf, order=order)
+    ref = torch.autograd.grad(sum((end[n] * c[n]).sum() for n in G.names), [leaf[n] for n in G.names])
+    got = G.geodesic_vjp(w, xi, c, order=order)
+    for n, r in zip(G.names, ref):
+        assert torch.allclose(got[n], r, rtol=1e-10, atol=1e-12), n
+    if order == 1:  # the first-order step is w + xi on every slice, once
+        d = T.sub(G.geodesic(w, xi, order=1), T.add(w, xi))
+        assert float(torch.sqrt(T.dot(d, d))) < 1e-14

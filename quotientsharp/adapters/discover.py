@@ -19,6 +19,7 @@ from torch import nn
 
 from ..groups.attention import AttentionGL, GLBlock
 from ..groups.base import SymmetryGroup
+from ..groups.joint import JointGroup
 from ..groups.scaling import HeadScaling, ScaleBlock
 from ..models.attention import MultiHeadSelfAttention
 from ..quotient import Quotient
@@ -167,10 +168,16 @@ def find_symmetries(model: nn.Module, metric: str = "mix", rest: str = "adaptive
             if pc.name not in trainable:
                 raise ValueError(f"{b.label}: parameter {pc.name!r} is not a trainable parameter of the model")
     groups: list[SymmetryGroup] = []
-    if blocks:
-        groups.append(AttentionGL(blocks, metric=metric, eps_rel=eps_rel, eps=eps))
-    if scale_blocks:
-        groups.append(HeadScaling(scale_blocks))
+    gl_names = {pc.name for b in blocks for pc in b.G + b.H}
+    if scale_blocks and gl_names & {pc.name for b in scale_blocks for pc in b.pieces}:
+        # fused QKV with QK-norm: scales on the q/k rows, GL on the v rows of one tensor
+        groups.append(JointGroup([AttentionGL(blocks, metric=metric, eps_rel=eps_rel, eps=eps, shares_tensors=True),
+                                  HeadScaling(scale_blocks, shares_tensors=True)]))
+    else:
+        if blocks:
+            groups.append(AttentionGL(blocks, metric=metric, eps_rel=eps_rel, eps=eps))
+        if scale_blocks:
+            groups.append(HeadScaling(scale_blocks))
     groups.extend(extra_groups)
     q = Quotient.from_model(model, groups, rest=rest, order=order, rest_order=rest_order)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

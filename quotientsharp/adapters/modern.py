@@ -241,11 +241,6 @@ def _assemble(name: str, m: nn.Module, n_q: int, n_kv: int, h: int, qw, qb, qslo
         raise UnsupportedAttentionError(f"{name}: {n_q} query heads do not split into {n_kv} KV groups")
     rotary = _rotary_algebra(name, m, h)
     qk_norm, note = _qk_norm(name, m, n_q, n_kv, h) if norm_allowed else (None, "")
-    if qk_norm is not None and vw in (qw, kw):
-        raise UnsupportedAttentionError(
-            f"{name}: QK-norm on a fused QKV weight: the query/key scale group and the value GL group "
-            "would share one parameter tensor, which a quotient cannot split yet; unfuse the projection "
-            "or pass blocks= for the VO blocks only")
     return grouped_attention(name, (qw, qb, qslots), (kw, kb, kslot), (vw, vb, vslot), o, n_kv, h,
                              None if qk_norm else rotary, qk_norm, note)
 

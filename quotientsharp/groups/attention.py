@@ -11,6 +11,7 @@ through hand-written :class:`GLBlock` descriptions.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -61,9 +62,14 @@ class GLBlock:
 
 
 def _head_index(pc: Piece, heads: int, h: int, device=None):
-    """Indices ``offset + i*stride + [0, h)`` of every head, ``(heads, h)``."""
+    """Indices ``offset + i*stride + [0, h)`` of every head, ``(heads, h)`` (cached)."""
     st = h if pc.stride is None else pc.stride
-    return (pc.offset + st * torch.arange(heads, device=device)[:, None]
+    return _strided_index(pc.offset, st, heads, h, str(device) if device is not None else "cpu")
+
+
+@functools.lru_cache(maxsize=1024)
+def _strided_index(offset: int, stride: int, heads: int, h: int, device: str) -> torch.Tensor:
+    return (offset + stride * torch.arange(heads, device=device)[:, None]
             + torch.arange(h, device=device)[None, :])
 
 
@@ -77,14 +83,13 @@ def _extract(w: Mapping[str, torch.Tensor], pieces: Sequence[Piece], heads: int,
     parts = []
     for pc in pieces:
         p = w[pc.name]
-        if pc.stride is not None and pc.stride != h:
-            idx = _head_index(pc, heads, h, p.device).reshape(-1)
+        if pc.stride is not None and pc.stride != h:  # strided heads: a view by unfold
             if pc.kind == "rows":
-                parts.append(p.index_select(0, idx).reshape(heads, h, p.shape[1]).transpose(1, 2))
+                parts.append(p[pc.offset:].unfold(0, h, pc.stride)[:heads])
             elif pc.kind == "cols":
-                parts.append(p.index_select(1, idx).reshape(p.shape[0], heads, h).transpose(0, 1))
+                parts.append(p[:, pc.offset:].unfold(1, h, pc.stride)[:, :heads].transpose(0, 1))
             else:
-                parts.append(p.index_select(0, idx).reshape(heads, 1, h))
+                parts.append(p[pc.offset:].unfold(0, h, pc.stride)[:heads, None, :])
             continue
         lo, hi = pc.offset, pc.offset + heads * h
         if pc.kind == "rows":
@@ -162,7 +167,8 @@ class AttentionGL(SymmetryGroup):
 
     has_closed_form_geodesic = False
 
-    def __init__(self, blocks: Sequence[GLBlock], metric: str = "mix", eps_rel: float = 0.0, eps: float = 0.0):
+    def __init__(self, blocks: Sequence[GLBlock], metric: str = "mix", eps_rel: float = 0.0, eps: float = 0.0,
+                 shares_tensors: bool = False):
         if metric not in M.METRICS:
             raise ValueError(f"metric must be one of {M.METRICS}, got {metric!r}")
         if eps_rel < 0 or eps < 0:
@@ -177,6 +183,9 @@ class AttentionGL(SymmetryGroup):
                     names.append(pc.name)
         super().__init__(names)
         self.blocks, self.metric, self.eps_rel, self.eps = blocks, metric, eps_rel, eps
+        #: the blocks may cover their tensors only partly (the rest belongs to another part of a
+        #: :class:`~quotientsharp.groups.joint.JointGroup`, which checks the coverage)
+        self.shares_tensors = shares_tensors
         self.stacks: list[list[int]] | None = None  # block indices per stack, set by validate
         self._sub_cache: tuple | None = None  # (base factors, sub-algebra factors per stack)
 
@@ -195,7 +204,7 @@ class AttentionGL(SymmetryGroup):
 
     def with_metric(self, metric: str, **kw) -> "AttentionGL":
         """The same blocks under another metric / relaxation."""
-        kw = {"eps_rel": self.eps_rel, "eps": self.eps, **kw}
+        kw = {"eps_rel": self.eps_rel, "eps": self.eps, "shares_tensors": self.shares_tensors, **kw}
         return AttentionGL(self.blocks, metric, **kw)
 
     # ------------------------------------------------------------------ layout
@@ -232,7 +241,7 @@ class AttentionGL(SymmetryGroup):
         for n, c in cover.items():
             if int(c.max()) > 1:
                 raise ValueError(f"parameter {n!r} is claimed by more than one GL block")
-            if int(c.min()) == 0:
+            if int(c.min()) == 0 and not self.shares_tensors:
                 raise ValueError(
                     f"parameter {n!r} is only partly covered by GL blocks; a group must own whole "
                     "tensors (add the missing block, e.g. VO next to QK for a packed in_proj_weight)")

@@ -49,7 +49,7 @@ class HeadScaling(SymmetryGroup):
 
     has_closed_form_geodesic = True
 
-    def __init__(self, blocks: Sequence[ScaleBlock]):
+    def __init__(self, blocks: Sequence[ScaleBlock], shares_tensors: bool = False):
         blocks = tuple(blocks)
         if not blocks:
             raise ValueError("HeadScaling needs at least one block")
@@ -60,6 +60,8 @@ class HeadScaling(SymmetryGroup):
                     names.append(pc.name)
         super().__init__(names)
         self.blocks = blocks
+        #: the head slices may cover their tensors only partly (see ``AttentionGL.shares_tensors``)
+        self.shares_tensors = shares_tensors
         self.stacks: list[list[int]] | None = None
         self._signature: tuple | None = None
 
@@ -90,7 +92,7 @@ class HeadScaling(SymmetryGroup):
                 sl[axis] = idx
                 cover[pc.name][tuple(sl)] += 1
         for n, c in cover.items():
-            if int(c.max()) > 1 or int(c.min()) == 0:
+            if int(c.max()) > 1 or (int(c.min()) == 0 and not self.shares_tensors):
                 raise ValueError(f"parameter {n!r} must be covered exactly once by the head slices of HeadScaling")
         if self.stacks is None:
             shapes: dict[tuple, list[int]] = {}
