@@ -13,6 +13,28 @@ from . import tangent as T
 
 Christoffel = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], dict]
 
+#: The one vocabulary of geodesic orders: canonical ``1`` (the straight line ``w + t xi``), ``2``
+#: (``w + t xi - t^2/2 Gamma_w(xi, xi)``), ``"exact"`` (closed form where a group has one, else
+#: RK4) and ``"ode"`` (always RK4); the names accepted for them anywhere in the library.
+GEODESIC_ORDERS: dict[object, int | str] = {
+    1: 1, "first": 1, "retraction": 1,
+    2: 2, "second": 2, "second_order": 2,
+    "exact": "exact", "ode": "ode",
+}
+
+
+def geodesic_order(value: object, what: str = "geodesic order") -> int | str:
+    """The canonical order (``1``, ``2``, ``"exact"``, ``"ode"``) of any accepted name."""
+    try:
+        known = not isinstance(value, bool) and value in GEODESIC_ORDERS
+    except TypeError:  # unhashable
+        known = False
+    if not known:
+        names = ", ".join(repr(k) for k in GEODESIC_ORDERS)
+        raise ValueError(f"{what} must be one of {names}; got {value!r}")
+    return GEODESIC_ORDERS[value]
+
+
 
 def rk4_geodesic(
     christoffel: Christoffel,

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import tangent as T
+from .geodesic import geodesic_order
 from .groups.base import SymmetryGroup
 from .groups.elementwise import Euclidean, PositiveRescaling
 
@@ -51,7 +52,7 @@ class Quotient:
         rest_names = [n for n in self.names if n not in owner]
         self.rest_kind = rest
         self.rest = REST[rest](rest_names) if rest_names else None
-        self.order, self.rest_order = order, rest_order
+        self.order, self.rest_order = geodesic_order(order, "order"), geodesic_order(rest_order, "rest_order")
 
     @classmethod
     def from_model(cls, model: nn.Module, groups: Sequence[SymmetryGroup] = (), rest: str = "adaptive",
@@ -196,8 +197,8 @@ class Quotient:
                  rest_order: int | str | None = None, **ode_kw) -> dict:
         """``gamma_xi(t)`` assembled block by block: ``order`` on the groups (default
         ``self.order``), ``rest_order`` on the rest (default ``self.rest_order``)."""
-        order = self.order if order is None else order
-        rest_order = self.rest_order if rest_order is None else rest_order
+        order = self.order if order is None else geodesic_order(order, "order")
+        rest_order = self.rest_order if rest_order is None else geodesic_order(rest_order, "rest_order")
         out: dict[str, torch.Tensor] = {}
         for g in self.all_groups:
             o = rest_order if g is self.rest else order
@@ -209,8 +210,8 @@ class Quotient:
                      rest_order: int | str | None = None, **ode_kw) -> dict:
         """``J^T cotangent``, ``J`` the Jacobian of ``xi -> geodesic(w, xi, 1, order, rest_order)``,
         block by block (the gradient of ``L(gamma_xi(1))`` with respect to ``xi``)."""
-        order = self.order if order is None else order
-        rest_order = self.rest_order if rest_order is None else rest_order
+        order = self.order if order is None else geodesic_order(order, "order")
+        rest_order = self.rest_order if rest_order is None else geodesic_order(rest_order, "rest_order")
         out: dict[str, torch.Tensor] = {}
         for g in self.all_groups:
             o = rest_order if g is self.rest else order

@@ -66,7 +66,7 @@ def test_no_groups_euclidean_retraction_equals_sam():
     model = mlp()
     x, y = batch((5,))
     params, grads = first_gradient(model, x, y)
-    geo = GeodesicSAM(params, torch.optim.SGD, rho=0.3, model=model, rest_metric="euclidean",
+    geo = GeodesicSAM(params, torch.optim.SGD, rho=0.3, model=model, rest="euclidean",
                       geodesic="retraction", eps_rel=0.0, lr=0.1)
     assert geo.quotient.groups == []
     sam = SAM(params, torch.optim.SGD, rho=0.3, lr=0.1)
@@ -83,7 +83,7 @@ def test_no_groups_adaptive_equals_asam_on_all_tensors():
     model = mlp()
     x, y = batch((5,))
     params, grads = first_gradient(model, x, y)
-    geo = GeodesicSAM(params, torch.optim.SGD, rho=0.5, model=model, rest_metric="adaptive",
+    geo = GeodesicSAM(params, torch.optim.SGD, rho=0.5, model=model, rest="adaptive",
                       geodesic="retraction", eps_rel=0.0, lr=0.1)
     asam = ASAM(params, torch.optim.SGD, rho=0.5, eta=0.0, adaptive_filter=None, lr=0.1)
     torch.testing.assert_close(flat(geo.perturbation(grads, params)), flat(asam.perturbation(grads, params)),
@@ -96,7 +96,7 @@ def test_quotient_must_cover_the_optimizer_parameters():
     with pytest.raises(ValueError, match="only in the optimizer"):
         GeodesicSAM(model.parameters(), torch.optim.SGD, model=model, quotient=half, lr=0.1)
     with pytest.raises(ValueError, match="geodesic must be one of"):
-        GeodesicSAM(model.parameters(), torch.optim.SGD, model=model, geodesic="first", lr=0.1)
+        GeodesicSAM(model.parameters(), torch.optim.SGD, model=model, geodesic="third", lr=0.1)
 
 
 # ----- (b) horizontality; (d) Taylor slope -------------------------------------------------------

@@ -177,8 +177,9 @@ def test_rsam_alpha(alpha, message):
 @pytest.mark.parametrize("key, value, exc, message", [
     ("eps_rel", -1e-6, ValueError, "eps_rel must be a finite number >= 0, got -1e-06"),
     ("eps_rel", float("nan"), ValueError, "eps_rel must be a finite number >= 0, got nan"),
-    ("metric", "euclid", ValueError, "metric must be one of 'mix', 'inv'; got 'euclid'"),
-    ("rest_metric", "flat", ValueError, "rest_metric must be one of 'adaptive', 'euclidean'; got 'flat'"),
+    ("metric", "euclid", ValueError, "metric must be one of 'inv', 'mix'; got 'euclid'"),
+    ("rest", "flat", ValueError, "rest must be one of 'adaptive', 'euclidean'; got 'flat'"),
+    ("rest_metric", "flat", ValueError, "rest must be one of 'adaptive', 'euclidean'; got 'flat'"),
     ("quotient", "mix", TypeError, "quotient must be a Quotient (or None), got str"),
 ])
 def test_geodesic_sam_geometry_arguments(key, value, exc, message):

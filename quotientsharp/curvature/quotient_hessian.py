@@ -49,11 +49,9 @@ from quotientsharp.curvature.renyi import RenyiResult, renyi_entropy
 from quotientsharp.curvature.results import Estimate, mean_and_stderr
 from quotientsharp.curvature.slq import SLQResult, SpectralDensity, slq
 from quotientsharp.functional import LossFn
+from quotientsharp.adapters.resolve import default_quotient
 from quotientsharp.quotient import Quotient
 from quotientsharp.validation import check_choice, check_count, check_model_loader_loss
-
-METRICS = ("mix", "inv")
-
 
 def vertical_dimension(quotient: Quotient, w: dict[str, torch.Tensor]) -> int:
     """``dim ker Π_w``: the sum of every group's :meth:`~SymmetryGroup.kernel_dimension` (per GL
@@ -66,7 +64,7 @@ class QuotientHessianOperator(LinearOperator):
 
     Args:
         model, loader, loss_fn: as every measure (``loss_fn(outputs, targets)`` the batch mean).
-        quotient: the geometry; default ``find_symmetries(model, metric, rest, eps_rel)`` with
+        quotient: the geometry; default ``default_quotient(model, metric, rest, eps_rel)`` with
             ``metric="mix"``, ``rest="adaptive"``, ``eps_rel=0`` (give either ``quotient`` or
             these three). It must cover exactly the trainable parameters.
         mode, **hessian_kwargs: passed to :class:`HessianOperator` (``train_mode``, ``dtype``, ...).
@@ -91,7 +89,8 @@ class QuotientHessianOperator(LinearOperator):
     ):
         check_model_loader_loss("QuotientHessianOperator", model, loader, loss_fn)
         if quotient is None:
-            quotient = _default_quotient(model, metric, rest, eps_rel)
+            quotient = default_quotient(model, metric, rest, 0.0 if eps_rel is None else eps_rel,
+                                        owner="QuotientHessianOperator")
         elif (metric, rest, eps_rel) != (None, None, None):
             raise ValueError("metric/rest/eps_rel configure the default quotient; with quotient= given, "
                              "build it with those settings instead (find_symmetries(model, metric, rest, eps_rel))")
@@ -215,16 +214,6 @@ class QuotientHessianOperator(LinearOperator):
         return {"operator": "quotient_hessian", "quotient": repr(self.quotient), "n": self.n_horizontal,
                 "n_total": self.n, "kernel_dim": self.kernel_dim, "probes": "horizontal_whitened_spherical",
                 "params": self.param_names, **extra}
-
-
-def _default_quotient(model: nn.Module, metric: str | None, rest: str | None, eps_rel: float | None) -> Quotient:
-    from quotientsharp.adapters import find_symmetries
-
-    metric = metric or "mix"
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    return find_symmetries(model, metric=metric, rest=rest or "adaptive",
-                           eps_rel=0.0 if eps_rel is None else eps_rel)
 
 
 # --- model-level measures (mirror quotientsharp.curvature.measures) ---------------------------

@@ -38,7 +38,7 @@ from torch.func import grad, jvp
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import tangent as T
-from ..geodesic import integrate_geodesic
+from ..geodesic import geodesic_order, integrate_geodesic
 
 Params = Mapping[str, torch.Tensor]
 
@@ -291,7 +291,9 @@ class SymmetryGroup(abc.ABC):
         return self.geodesic_ode(w, xi, t, **ode_kw)
 
     def geodesic(self, w: Params, xi: Params, t: float = 1.0, order: int | str = 2, **ode_kw) -> dict:
-        """``gamma_xi(t)`` at ``order`` 1 (``w + t xi``), 2, ``"exact"`` or ``"ode"``."""
+        """``gamma_xi(t)`` at ``order`` 1 (``w + t xi``), 2, ``"exact"`` or ``"ode"`` (or any name of
+        :data:`quotientsharp.geodesic.GEODESIC_ORDERS`)."""
+        order = geodesic_order(order)
         if order == 1:
             wr = self.restrict(w)
             return {n: wr[n] + t * xi[n] for n in self.names}
@@ -299,13 +301,12 @@ class SymmetryGroup(abc.ABC):
             return self.geodesic_2nd(w, xi, t)
         if order == "exact":
             return self.geodesic_exact(w, xi, t, **ode_kw)
-        if order == "ode":
-            return self.geodesic_ode(w, xi, t, **ode_kw)
-        raise ValueError(f"geodesic order must be 1, 2, 'exact' or 'ode', got {order!r}")
+        return self.geodesic_ode(w, xi, t, **ode_kw)
 
     def geodesic_vjp(self, w: Params, xi: Params, cotangent: Params, order: int | str = 2, **ode_kw) -> dict:
         """``J^T c``, ``J`` the Jacobian of ``xi -> geodesic(w, xi, order=order)`` (autograd;
         the identity at order 1). The sharpness ascent's gradient with respect to ``xi``."""
+        order = geodesic_order(order)
         if order == 1:
             return {n: cotangent[n] for n in self.names}
         with torch.enable_grad():

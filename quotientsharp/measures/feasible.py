@@ -159,9 +159,9 @@ class RelativeBlockBall:
 
     def __init__(self, group, w0: Params):
         from ..groups import AttentionGL, DiagonalRescaling
-        if getattr(group, "metric", None) != "mix":
+        if group.metric != "mix":
             raise ValueError(f"ball='relative' divides the mixed metric by ||G Hᵀ||²_F; {group!r} has metric "
-                             f"{getattr(group, 'metric', None)!r} (use metric='mix')")
+                             f"{group.metric!r} (use metric='mix')")
         self.group = group
         if isinstance(group, AttentionGL):
             self.kind = "attention"

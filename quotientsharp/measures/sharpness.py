@@ -37,7 +37,9 @@ from tqdm.auto import tqdm
 
 from .. import functional as F
 from ..distributed import KEYWORDS as DP_KEYWORDS
+from ..adapters.resolve import default_quotient
 from ..distributed import DataParallel, data_parallel
+from ..geodesic import geodesic_order
 from ..quotient import Quotient
 from ..validation import check_measure_call
 from .average import average_increase
@@ -47,7 +49,6 @@ from .reference import maximize_reference
 from .result import SharpnessResult
 from .solver import AscentConfig, maximize
 
-ORDERS = {"first": 1, "second": 2, "exact": "exact", "ode": "ode", 1: 1, 2: 2}
 Model = nn.Module | Callable[[Mapping[str, torch.Tensor], object], torch.Tensor]
 
 
@@ -106,12 +107,6 @@ def _options(options: dict) -> tuple[Options, DataParallel]:
     return Options(**options), plan
 
 
-def _order(value, what: str):
-    if value not in ORDERS:
-        raise ValueError(f"{what} must be one of 'first', 'second', 'exact', 'ode', 1, 2; got {value!r}")
-    return ORDERS[value]
-
-
 def _base_point(model: Model, quotient: Quotient, params: Mapping | None) -> dict:
     if params is None:
         if not isinstance(model, nn.Module):
@@ -136,7 +131,7 @@ def _batch_seed(seed: int, i: int) -> torch.Generator:
 
 
 def _metrics(quotient: Quotient) -> list[str]:
-    return [getattr(g, "metric", type(g).__name__) for g in quotient.groups]
+    return [g.metric or type(g).__name__ for g in quotient.groups]
 
 
 def measure(name: str, model: Model, loader: Iterable, loss_fn: LossFn, rho: float, quotient: Quotient,
@@ -196,7 +191,7 @@ def measure(name: str, model: Model, loader: Iterable, loss_fn: LossFn, rho: flo
         stderr = (math.sqrt(sum((x - value) ** 2 for x in per_batch) / (B - 1) / B) if B > 1 else None)
     error_increase = None if any(e is None for e in errs) else sum(errs) / B
     opts = {k: v for k, v in asdict(options).items() if k != "progress"}
-    masked = quotient.rest.masked_count(w0) if hasattr(quotient.rest, "masked_count") else 0
+    masked = quotient.rest.masked_count(w0) if quotient.rest is not None else 0
     config = {"measure": name, "rho": float(rho), **opts, "quotient": repr(quotient),
               "metrics": _metrics(quotient), "rest": quotient.rest_kind if quotient.rest else None,
               "order": order, "rest_order": rest_order, "n_batches": B,
@@ -219,7 +214,7 @@ def geodesic_sharpness(model: Model, loader: Iterable, loss_fn: LossFn, rho: flo
         rho: radius of the metric ball ``||xi||_{w0} <= rho``.
         metric: ``"mix"`` (default when the quotient is found) or ``"inv"``; with an explicit
             ``quotient``, None keeps its metrics and a value replaces them.
-        quotient: the geometry; default ``find_symmetries(model, metric, "adaptive", eps_rel, eps)``.
+        quotient: the geometry; default ``default_quotient(model, metric, "adaptive", eps_rel, eps)``.
         geodesic: group endpoint order ``"second"``/2, ``"first"``/1, ``"exact"`` (closed form or
             RK4) or ``"ode"``; None: the quotient's ``order`` (2 for a found quotient).
         rest_geodesic: the same for the rest; None: the quotient's ``rest_order`` (1).
@@ -235,8 +230,7 @@ def geodesic_sharpness(model: Model, loader: Iterable, loss_fn: LossFn, rho: flo
     if quotient is None:
         if not isinstance(model, nn.Module):
             raise ValueError("a plain callable model needs an explicit quotient=")
-        from ..adapters import find_symmetries
-        quotient = find_symmetries(model, metric=metric or "mix", rest="adaptive", eps_rel=eps_rel, eps=eps)
+        quotient = default_quotient(model, metric, "adaptive", eps_rel, eps, owner="geodesic_sharpness")
     elif metric is not None:
         quotient = quotient.with_metric(metric)
     if not quotient.groups:
@@ -245,8 +239,8 @@ def geodesic_sharpness(model: Model, loader: Iterable, loss_fn: LossFn, rho: flo
                              "pass quotient= explicitly, or allow_euclidean_fallback=True to measure "
                              "with the rest metric alone")
         warnings.warn("no symmetry group found: measuring with the rest metric alone", stacklevel=2)
-    order = quotient.order if geodesic is None else _order(geodesic, "geodesic")
-    rest_order = quotient.rest_order if rest_geodesic is None else _order(rest_geodesic, "rest_geodesic")
+    order = quotient.order if geodesic is None else geodesic_order(geodesic, "geodesic")
+    rest_order = quotient.rest_order if rest_geodesic is None else geodesic_order(rest_geodesic, "rest_geodesic")
     return measure("geodesic", model, loader, loss_fn, rho, quotient, order, rest_order, opts, params, dp)
 
 

@@ -14,16 +14,18 @@ import torch
 from torch import nn
 
 from quotientsharp.optim.sam import EPS_NORM, SharpnessAwareOptimizer
-from quotientsharp.optim.utils import Tensors, all_params, check_param_groups, check_rho, unwrap
-from quotientsharp.quotient import Quotient
+from quotientsharp.adapters.resolve import default_quotient, unwrap
+from quotientsharp.geodesic import geodesic_order
+from quotientsharp.groups.gl_math import METRICS
+from quotientsharp.optim.utils import Tensors, all_params, check_param_groups, check_rho
+from quotientsharp.quotient import REST, Quotient
 from quotientsharp.validation import check_choice, check_number
 
-Geodesic = Literal["second_order", "exact", "retraction"]
-GEODESIC_ORDERS: dict[str, int | str] = {"second_order": 2, "exact": "exact", "retraction": 1}
+Geodesic = Literal["second_order", "exact", "retraction"]  # or any name of GEODESIC_ORDERS
 
 
 def check_geometry_arguments(owner: str, model: Any, quotient: Quotient | None, metric: str,
-                             rest_metric: str, eps_rel: float) -> None:
+                             rest: str, eps_rel: float) -> None:
     """model an ``nn.Module``; quotient a :class:`Quotient` or None (then the metric names and
     ``eps_rel`` ≥ 0, finite, are checked: they build the default quotient)."""
     if not isinstance(model, nn.Module):
@@ -32,24 +34,25 @@ def check_geometry_arguments(owner: str, model: Any, quotient: Quotient | None, 
         if not isinstance(quotient, Quotient):
             raise TypeError(f"{owner}: quotient must be a Quotient (or None), got {type(quotient).__name__}")
         return
-    check_choice("metric", metric, ("mix", "inv"), owner)
-    check_choice("rest_metric", rest_metric, ("adaptive", "euclidean"), owner)
+    check_choice("metric", metric, METRICS, owner)
+    check_choice("rest", rest, tuple(REST), owner)
     check_number("eps_rel", eps_rel, low=0.0, owner=owner)
 
 
-def build_quotient(model: nn.Module, metric: str, rest_metric: str, eps_rel: float) -> Quotient:
-    """``find_symmetries`` of the model (attention GL blocks, ``rest_metric`` elsewhere)."""
-    from quotientsharp.adapters import find_symmetries
-    return find_symmetries(unwrap(model), metric=metric, rest=rest_metric, eps_rel=eps_rel)
+def rest_argument(owner: str, rest: str, rest_metric: str | None) -> str:
+    """``rest``, or the older spelling ``rest_metric`` when that is given instead."""
+    if rest_metric is None:
+        return rest
+    if rest not in (rest_metric, "adaptive"):
+        raise TypeError(f"{owner}: rest_metric is the old name of rest; give one of them, not both")
+    return rest_metric
 
 
 class QuotientParameters:
     """The optimizer's parameters seen as a point of ``quotient``, matched by ``named_parameters()``."""
 
     def __init__(self, model: nn.Module, quotient: Quotient, geodesic: Geodesic = "second_order"):
-        if geodesic not in GEODESIC_ORDERS:
-            raise ValueError(f"geodesic must be one of {sorted(GEODESIC_ORDERS)}, got {geodesic!r}")
-        self.quotient, self.order = quotient, GEODESIC_ORDERS[geodesic]
+        self.quotient, self.order = quotient, geodesic_order(geodesic, "geodesic")
         named = dict(unwrap(model).named_parameters())
         missing = [n for n in quotient.names if n not in named]
         if missing:
@@ -107,12 +110,14 @@ class GeodesicSAM(SharpnessAwareOptimizer):
 
     Args:
         model: the trained module; its ``named_parameters()`` match parameters to the quotient.
-        quotient: the geometry; default ``find_symmetries(model, metric, rest_metric, eps_rel)``
-            (then ``metric``, ``rest_metric`` and ``eps_rel`` are used, else ignored). It must
+        quotient: the geometry; default ``default_quotient(model, metric, rest, eps_rel)``
+            (then ``metric``, ``rest`` (old spelling ``rest_metric``) and ``eps_rel`` are used,
+            else ignored). It must
             cover exactly the optimizer's parameters.
         rho: radius of the metric ball. The adaptive rest metric and the ``"inv"`` GL metric are
             dimensionless (ρ like ASAM's); ``"mix"`` scales like |w|⁴, so sweep ρ per metric.
-        geodesic: ``"second_order"`` (default), ``"exact"`` or ``"retraction"``.
+        geodesic: ``"second_order"`` (default), ``"exact"`` or ``"retraction"`` (any name of
+            :data:`quotientsharp.geodesic.GEODESIC_ORDERS`: ``2``, ``"exact"``, ``1``, ``"ode"``).
         debug: check that ξ is horizontal (``is_horizontal`` ≤ 1e-6; slow).
         **kwargs: :class:`SharpnessAwareOptimizer` options and the base optimizer's arguments.
     """
@@ -126,16 +131,18 @@ class GeodesicSAM(SharpnessAwareOptimizer):
         model: nn.Module,
         quotient: Quotient | None = None,
         metric: Literal["mix", "inv"] = "mix",
-        rest_metric: Literal["adaptive", "euclidean"] = "adaptive",
+        rest: Literal["adaptive", "euclidean"] = "adaptive",
         geodesic: Geodesic = "second_order",
         eps_rel: float = 0.0,
         debug: bool = False,
+        rest_metric: str | None = None,
         **kwargs: Any,
     ):
         check_rho("GeodesicSAM", rho)
-        check_geometry_arguments("GeodesicSAM", model, quotient, metric, rest_metric, eps_rel)
+        rest = rest_argument("GeodesicSAM", rest, rest_metric)
+        check_geometry_arguments("GeodesicSAM", model, quotient, metric, rest, eps_rel)
         if quotient is None:
-            quotient = build_quotient(model, metric, rest_metric, eps_rel)
+            quotient = default_quotient(model, metric, rest, eps_rel, owner="GeodesicSAM")
         self.view = QuotientParameters(model, quotient, geodesic)
         if isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, RiemannianSGD):
             kwargs = {"geometry": self.view, **kwargs}
@@ -168,23 +175,24 @@ class RiemannianSGD(torch.optim.Optimizer):
     rest metric, θ − lr·∇L⊙θ², so entries at exactly 0 never move). No momentum or weight decay:
     both would break the equivariance that is this optimizer's point (with ``eps_rel=0``, training
     a group-transformed model gives the transformed iterates). Each parameter uses its group's lr.
-    The geometry is ``quotient`` (default ``find_symmetries(model, metric, rest_metric, eps_rel)``)
+    The geometry is ``quotient`` (default ``default_quotient(model, metric, rest, eps_rel)``)
     or, as :class:`GeodesicSAM` passes it, a prebuilt ``geometry``.
     """
 
     def __init__(self, params: Iterable[Any], lr: float, *, model: nn.Module | None = None,
-                 quotient: Quotient | None = None, metric: str = "mix", rest_metric: str = "adaptive",
+                 quotient: Quotient | None = None, metric: str = "mix", rest: str = "adaptive",
                  eps_rel: float = 0.0, geodesic: Geodesic = "second_order",
-                 geometry: QuotientParameters | None = None):
+                 geometry: QuotientParameters | None = None, rest_metric: str | None = None):
         check_number("lr", lr, low=0.0, low_open=True, owner="RiemannianSGD")
         super().__init__(params, {"lr": lr})
         check_param_groups("RiemannianSGD", self.param_groups)
         if geometry is None:
             if model is None:
                 raise TypeError("RiemannianSGD needs model= (or geometry=, as GeodesicSAM passes)")
-            check_geometry_arguments("RiemannianSGD", model, quotient, metric, rest_metric, eps_rel)
+            rest = rest_argument("RiemannianSGD", rest, rest_metric)
+            check_geometry_arguments("RiemannianSGD", model, quotient, metric, rest, eps_rel)
             if quotient is None:
-                quotient = build_quotient(model, metric, rest_metric, eps_rel)
+                quotient = default_quotient(model, metric, rest, eps_rel, owner="RiemannianSGD")
             geometry = QuotientParameters(model, quotient, geodesic)
         geometry.check(all_params(self.param_groups))
         self.view = geometry

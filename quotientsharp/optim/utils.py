@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
+from quotientsharp.adapters.resolve import unwrap  # noqa: F401  (re-exported: optim's import path)
 from quotientsharp.validation import check_count, check_number
 
 Tensors = list[torch.Tensor]
@@ -102,11 +102,6 @@ def params_with_grads(param_groups: Iterable[dict]) -> tuple[Tensors, Tensors]:
 
 def all_params(param_groups: Iterable[dict]) -> Tensors:
     return [p for g in param_groups for p in g["params"]]
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` wrapper (else ``model`` itself)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def is_distributed() -> bool:

@@ -1,0 +1,52 @@
+"""One default-quotient resolver and one vocabulary (issue 16 item 2)."""
+import pytest
+import torch
+
+from quotientsharp import Quotient
+from quotientsharp.adapters.resolve import default_quotient
+from quotientsharp.geodesic import geodesic_order
+from quotientsharp.groups import DiagonalRescaling
+from quotientsharp.models import TinyViT
+from quotientsharp.optim import GeodesicSAM
+
+
+@pytest.mark.parametrize("name, canonical", [(1, 1), ("first", 1), ("retraction", 1), (2, 2), ("second", 2),
+                                             ("second_order", 2), ("exact", "exact"), ("ode", "ode")])
+def test_every_spelling_of_an_order_means_the_same_geodesic(name, canonical):
+    assert geodesic_order(name) == canonical
+    g = DiagonalRescaling("u", "v", "inv")
+    gen = torch.Generator().manual_seed(0)
+    w = {"u": torch.rand(5, generator=gen, dtype=torch.float64) + 0.5,
+         "v": torch.rand(5, generator=gen, dtype=torch.float64) + 0.5}
+    xi = g.horizontal_projection(w, {k: 0.3 * torch.randn(5, generator=gen, dtype=torch.float64) for k in w})
+    a, b = g.geodesic(w, xi, order=name), g.geodesic(w, xi, order=canonical)
+    assert all(torch.equal(a[k], b[k]) for k in w)
+    assert Quotient([g], ("u", "v"), order=name).order == canonical
+
+
+@pytest.mark.parametrize("bad", [3, "third", True, [2], None])
+def test_unknown_order_is_refused_listing_the_vocabulary(bad):
+    with pytest.raises(ValueError, match="'second_order'"):
+        geodesic_order(bad)
+
+
+def test_resolver_checks_and_unwraps():
+    model = TinyViT(image_size=8, patch_size=4, n_classes=3, d_model=8, depth=1, n_heads=2, mlp_dim=8)
+    q = default_quotient(model)
+    assert [g.metric for g in q.groups] == ["mix"] and q.rest_kind == "adaptive"
+    assert default_quotient(model, "inv", "euclidean").rest_kind == "euclidean"
+    with pytest.raises(ValueError, match="GeodesicSAM: rest must be one of"):
+        default_quotient(model, rest="flat", owner="GeodesicSAM")
+    with pytest.raises(ValueError, match="eps_rel must be"):
+        default_quotient(model, eps_rel=-1.0)
+    with pytest.raises(TypeError, match="nn.Module"):
+        default_quotient(lambda p, x: x)
+
+
+def test_geodesic_sam_rest_spellings_agree():
+    model = TinyViT(image_size=8, patch_size=4, n_classes=3, d_model=8, depth=1, n_heads=2, mlp_dim=8)
+    a = GeodesicSAM(model.parameters(), torch.optim.SGD, model=model, rest="euclidean", lr=0.1)
+    b = GeodesicSAM(model.parameters(), torch.optim.SGD, model=model, rest_metric="euclidean", lr=0.1)
+    assert a.quotient.rest_kind == b.quotient.rest_kind == "euclidean"
+    with pytest.raises(TypeError, match="not both"):
+        GeodesicSAM(model.parameters(), torch.optim.SGD, model=model, rest="euclidean", rest_metric="adaptive", lr=0.1)
