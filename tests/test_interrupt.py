@@ -76,7 +76,8 @@ def test_interrupted_sweep_prints_one_line_and_rerun_resumes(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(p.stem for p in out.glob("u*.json")) == [f"u{i:02d}" for i in range(20)]
     computed = (out / "computed.log").read_text().split()
-    assert computed == ["u00", "u01", "u02"] + [f"u{i:02d}" for i in range(2, 20)]  # finished ones not redone
+    assert computed.count("u00") == computed.count("u01") == 1  # finished units were not redone
+    assert computed[-18:] == [f"u{i:02d}" for i in range(2, 20)]  # the rerun did the rest, from u02 (in flight)
 
 
 def test_vit_study_ctrl_c(tmp_path):
