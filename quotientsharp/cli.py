@@ -296,6 +296,8 @@ def measure(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     model, kind = load_model(args.model)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch build has no CUDA device available")
     if args.dtype:
         model = model.to(getattr(torch, args.dtype))
     model = model.to(device)

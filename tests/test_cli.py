@@ -137,6 +137,7 @@ def test_measure_that_raises_is_recorded_and_sets_exit_status(tmp_path, capsys):
     ("too_few", "2 batches of 8 need 16 examples; the data has 5"),
     ("bad_dict", "needs its targets under 'labels'"),
     ("suffix", "unsupported data file type '.csv'"),
+    ("device", "--device cuda: this torch build has no CUDA device available"),
 ])
 def test_bad_input_is_named(tmp_path, capsys, case, message):
     model = MLP([4, 3])
@@ -146,8 +147,11 @@ def test_bad_input_is_named(tmp_path, capsys, case, message):
     n = 5 if case == "too_few" else 16
     data = {"x": torch.randn(n, 4)} if case == "bad_dict" else (torch.randn(n, 4), torch.randint(0, 3, (n,)))
     torch.save(data, data_path)
+    if case == "device" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is available here")
+    device = ["--device", "cuda"] if case == "device" else []
     status = cli.main(["measure", str(model_path), "--data", str(data_path), "--measures", "euclidean",
-                       "--batch-size", "8", "--n-batches", "2", "--out", str(tmp_path / "o.json"), "--quiet"])
+                       "--batch-size", "8", "--n-batches", "2", "--out", str(tmp_path / "o.json"), "--quiet", *device])
     assert status == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o.json").exists()
