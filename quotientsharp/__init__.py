@@ -38,7 +38,7 @@ import importlib
 from typing import Any
 
 from .groups import (AttentionGL, DiagonalRescaling, Euclidean, GLBlock, Piece, PositiveRescaling,
-                     SymmetryGroup)
+                     SingularHeadError, SymmetryGroup)
 from .quotient import Quotient
 
 __version__ = "0.1.0"
@@ -48,7 +48,7 @@ _SUBMODULES = ("adapters", "curvature", "data", "distributed", "functional", "gr
 
 # name -> submodule it is loaded from on first access
 _LAZY = {
-    **dict.fromkeys(["find_symmetries", "attention_blocks", "linear_attention_blocks",
+    **dict.fromkeys(["find_symmetries", "default_quotient", "attention_blocks", "linear_attention_blocks",
                      "UnsupportedAttentionError"], "adapters"),
     **dict.fromkeys(["geodesic_sharpness", "adaptive_sharpness", "euclidean_sharpness",
                      "SharpnessResult", "Options"], "measures"),
@@ -99,5 +99,5 @@ def __dir__() -> list[str]:
 
 
 __all__ = ["SymmetryGroup", "AttentionGL", "GLBlock", "Piece", "DiagonalRescaling",
-           "PositiveRescaling", "Euclidean", "Quotient", "average_geodesic_sharpness",
+           "PositiveRescaling", "Euclidean", "SingularHeadError", "Quotient", "average_geodesic_sharpness",
            "average_adaptive_sharpness", "average_euclidean_sharpness", *_LAZY]

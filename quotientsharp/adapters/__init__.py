@@ -2,6 +2,7 @@
 from .attention import (UnsupportedAttentionError, conv1d_blocks, linear_attention_blocks,
                         mha_blocks)
 from .discover import attention_blocks, find_symmetries
+from .resolve import default_quotient
 
-__all__ = ["find_symmetries", "attention_blocks", "linear_attention_blocks", "mha_blocks",
+__all__ = ["find_symmetries", "default_quotient", "attention_blocks", "linear_attention_blocks", "mha_blocks",
            "conv1d_blocks", "UnsupportedAttentionError"]

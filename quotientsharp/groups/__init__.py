@@ -3,6 +3,8 @@ from .attention import AttentionGL, GLBlock, Piece
 from .base import SymmetryGroup, geodesic_error_slope, geodesic_error_slopes
 from .diagonal import DiagonalRescaling, DiagonalRescalingInv, DiagonalRescalingMix
 from .elementwise import Euclidean, PositiveRescaling
+from .gl_math import SingularHeadError
 
-__all__ = ["SymmetryGroup", "AttentionGL", "GLBlock", "Piece", "DiagonalRescaling", "DiagonalRescalingInv", "DiagonalRescalingMix",
-           "PositiveRescaling", "Euclidean", "geodesic_error_slope", "geodesic_error_slopes"]
+__all__ = ["SymmetryGroup", "AttentionGL", "GLBlock", "Piece", "DiagonalRescaling", "DiagonalRescalingInv",
+           "DiagonalRescalingMix", "PositiveRescaling", "Euclidean", "SingularHeadError",
+           "geodesic_error_slope", "geodesic_error_slopes"]
