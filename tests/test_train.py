@@ -1,6 +1,9 @@
 """The training loop: it learns, it is deterministic, and two-pass optimizers plug in."""
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from quotientsharp.data import blobs, load_digits_dataset
@@ -89,6 +92,18 @@ def test_sgd_and_label_smoothing_run():
     history = train_classifier(MLP([4, 2]), data.train, epochs=1, batch_size=8, lr=0.1,
                                optimizer="sgd", label_smoothing=0.1, progress=False)
     assert history["steps"] == 4
+    # one full-batch step is plain SGD (the first momentum step is the gradient) on the smoothed loss
+    X, y = data.train.tensors
+    torch.manual_seed(0)
+    model = MLP([4, 2])
+    start = copy.deepcopy(model)
+    history = train_classifier(model, data.train, epochs=1, batch_size=32, lr=0.1, optimizer="sgd",
+                               label_smoothing=0.1, progress=False)
+    smoothed = F.cross_entropy(start(X), y, label_smoothing=0.1)
+    assert history["train_loss"][0] == pytest.approx(float(smoothed), rel=1e-6)
+    assert abs(float(F.cross_entropy(start(X), y)) - float(smoothed)) > 1e-2  # smoothing changes the loss
+    for p, p0, g in zip(model.parameters(), start.parameters(), torch.autograd.grad(smoothed, list(start.parameters()))):
+        torch.testing.assert_close(p.detach(), p0.detach() - 0.1 * g, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="optimizer"):
         train_classifier(MLP([4, 2]), data.train, epochs=1, batch_size=8, lr=0.1,
                          optimizer="lion", progress=False)
