@@ -8,15 +8,14 @@ style). Models are called through :func:`torch.func.functional_call` so that any
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-Params = dict[str, torch.Tensor]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from .types import LossFn, Params
 
 
 def named_params(model: nn.Module, names: Iterable[str] | None = None) -> Params:

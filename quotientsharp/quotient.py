@@ -8,7 +8,7 @@ offers the group operations on a whole parameter dict.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -18,8 +18,8 @@ from . import tangent as T
 from .geodesic import geodesic_order
 from .groups.base import SymmetryGroup
 from .groups.elementwise import Euclidean, PositiveRescaling
+from .types import Params
 
-Params = Mapping[str, torch.Tensor]
 REST = {"adaptive": PositiveRescaling, "euclidean": Euclidean}
 
 

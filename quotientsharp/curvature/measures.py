@@ -39,6 +39,7 @@ from quotientsharp.functional import (
     math_attention,
     split_batch,
 )
+from quotientsharp.types import ParamSelector
 from quotientsharp.validation import (
     check_choice,
     check_count,
@@ -49,11 +50,9 @@ from quotientsharp.validation import (
     model_dtype_devices,
 )
 
-Params = str | Sequence[str]
-
 
 def curvature_operator(
-    model: nn.Module, loader: Iterable, loss_fn: LossFn, params: Params = "all",
+    model: nn.Module, loader: Iterable, loss_fn: LossFn, params: ParamSelector = "all",
     curvature: str = "hessian", **operator_kwargs,
 ) -> HessianOperator | GGNOperator:
     """The Hessian (``curvature="hessian"``) or GGN (``"ggn"``) operator of the loader loss."""
@@ -65,7 +64,7 @@ def curvature_operator(
     raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
 
 
-def _operator(where: str, model, loader, loss_fn, params: Params, **operator_kwargs):
+def _operator(where: str, model, loader, loss_fn, params: ParamSelector, **operator_kwargs):
     """:func:`curvature_operator`, with the call shape checked under the public name ``where``."""
     check_model_loader_loss(where, model, loader, loss_fn)
     return curvature_operator(model, loader, loss_fn, params, **operator_kwargs)
@@ -73,7 +72,7 @@ def _operator(where: str, model, loader, loss_fn, params: Params, **operator_kwa
 
 # --- spectral measures -----------------------------------------------------------------------
 def hessian_trace(
-    model, loader, loss_fn, params: Params = "all", method: str = "hutchinson", n_probes: int = 100,
+    model, loader, loss_fn, params: ParamSelector = "all", method: str = "hutchinson", n_probes: int = 100,
     m: int = 15, seed: int = 0, progress: bool = True, **operator_kwargs,
 ) -> Estimate:
     """Tr H by ``"hutchinson"`` (P probes), ``"hutch++"`` (budget = P matvecs) or ``"slq"`` (f = id)."""
@@ -91,7 +90,7 @@ def hessian_trace(
 
 
 def hessian_top_eigenvalues(
-    model, loader, loss_fn, k: int = 1, params: Params = "all", method: str = "lanczos",
+    model, loader, loss_fn, k: int = 1, params: ParamSelector = "all", method: str = "lanczos",
     which: str = "LA", tol: float | None = None, seed: int = 0, progress: bool = True, **operator_kwargs,
 ) -> EigenResult:
     """Top-k eigenpairs by ``"lanczos"`` (tol 1e-4, ``which`` LA/SA/LM) or ``"power"`` iteration
@@ -108,7 +107,7 @@ def hessian_top_eigenvalues(
     raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
 
 
-def hessian_max_eigenvalue(model, loader, loss_fn, params: Params = "all", **kwargs) -> Estimate:
+def hessian_max_eigenvalue(model, loader, loss_fn, params: ParamSelector = "all", **kwargs) -> Estimate:
     """λ_max(H) by Lanczos; ``samples`` holds the residual ‖Hy − λy‖ of the Ritz pair."""
     check_model_loader_loss("hessian_max_eigenvalue", model, loader, loss_fn)
     result = hessian_top_eigenvalues(model, loader, loss_fn, 1, params, **kwargs)
@@ -116,14 +115,14 @@ def hessian_max_eigenvalue(model, loader, loss_fn, params: Params = "all", **kwa
 
 
 def hessian_slq(
-    model, loader, loss_fn, params: Params = "all", m: int = 15, n_probes: int = 100, seed: int = 0,
+    model, loader, loss_fn, params: ParamSelector = "all", m: int = 15, n_probes: int = 100, seed: int = 0,
     progress: bool = True, **operator_kwargs,
 ) -> SLQResult:
     """One SLQ run (m steps × P Rademacher probes) to derive any spectral sum from."""
     return _slq("hessian_slq", model, loader, loss_fn, params, m, n_probes, seed, progress, **operator_kwargs)
 
 
-def _slq(where: str, model, loader, loss_fn, params: Params = "all", m: int = 15, n_probes: int = 100,
+def _slq(where: str, model, loader, loss_fn, params: ParamSelector = "all", m: int = 15, n_probes: int = 100,
          seed: int = 0, progress: bool = True, **operator_kwargs) -> SLQResult:
     """:func:`hessian_slq` with errors naming the public function ``where``."""
     check_count("m", m, 1, where)
@@ -135,14 +134,14 @@ def _slq(where: str, model, loader, loss_fn, params: Params = "all", m: int = 15
 
 
 def hessian_log_det(
-    model, loader, loss_fn, params: Params = "all", clamp_min: float | None = None, **slq_kwargs,
+    model, loader, loss_fn, params: ParamSelector = "all", clamp_min: float | None = None, **slq_kwargs,
 ) -> Estimate:
     """log det H = Tr log H by SLQ; raises on a node ≤ 0 unless ``clamp_min`` is given."""
     return _slq("hessian_log_det", model, loader, loss_fn, params, **slq_kwargs).log_det(clamp_min)
 
 
 def hessian_shannon_entropy(
-    model, loader, loss_fn, params: Params = "all", normalizer: str = "abs", **slq_kwargs,
+    model, loader, loss_fn, params: ParamSelector = "all", normalizer: str = "abs", **slq_kwargs,
 ) -> RenyiResult:
     """Shannon spectral entropy (Rényi α → 1) by SLQ."""
     result = _slq("hessian_shannon_entropy", model, loader, loss_fn, params, **slq_kwargs)
@@ -150,7 +149,7 @@ def hessian_shannon_entropy(
 
 
 def hessian_spectral_density(
-    model, loader, loss_fn, params: Params = "all", m: int = 100, n_probes: int = 3,
+    model, loader, loss_fn, params: ParamSelector = "all", m: int = 100, n_probes: int = 3,
     n_grid: int = 10_000, **slq_kwargs,
 ) -> SpectralDensity:
     """Smoothed spectral density (spec §5: m = 100, 3–5 probes for a less noisy plot)."""
@@ -160,7 +159,7 @@ def hessian_spectral_density(
 
 
 def renyi_sharpness(
-    model, loader, loss_fn, alpha: float | str | Sequence[float | str] = 0.5, params: Params = "all",
+    model, loader, loss_fn, alpha: float | str | Sequence[float | str] = 0.5, params: ParamSelector = "all",
     normalizer: str = "abs", m: int = 15, n_probes: int = 100, seed: int = 0, **slq_kwargs,
 ) -> RenyiResult | dict:
     """Rényi entropy/sharpness (``.sharpness`` = −H_α) of the loader-loss Hessian by SLQ.
@@ -180,7 +179,7 @@ def renyi_study_targets(model: nn.Module) -> list:
 
 
 # --- norm-based measures ---------------------------------------------------------------------
-def parameter_norm(model: nn.Module, params: Params = "all", include_vectors: bool = True) -> Estimate:
+def parameter_norm(model: nn.Module, params: ParamSelector = "all", include_vectors: bool = True) -> Estimate:
     """‖θ‖₂ over the target block; ``include_vectors=False`` drops 1-D tensors (biases, norm scales)."""
     named = dict(model.named_parameters())
     names = [n for n in select_parameters(model, params) if include_vectors or named[n].ndim > 1]
@@ -189,7 +188,7 @@ def parameter_norm(model: nn.Module, params: Params = "all", include_vectors: bo
 
 
 def fisher_rao_norm(
-    model: nn.Module, loader: Iterable, loss_fn: LossFn, params: Params = "all", labels: str = "empirical",
+    model: nn.Module, loader: Iterable, loss_fn: LossFn, params: ParamSelector = "all", labels: str = "empirical",
     seed: int = 0, train_mode: bool = False,
 ) -> Estimate:
     """Fisher–Rao norm ⟨θ, Fθ⟩ = (1/N) Σ_i (θᵀ ∇_θ ℓ_i)² (empirical Fisher, per-example losses).
@@ -242,7 +241,7 @@ def _accuracy(model: nn.Module, params: dict, batches: list) -> float:
 
 @torch.no_grad()
 def pac_bayes_flatness(
-    model: nn.Module, loader: Iterable, params: Params = "all", target_drop: float = 0.1,
+    model: nn.Module, loader: Iterable, params: ParamSelector = "all", target_drop: float = 0.1,
     sigma_max: float = 2.0, depth: int = 15, n_samples: int = 10, tol: float = 0.01, seed: int = 0,
     progress: bool = True,
 ) -> Estimate:
@@ -300,7 +299,7 @@ def _one_step_sharpness(op: ModelOperator, epsilon: torch.Tensor, config: dict) 
 
 
 def sam_sharpness(
-    model, loader, loss_fn, rho: float = 0.05, norm: str = "l2", params: Params = "all", **operator_kwargs,
+    model, loader, loss_fn, rho: float = 0.05, norm: str = "l2", params: ParamSelector = "all", **operator_kwargs,
 ) -> Estimate:
     """One-step SAM sharpness L(θ+ε) − L(θ): ε = ρ g/‖g‖ (``"l2"``) or ρ sign(g) (``"linf"``), g = ∇L."""
     check_model_loader_loss("sam_sharpness", model, loader, loss_fn)
@@ -317,7 +316,7 @@ def sam_sharpness(
 
 
 def asam_sharpness(
-    model, loader, loss_fn, rho: float = 0.5, norm: str = "l2", eta: float = 0.01, params: Params = "all",
+    model, loader, loss_fn, rho: float = 0.5, norm: str = "l2", eta: float = 0.01, params: ParamSelector = "all",
     **operator_kwargs,
 ) -> Estimate:
     """One-step ASAM sharpness with s = |θ| + η: ε = ρ s²⊙g/‖s⊙g‖ (``"l2"``) or ρ s⊙sign(g) (``"linf"``)."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,8 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import tangent as T
 from ..geodesic import geodesic_order, integrate_geodesic
-
-Params = Mapping[str, torch.Tensor]
+from ..types import Params
 
 
 class SymmetryGroup(abc.ABC):

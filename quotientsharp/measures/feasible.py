@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
 
 import torch
 
 from .. import tangent as T
 from ..quotient import Quotient
-
-Params = Mapping[str, torch.Tensor]
+from ..types import Params
 
 
 class HorizontalBall:

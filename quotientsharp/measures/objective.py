@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from .. import functional as F
+from ..types import LossFn
 from ..validation import conform_inputs_for
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def normalize_logits(outputs: torch.Tensor) -> torch.Tensor:

@@ -34,9 +34,9 @@ import torch
 
 from .. import tangent as T
 from ..quotient import Quotient
+from ..types import Params
 from .feasible import HorizontalBall, relative_perturbation, warn_large_perturbation
 
-Params = Mapping[str, torch.Tensor]
 Objective = Callable[[Params], tuple[torch.Tensor, "float | None"]]
 
 

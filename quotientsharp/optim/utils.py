@@ -19,9 +19,8 @@ import torch
 from torch import nn
 
 from quotientsharp.adapters.resolve import unwrap  # noqa: F401  (re-exported: optim's import path)
+from quotientsharp.types import Tensors
 from quotientsharp.validation import check_count, check_number
-
-Tensors = list[torch.Tensor]
 
 # Ranges of the base optimizers' per-group hyperparameters (torch.optim names); any other real
 # number in a param group must not be NaN.
