@@ -90,8 +90,16 @@ def test_bootstrap_ci():
     rng = np.random.default_rng(0)
     x = rng.normal(size=40)
     y = x + rng.normal(size=40)
+    lo, hi = bootstrap_ci(x, y, n_boot=300, seed=1)
+    # the percentile interval of τ-a over resampled models (pairs of distinct original models),
+    # by a plain loop over the same resamples
+    taus = []
+    for idx in np.random.default_rng(1).integers(0, 40, size=(300, 40)):
+        pairs = [(i, j) for a, i in enumerate(idx) for j in idx[a + 1:] if i != j]
+        taus.append(np.mean([np.sign(x[i] - x[j]) * np.sign(y[i] - y[j]) for i, j in pairs]))
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(taus, [0.025, 0.975])), abs=1e-12)
+    assert lo < kendall_tau(x, y) < hi and hi - lo > 0.05
     lo, hi = bootstrap_ci(x, y, seed=1)
-    assert -1 <= lo < kendall_tau(x, y) < hi <= 1
     assert bootstrap_ci(x, y, seed=1) == (lo, hi)
     assert bootstrap_ci(x, x, seed=1) == (1.0, 1.0)  # duplicated models are not counted as ties
 
