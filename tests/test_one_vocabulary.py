@@ -50,3 +50,15 @@ def test_geodesic_sam_rest_spellings_agree():
     assert a.quotient.rest_kind == b.quotient.rest_kind == "euclidean"
     with pytest.raises(TypeError, match="not both"):
         GeodesicSAM(model.parameters(), torch.optim.SGD, model=model, rest="euclidean", rest_metric="adaptive", lr=0.1)
+
+
+def test_one_json_policy_for_every_result_record():
+    import json
+
+    from quotientsharp.curvature.results import Estimate
+    from quotientsharp.measures.result import SharpnessResult
+    est = Estimate(value=float("nan"), stderr=float("inf"), samples=torch.tensor([1.0, float("-inf")]))
+    res = SharpnessResult(float("nan"), [float("inf"), 2.0], None, [1.0], None, config={"rho": float("nan")})
+    e, r = json.loads(json.dumps(est.to_dict(), allow_nan=False)), json.loads(json.dumps(res.to_dict(), allow_nan=False))
+    assert e["value"] is None and e["stderr"] is None and e["samples"] == [1.0, None]
+    assert r["value"] is None and r["per_batch"] == [None, 2.0] and r["config"]["rho"] is None

@@ -1,9 +1,10 @@
 """``SharpnessResult``: the value of a sharpness measure, its per-batch details and its config."""
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
+
+from ..serialize import jsonable
 
 
 @dataclass
@@ -36,17 +37,5 @@ class SharpnessResult:
     config: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (non-finite floats become None)."""
-        return _jsonable(asdict(self))
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, (bool, int, float, str)) or x is None:
-        return x
-    return str(x)
+        """A JSON-ready dict (:func:`quotientsharp.serialize.jsonable`: non-finite floats become None)."""
+        return jsonable(self)
