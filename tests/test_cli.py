@@ -128,7 +128,10 @@ def test_measure_that_raises_is_recorded_and_sets_exit_status(tmp_path, capsys):
     rows = json.loads(out.read_text())["measures"]
     assert status == 1
     assert "no symmetry group found" in rows["geodesic_mix"]["error"]
-    assert np.isfinite(rows["euclidean"]["value"])
+    x, y = torch.load(tmp_path / "d.pt")
+    expected = euclidean_sharpness(torch.load(tmp_path / "mlp.pt", weights_only=False), [(x[:4], y[:4]), (x[4:], y[4:])],
+                                   F.cross_entropy, 0.1, n_iter=2, progress=False)
+    assert rows["euclidean"]["value"] == pytest.approx(expected.value, rel=1e-6)  # the other row still ran
     assert "error: ValueError: no symmetry group found" in capsys.readouterr().out
 
 

@@ -324,13 +324,13 @@ def dense_quotient_hessian(model, batch, quotient):
 
     columns = []
     point = unflat(w0)
-    for k, group in enumerate(quotient.groups):
+    for group in quotient.groups:
         identity = [torch.eye(z.shape[-1], dtype=DT).expand_as(z).clone() for z in group.algebra_zeros(point)]
         for s, z in enumerate(identity):
             for index in np.ndindex(*z.shape):
                 direction = [torch.zeros_like(e) for e in identity]
                 direction[s][index] = 1.0
-                _, nu = torch.func.jvp(lambda els: group.action(point, els), (identity,), (direction,))
+                _, nu = torch.func.jvp(functools.partial(group.action, point), (identity,), (direction,))
                 columns.append(torch.cat([nu.get(name, torch.zeros(shape, dtype=DT)).reshape(-1)
                                           for name, shape in zip(names, shapes)]))
     V = torch.stack(columns, 1)
