@@ -44,7 +44,8 @@ def _project_out(op: LinearOperator, basis: torch.Tensor | None, w: torch.Tensor
     return w
 
 
-def _norm(op: LinearOperator, w: torch.Tensor) -> torch.Tensor:
+def metric_norm(op: LinearOperator, w: torch.Tensor) -> torch.Tensor:
+    """``sqrt(<w, w>_op)``: the norm of ``w`` in the operator's inner product (Euclidean or ``uᵀMv``)."""
     return torch.sqrt(torch.clamp(op.inner(w, w), min=0.0))
 
 
@@ -54,7 +55,7 @@ def random_unit_vector(
     """A Gaussian vector, orthogonalised against ``basis`` and normalised in the inner product."""
     v = torch.randn(op.shape[0], generator=generator, dtype=torch.float64).to(op.device)
     v = _project_out(op, basis, v)
-    return v / _norm(op, v)
+    return v / metric_norm(op, v)
 
 
 def lanczos_tridiagonal(
@@ -80,7 +81,7 @@ def lanczos_tridiagonal(
     alpha = torch.zeros(m, dtype=torch.float64)
     beta = torch.zeros(max(m - 1, 0), dtype=torch.float64)
     q = _project_out(op, deflate, v0.to(torch.float64))
-    q = q / _norm(op, q)
+    q = q / metric_norm(op, q)
     steps = m
     for j in tqdm(range(m), desc="Lanczos", disable=not progress, leave=False):
         Q[:, j] = q
@@ -88,7 +89,7 @@ def lanczos_tridiagonal(
         alpha[j] = op.inner(q, w)
         basis = Q[:, : j + 1] if deflate is None else torch.cat([deflate, Q[:, : j + 1]], 1)
         w = _project_out(op, basis, w)
-        b = float(_norm(op, w))
+        b = float(metric_norm(op, w))
         if j == m - 1 or (should_stop is not None and should_stop(alpha[: j + 1], beta[:j], b)):
             steps = j + 1
             break
@@ -155,7 +156,7 @@ def lanczos(
     idx = _select(theta, k, which)
     values, vectors = theta[idx], Q @ U[:, idx].to(Q.device)
     R = op.matmat(vectors) - vectors * values.to(Q.device)
-    residuals = torch.stack([_norm(op, R[:, i]) for i in range(R.shape[1])]).cpu()
+    residuals = torch.stack([metric_norm(op, R[:, i]) for i in range(R.shape[1])]).cpu()
     return EigenResult(
         eigenvalues=values,
         eigenvectors=vectors,
@@ -194,12 +195,12 @@ def power_iteration(
             w = op.matvec(v)
             total += 1
             theta = float(op.inner(v, w))
-            pair = (theta, v, float(_norm(op, w - theta * v)))
+            pair = (theta, v, float(metric_norm(op, w - theta * v)))
             if previous is not None and abs(theta - previous) < tol * abs(previous):
                 is_converged = True
                 break
             w = _project_out(op, basis, w)
-            v, previous = w / _norm(op, w), theta
+            v, previous = w / metric_norm(op, w), theta
         found_values.append(pair[0])
         found_vectors.append(pair[1])
         residuals.append(pair[2])

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from quotientsharp.curvature.lanczos import _norm, lanczos_tridiagonal, tridiagonal
+from quotientsharp.curvature.lanczos import lanczos_tridiagonal, metric_norm, tridiagonal
 from quotientsharp.curvature.operators import as_operator
 from quotientsharp.curvature.results import Estimate, jsonable, mean_and_stderr
 from quotientsharp.validation import check_count
@@ -81,12 +81,6 @@ class SLQResult:
         result.config["clamp_min"] = clamp_min
         return result
 
-    def shannon_entropy(self, normalizer: str = "abs"):
-        """Shannon spectral entropy (Rényi α → 1), see :func:`quotientsharp.curvature.renyi.renyi_entropy`."""
-        from quotientsharp.curvature.renyi import renyi_entropy
-
-        return renyi_entropy(self, "shannon", normalizer)
-
     def density(self, n_grid: int = 10_000, padding: float = 0.01, variance: float | None = None) -> SpectralDensity:
         """``φ(t) = (1/P) Σ_p Σ_k w_k 𝒩(t; θ_k, s²)`` on ``n_grid`` points from ``min θ − padding``
         to ``max θ + padding``; ``s² = 1e-5·max(1, grid range)`` unless given; renormalised to 1."""
@@ -139,7 +133,7 @@ def slq(
         theta, U = torch.linalg.eigh(tridiagonal(alpha, beta))
         nodes.append(theta)
         weights.append(U[0] ** 2)
-        norms_sq.append(float(_norm(op, z)) ** 2)
+        norms_sq.append(float(metric_norm(op, z)) ** 2)
     return SLQResult(
         torch.stack(nodes), torch.stack(weights), torch.tensor(norms_sq, dtype=torch.float64), n,
         {"method": "slq", "m": m, "n_probes": probes.shape[1], "distribution": distribution, "seed": seed, "n": n},

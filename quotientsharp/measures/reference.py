@@ -23,7 +23,7 @@ import torch
 
 from .. import tangent as T
 from ..quotient import Quotient
-from .solver import AscentConfig, AscentResult, Objective, StepSchedule, _Best, value_and_grad
+from .solver import AscentConfig, AscentResult, Objective, StepSchedule, BestPoint, value_and_grad
 
 BISECTION_TOL = 1e-5
 MAX_BISECTION = 500
@@ -71,7 +71,7 @@ def maximize_reference(objective: Objective, quotient: Quotient, w0: Mapping, rh
     loss0 = float(loss0)
     if not math.isfinite(loss0):
         raise ValueError(f"the loss at the base point is not finite ({loss0})")
-    best = _Best(T.zeros_like(w0), loss0, err0)
+    best = BestPoint(T.zeros_like(w0), loss0, err0)
     steps = StepSchedule(2 * rho * cfg.step_mult, cfg.n_iter, loss0)
     delta = prev = point = T.zeros_like(w0)
     trace: dict[str, list[float]] = {"loss_increase": [], "step": []}

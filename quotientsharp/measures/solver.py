@@ -159,7 +159,7 @@ class StepSchedule:
         return c1 or c2
 
 
-class _Best:
+class BestPoint:
     """The best iterate so far (starts at ``xi = 0``, which is feasible)."""
 
     def __init__(self, xi, loss, err):
@@ -172,10 +172,10 @@ class _Best:
         return False
 
 
-def _apgd_run(objective: Objective, endpoint, ball: HorizontalBall, xi0: dict, base: _Best,
-              cfg: AscentConfig, generator: torch.Generator) -> tuple[_Best, dict, int, int]:
+def _apgd_run(objective: Objective, endpoint, ball: HorizontalBall, xi0: dict, base: BestPoint,
+              cfg: AscentConfig, generator: torch.Generator) -> tuple[BestPoint, dict, int, int]:
     """One APGD run from ``xi0``; returns its best point, trace, halvings and non-finite count."""
-    best = _Best(base.xi, base.loss, base.err)
+    best = BestPoint(base.xi, base.loss, base.err)
     steps = StepSchedule(2 * ball.rho * cfg.step_mult, cfg.n_iter, best.loss)
     a = cfg.momentum
     xi, xi_prev = xi0, xi0
@@ -233,12 +233,12 @@ def maximize(objective: Objective, quotient: Quotient, w0: Params, rho: float, c
     loss0 = float(loss0)
     if not math.isfinite(loss0):
         raise ValueError(f"the loss at the base point is not finite ({loss0})")
-    best = _Best(ball.zeros(), loss0, err0)
+    best = BestPoint(ball.zeros(), loss0, err0)
     traces: dict[str, list] = {"loss_increase": [], "step": []}
     halvings = nonfinite = 0
     for r in range(cfg.n_restarts + 1):
         xi0 = ball.zeros() if r == 0 else ball.shrink(T.scale(ball.random_unit(generator), ball.rho))
-        run, trace, h, nf = _apgd_run(objective, endpoint, ball, xi0, _Best(ball.zeros(), loss0, err0),
+        run, trace, h, nf = _apgd_run(objective, endpoint, ball, xi0, BestPoint(ball.zeros(), loss0, err0),
                                       cfg, generator)
         best.offer(run.xi, run.loss, run.err)
         for key in traces:

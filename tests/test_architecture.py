@@ -1,4 +1,4 @@
-"""One default-quotient resolver and one vocabulary (issue 16 item 2)."""
+"""Architecture rules (issue 16): one default-quotient resolver, one vocabulary, one JSON policy, no import cycles or private cross-module imports."""
 import pytest
 import torch
 
@@ -62,3 +62,24 @@ def test_one_json_policy_for_every_result_record():
     e, r = json.loads(json.dumps(est.to_dict(), allow_nan=False)), json.loads(json.dumps(res.to_dict(), allow_nan=False))
     assert e["value"] is None and e["stderr"] is None and e["samples"] == [1.0, None]
     assert r["value"] is None and r["per_batch"] == [None, 2.0] and r["config"]["rho"] is None
+
+
+def _imports(path):
+    import ast
+    tree = ast.parse(open(path).read())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.append((node.level, node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out += [(0, a.name, []) for a in node.names]
+    return out
+
+
+def test_slq_does_not_import_renyi():
+    """renyi consumes SLQ results; slq must not import renyi back (the former cycle)."""
+    import importlib
+    slq = importlib.import_module("quotientsharp.curvature.slq")
+    assert slq.__file__.endswith("slq.py")
+    assert not any("renyi" in mod for _, mod, _ in _imports(slq.__file__))
+
