@@ -58,8 +58,8 @@ def test_llama_quotient_is_rotary_per_kv_group_and_gl_on_vo(llama):
     m, _ = llama
     q = _quiet_find(m)
     lines = q.summary().splitlines()
-    assert lines[0] == ("m.layers.0.self_attn: QK: rotary ℂ*^4 [half] × 2 KV groups (2 query heads each); "
-                        "VO: GL(8) × 2 KV groups")
+    assert lines[0] == ("m.layers.0.self_attn: QK: rotary ℂ*^4 [half] × 2 KV groups (2 query heads each; dim 16); "
+                        "VO: GL(8) × 2 KV groups (dim 128)")
     assert len([ln for ln in lines if "self_attn" in ln]) == 2
     G = q.groups[0]
     w = {n: p for n, p in _params(m).items() if n in G.names}
@@ -164,8 +164,8 @@ def test_qwen3_quotient_scales_qk_and_gl_on_vo():
     m = _qwen3(1e-6)
     q = _quiet_find(m)
     assert [type(g) for g in q.groups] == [AttentionGL, HeadScaling]
-    assert q.summary().splitlines()[0] == ("m.layers.0.self_attn: QK: QK-norm: ℝ₊ per head (4 query + 2 key scales); "
-                                           "VO: GL(8) × 2 KV groups")
+    assert q.summary().splitlines()[0] == ("m.layers.0.self_attn: QK: QK-norm: ℝ₊ per head (4 query + 2 key scales; "
+                                           "dim 6); VO: GL(8) × 2 KV groups (dim 128)")
 
 
 def test_qk_norm_invariance_with_hf_float32_rmsnorm_within_its_tolerance():
@@ -222,25 +222,61 @@ def _summary(model):
 def test_adapters_read_layouts_from_structure_and_config():
     torch.manual_seed(0)
     s = _summary(tr.Olmo2Model(tr.Olmo2Config(num_key_value_heads=2, **TINY)))
-    assert "QK: QK-norm over the projection" in s and "VO: GL(8) × 2 KV groups" in s
+    assert "QK: QK-norm over the projection: ℝ₊ for W_q, ℝ₊ for W_k (dim 2)" in s
+    assert "VO: GL(8) × 2 KV groups (dim 128)" in s
     s = _summary(tr.Gemma2Model(tr.Gemma2Config(num_key_value_heads=2, head_dim=8,
                                                 **dict(TINY, attn_implementation="eager"))))
     assert "QK: rotary ℂ*^4 [half] × 2 KV groups" in s  # soft-capping keeps the group
     s = _summary(tr.PhiModel(tr.PhiConfig(partial_rotary_factor=0.5, **TINY)))
-    assert "QK: rotary ℂ*^2 ⊕ GL(4) [half] × 4 heads" in s
+    assert "QK: rotary ℂ*^2 ⊕ GL(4) [half] × 4 heads (dim 80)" in s  # 4 x (2*2 + 4^2)
     s = _summary(tr.GPTJModel(tr.GPTJConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, vocab_size=40)))
     assert "QK: rotary ℂ*^2 ⊕ GL(4) [interleaved] × 4 heads" in s
     s = _summary(tr.FalconModel(tr.FalconConfig(multi_query=True, new_decoder_architecture=False, **TINY)))
-    assert "QK: rotary ℂ*^4 [half] × 1 KV groups (4 query heads each)" in s
+    assert "QK: rotary ℂ*^4 [half] × 1 KV groups (4 query heads each; dim 8)" in s
     s = _summary(tr.FalconModel(tr.FalconConfig(alibi=True, multi_query=False, new_decoder_architecture=False,
                                                 **TINY)))
-    assert "QK: GL(8) × 4 heads" in s  # ALiBi is additive: full group
+    assert "QK: GL(8) × 4 heads (dim 256)" in s  # ALiBi is additive: full group
     s = _summary(tr.ModernBertModel(tr.ModernBertConfig(pad_token_id=0, bos_token_id=1, eos_token_id=2,
                                                         cls_token_id=1, sep_token_id=2, **TINY)))
     assert "QK: rotary ℂ*^4 [half] × 4 heads" in s
     s = _summary(tr.T5Model(tr.T5Config(d_model=32, d_kv=8, num_heads=4, num_layers=1, d_ff=64, vocab_size=40)))
-    assert s.count("GL(8) × 4 heads (relative position bias: additive)") == 2  # encoder and decoder self-attn
-    assert "EncDecAttention: QK: GL(8) × 4 heads" in s
+    assert s.count("QK: GL(8) × 4 heads (dim 256, relative position bias: additive)") == 2  # enc. and dec. self-attn
+    assert "EncDecAttention: QK: GL(8) × 4 heads (dim 256)" in s
+
+
+def _more_models():
+    eager = dict(TINY, attn_implementation="eager")
+    return {
+        "mistral": lambda: tr.MistralModel(tr.MistralConfig(num_key_value_heads=2, **TINY)),
+        "olmo2": lambda: tr.Olmo2Model(tr.Olmo2Config(num_key_value_heads=2, rms_norm_eps=1e-30, **TINY)),
+        "gemma2": lambda: tr.Gemma2Model(tr.Gemma2Config(num_key_value_heads=2, head_dim=8, **eager)),
+        "gemma3": lambda: tr.Gemma3TextModel(tr.Gemma3TextConfig(num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-30,
+                                                                 **eager)),
+        "phi": lambda: tr.PhiModel(tr.PhiConfig(partial_rotary_factor=0.5, **TINY)),
+        "falcon-gqa": lambda: tr.FalconModel(tr.FalconConfig(new_decoder_architecture=True, num_kv_heads=2, **TINY)),
+        "modernbert": lambda: tr.ModernBertModel(tr.ModernBertConfig(pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                                                     cls_token_id=1, sep_token_id=2, **TINY)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_more_models()))
+def test_more_architectures_keep_their_output_under_the_residual_group(name):
+    """Function invariance at cond(A) = 1e3 on more layouts, with HF's own norms (float32 inside:
+    the tolerance is float32's, 1e-5); a full GL(h) on QK (where QK has a sub-algebra) breaks it."""
+    torch.manual_seed(0)
+    m = _HF(_more_models()[name]()).to(DT).eval()
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+    fn = _fn(m, ids)
+    q = _quiet_find(m)
+    w = _params(m)
+    moved = q.action(w, q.random_element(w, generator=torch.Generator().manual_seed(1), max_cond=1e3))
+    assert _rel(fn(moved), fn(w)) < 1e-5
+    G = q.groups[0]
+    if any(b.algebra is not None for b in G.blocks):
+        full = _full_gl(G)
+        wg = {n: w[n] for n in G.names}
+        g = full.random_element(wg, generator=torch.Generator().manual_seed(1), max_cond=100.0)
+        assert _rel(fn({**w, **full.action(wg, g)}), fn(w)) > 1e-4  # 10x the tolerance above
 
 
 def test_mla_and_bert_relative_key_stay_refused():
@@ -259,11 +295,11 @@ def test_timm_vit_fused_qkv_with_layerscale_and_qk_norm():
     from timm.models.vision_transformer import VisionTransformer
     kw = dict(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=2, num_heads=2, init_values=0.1)
     s = _summary(VisionTransformer(**kw))
-    assert s.splitlines()[0] == "blocks.0.attn: QK: GL(8) × 2 heads; VO: GL(8) × 2 heads"
+    assert s.splitlines()[0] == "blocks.0.attn: QK: GL(8) × 2 heads (dim 128); VO: GL(8) × 2 heads (dim 128)"
     q = _quiet_find(VisionTransformer(qk_norm=True, **kw))
     assert [type(g).__name__ for g in q.groups] == ["JointGroup"]  # scales and GL share the fused qkv weight
-    assert q.summary().splitlines()[0].startswith("blocks.0.attn: QK: QK-norm: ℝ₊ per head (2 query + 2 key scales)")
-    assert "; VO: GL(8) × 2 heads" in q.summary().splitlines()[0]
+    assert q.summary().splitlines()[0].startswith("blocks.0.attn: QK: QK-norm: ℝ₊ per head (2 query + 2 key scales; dim 4)")
+    assert q.summary().splitlines()[0].endswith("; VO: GL(8) × 2 heads (dim 128)")
     from timm.models.vision_transformer import Attention
     with pytest.raises(UnsupportedAttentionError, match="scale_norm"):  # a norm between V and O
         find_symmetries(torch.nn.Sequential(Attention(16, 2, scale_norm=True, norm_layer=torch.nn.LayerNorm)))

@@ -12,6 +12,7 @@ attention) are refused with :class:`UnsupportedAttentionError` saying why.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 
@@ -63,8 +64,10 @@ def _heads(m: nn.Module) -> int:
 
 def _classic(name: str, found: tuple[GLBlock, GLBlock]) -> LayerSymmetry:
     qk, vo = found
-    text = f"GL({qk.head_dim}) × {qk.n_heads} heads"
-    return LayerSymmetry(name, list(found), [], text, f"GL({vo.head_dim}) × {vo.n_heads} heads")
+    def text(b):
+        return f"GL({b.head_dim}) × {b.n_heads} heads (dim {b.n_heads * b.head_dim ** 2})"
+    found = tuple(dataclasses.replace(b, kind=text(b)) for b in found)
+    return LayerSymmetry(name, list(found), [], text(found[0]), text(found[1]))
 
 
 def attention_layers(model: nn.Module) -> list[LayerSymmetry]:

@@ -88,16 +88,19 @@ def grouped_attention(name: str, q: tuple[str, str | None, Sequence[Slot]], k: t
     out = LayerSymmetry(name)
     vo_h = tuple(Piece(o, "cols", j * h, r * h) for j in range(r))
     out.gl_blocks.append(GLBlock(G=pieces(vw, vb, vslot), H=vo_h, n_heads=n_kv, head_dim=h, label=f"{name}/vo",
-                                 kind=f"GL({h}) × {_groups_text(n_kv, r)}"))
+                                 kind=f"GL({h}) × {_groups_text(n_kv, r)} (dim {n_kv * h * h})"))
     out.vo = out.gl_blocks[-1].kind
     if qk_norm is None:
         if (qb is None) != (kb is None):
             raise UnsupportedAttentionError(
                 f"{name}: query and key must both have biases or both have none; otherwise the "
                 "bias-augmented QK block is not a GL(h) orbit")
-        G = tuple(pc for s in qslots for pc in pieces(qw, qb, s))
+        # all weight slots, then all bias slots: consecutive slots of one tensor are read as one run
+        G = (tuple(Piece(qw, "rows", s.offset, s.stride) for s in qslots)
+             + (tuple(Piece(qb, "bias", s.offset, s.stride) for s in qslots) if qb else ()))
         alg = rotary.describe() if rotary is not None else f"GL({h})"
-        kind = f"{alg} × {_groups_text(n_kv, r)}" + (f" ({r} query heads each)" if r > 1 else "")
+        dim = n_kv * (rotary.dim if rotary is not None else h * h)
+        kind = f"{alg} × {_groups_text(n_kv, r)} (" + (f"{r} query heads each; " if r > 1 else "") + f"dim {dim})"
         out.gl_blocks.insert(0, GLBlock(G=G, H=pieces(kw, kb, kslot), n_heads=n_kv, head_dim=h,
                                         label=f"{name}/qk", algebra=rotary, kind=kind))
         out.qk = kind
@@ -105,7 +108,7 @@ def grouped_attention(name: str, q: tuple[str, str | None, Sequence[Slot]], k: t
         for j, s in enumerate(qslots):
             out.scale_blocks.append(ScaleBlock(pieces(qw, qb, s), n_kv, h, f"{name}/q{j}", "query head scale"))
         out.scale_blocks.append(ScaleBlock(pieces(kw, kb, kslot), n_kv, h, f"{name}/k", "key head scale"))
-        out.qk = f"QK-norm: ℝ₊ per head ({n_kv * r} query + {n_kv} key scales){norm_note}"
+        out.qk = f"QK-norm: ℝ₊ per head ({n_kv * r} query + {n_kv} key scales; dim {n_kv * (r + 1)}){norm_note}"
     elif qk_norm == "projection":
         if any(s.stride != r * h or s.offset != j * h for j, s in enumerate(qslots)) or kslot.stride != h:
             raise UnsupportedAttentionError(f"{name}: projection-wide QK-norm on a fused/strided layout")
@@ -114,7 +117,7 @@ def grouped_attention(name: str, q: tuple[str, str | None, Sequence[Slot]], k: t
                                            f"{name}/q", "query projection scale"))
         out.scale_blocks.append(ScaleBlock(pieces(kw, kb, Slot(kslot.offset, n_kv * h)), 1, n_kv * h,
                                            f"{name}/k", "key projection scale"))
-        out.qk = f"QK-norm over the projection: ℝ₊ for W_q, ℝ₊ for W_k{norm_note}"
+        out.qk = f"QK-norm over the projection: ℝ₊ for W_q, ℝ₊ for W_k (dim 2){norm_note}"
     else:
         raise ValueError(f"qk_norm must be None, 'head' or 'projection', got {qk_norm!r}")
     out.scale_blocks = [dataclasses.replace(b, kind=out.qk) for b in out.scale_blocks]
@@ -337,7 +340,7 @@ def t5_attention(name: str, m: nn.Module) -> LayerSymmetry | None:
                             (p("k.weight"), _bias(p("k"), m.k), Slot(0, h)),
                             (p("v.weight"), _bias(p("v"), m.v), Slot(0, h)), p("o.weight"), n, h)
     if getattr(m, "has_relative_attention_bias", False):
-        out.qk += " (relative position bias: additive)"
+        out.qk = out.qk[:-1] + ", relative position bias: additive)"
         out.gl_blocks[0] = dataclasses.replace(out.gl_blocks[0], kind=out.qk)
     return out
 

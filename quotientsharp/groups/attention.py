@@ -79,11 +79,34 @@ def _span(pc: Piece, heads: int, h: int) -> int:
     return pc.offset + st * (heads - 1) + h
 
 
+@functools.lru_cache(maxsize=4096)
+def _runs(pieces: tuple[Piece, ...], h: int) -> tuple[tuple, ...]:
+    """Group the pieces into runs read with one reshape: ``("run", name, kind, offset, r)`` for
+    ``r`` consecutive pieces of one tensor with offsets ``offset + j*h`` and stride ``r*h`` (the
+    ``r`` query heads of a KV group; ``r = 1``: contiguous heads), ``("strided", piece)`` else."""
+    out, i = [], 0
+    while i < len(pieces):
+        pc = pieces[i]
+        st = h if pc.stride is None else pc.stride
+        r = st // h if st % h == 0 else 0
+        run = pieces[i:i + r] if r else ()
+        if r and len(run) == r and all(
+                q.name == pc.name and q.kind == pc.kind and (h if q.stride is None else q.stride) == st
+                and q.offset == pc.offset + j * h for j, q in enumerate(run)):
+            out.append(("run", pc.name, pc.kind, pc.offset, r))
+            i += r
+        else:
+            out.append(("strided", pc))
+            i += 1
+    return tuple(out)
+
+
 def _extract(w: Mapping[str, torch.Tensor], pieces: Sequence[Piece], heads: int, h: int) -> torch.Tensor:
     parts = []
-    for pc in pieces:
-        p = w[pc.name]
-        if pc.stride is not None and pc.stride != h:  # strided heads: a view by unfold
+    for item in _runs(tuple(pieces), h):
+        if item[0] == "strided":  # heads at a stride: a view by unfold
+            pc = item[1]
+            p = w[pc.name]
             if pc.kind == "rows":
                 parts.append(p[pc.offset:].unfold(0, h, pc.stride)[:heads])
             elif pc.kind == "cols":
@@ -91,23 +114,28 @@ def _extract(w: Mapping[str, torch.Tensor], pieces: Sequence[Piece], heads: int,
             else:
                 parts.append(p[pc.offset:].unfold(0, h, pc.stride)[:heads, None, :])
             continue
-        lo, hi = pc.offset, pc.offset + heads * h
-        if pc.kind == "rows":
-            parts.append(p[lo:hi, :].reshape(heads, h, p.shape[1]).transpose(1, 2))
-        elif pc.kind == "cols":
-            parts.append(p[:, lo:hi].reshape(p.shape[0], heads, h).transpose(0, 1))
+        _, name, kind, lo, r = item
+        p = w[name]
+        hi = lo + heads * r * h
+        if kind == "rows":
+            k = p.shape[1]
+            parts.append(p[lo:hi, :].reshape(heads, r, h, k).transpose(2, 3).reshape(heads, r * k, h))
+        elif kind == "cols":
+            k = p.shape[0]
+            parts.append(p[:, lo:hi].reshape(k, heads, r, h).permute(1, 2, 0, 3).reshape(heads, r * k, h))
         else:
-            parts.append(p[lo:hi].reshape(heads, 1, h))
-    return torch.cat(parts, dim=1)
+            parts.append(p[lo:hi].reshape(heads, r, h))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _insert(out: dict, pieces: Sequence[Piece], X: torch.Tensor, heads: int, h: int) -> None:
     """Write block factor ``X`` (heads, n, h) back into the tensors of ``out`` (in place in the
     dict, functionally on the tensors)."""
     row = 0
-    for pc in pieces:
-        p = out[pc.name]
-        if pc.stride is not None and pc.stride != h:
+    for item in _runs(tuple(pieces), h):
+        if item[0] == "strided":
+            pc = item[1]
+            p = out[pc.name]
             idx = _head_index(pc, heads, h, p.device).reshape(-1)
             if pc.kind == "rows":
                 k = p.shape[1]
@@ -120,19 +148,21 @@ def _insert(out: dict, pieces: Sequence[Piece], X: torch.Tensor, heads: int, h: 
                 out[pc.name] = p.index_copy(0, idx, X[:, row, :].reshape(heads * h).to(p.dtype))
             row += k
             continue
-        lo, hi = pc.offset, pc.offset + heads * h
-        if pc.kind == "rows":
+        _, name, kind, lo, r = item
+        p = out[name]
+        hi = lo + heads * r * h
+        if kind == "rows":
             k = p.shape[1]
-            src = X[:, row:row + k, :].transpose(1, 2).reshape(heads * h, k)
-            out[pc.name] = torch.slice_scatter(p, src.to(p.dtype), 0, lo, hi)
-        elif pc.kind == "cols":
+            src = X[:, row:row + r * k, :].reshape(heads, r, k, h).transpose(2, 3).reshape(heads * r * h, k)
+            out[name] = torch.slice_scatter(p, src.to(p.dtype), 0, lo, hi)
+        elif kind == "cols":
             k = p.shape[0]
-            src = X[:, row:row + k, :].transpose(0, 1).reshape(k, heads * h)
-            out[pc.name] = torch.slice_scatter(p, src.to(p.dtype), 1, lo, hi)
+            src = X[:, row:row + r * k, :].reshape(heads, r, k, h).permute(2, 0, 1, 3).reshape(k, heads * r * h)
+            out[name] = torch.slice_scatter(p, src.to(p.dtype), 1, lo, hi)
         else:
             k = 1
-            out[pc.name] = torch.slice_scatter(p, X[:, row, :].reshape(heads * h).to(p.dtype), 0, lo, hi)
-        row += k
+            out[name] = torch.slice_scatter(p, X[:, row:row + r, :].reshape(heads * r * h).to(p.dtype), 0, lo, hi)
+        row += r * k
 
 
 def _piece_rows(w: Mapping[str, torch.Tensor], pc: Piece) -> int:
