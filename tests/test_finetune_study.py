@@ -82,6 +82,8 @@ def test_finetune_config_uses_the_paper_measurement_protocol(tmp_path):
     assert text["subset"] | {"seed": 0} == {"n_batches": 8, "batch_size": 128, "seed": 0}
     assert len(vit["models"]) == 72 and len(text["models"]) == 48
     assert vit["plan"]["measures"] == study.default_measures() == text["plan"]["measures"]
+    assert vit["plan"]["spectral_batches"] == 2 == text["plan"]["spectral_batches"]
+
     key = ft.config_key("vit", vit["pretrain"])
     assert all(hp["pretrained"] == key for hp in vit["models"])
     # the fine-tune split's training tweets are the only tweets in the pretraining corpus
@@ -91,6 +93,16 @@ def test_finetune_config_uses_the_paper_measurement_protocol(tmp_path):
 
 
 # --------------------------------------------------------------------------- pieces
+def test_spectral_measures_see_only_the_first_batches(monkeypatch):
+    seen = {}
+    for name in ("hessian_slq", "adaptive"):
+        monkeypatch.setitem(study.MEASURES, name, lambda m, b, p, s, name=name: (float(seen.setdefault(name, len(b))), {}))
+    batches = [(torch.zeros(1), torch.zeros(1))] * 8
+    for name in ("hessian_slq", "adaptive"):
+        assert study.measure_unit(name, None, batches, {"spectral_batches": 2}, 0)["values"] == {name: seen[name]}
+    assert seen == {"hessian_slq": 2, "adaptive": 8}
+
+
 def test_mixup_mixes_inputs_and_one_hot_targets_with_one_lambda():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 1, 4, 4, dtype=torch.float64)
@@ -179,7 +191,9 @@ def test_vit_finetune_study_learns_and_writes_everything(vit_study):
     out, config, summary = vit_study
     assert summary["n_models"] == 3 and summary["learned"]["excluded"] == []
     assert summary["population"]["test_acc"][0] > 0.25  # MNIST, 10 classes; a 1-layer width-16 ViT
-    assert summary["measurement"] == {"n_batches": 2, "batch_size": 16, "n_examples": 32, "seed": 0}
+    assert summary["measurement"] == {"n_batches": 2, "batch_size": 16, "n_examples": 32, "seed": 0,
+                                      "spectral_measures": list(study.SPECTRAL_MEASURES), "spectral_batches": 2,
+                                      "spectral_examples": 32}
     assert summary["pretrained"]["key"] == config["arch"]["pretrained"]
     assert summary["timing"]["pretrain_s"] > 0 and summary["timing"]["measure_s_per_model"] > 0
     assert json.loads((out / "summary.json").read_text())["timing"] == summary["timing"]

@@ -294,15 +294,23 @@ def layer_renyi_selection(rows: Sequence[Mapping[str, Any]], n_boot: int, seed: 
             for gap in GAPS}
 
 
+SPECTRAL_MEASURES = ("hessian_max_eigenvalue", "hessian_slq", "quotient_renyi", "layer_renyi")
+"""The Hessian-spectrum units (Lanczos/SLQ: hundreds of HVPs per batch), which a plan may restrict to
+fewer of the fixed batches (``spectral_batches``) than the sharpness measures."""
+
+
 def measure_unit(name: str, model: nn.Module, batches: list, plan: Mapping[str, Any], seed: int) -> dict:
     """Run one measurement unit: ``{"values": {name: value}, "seconds", "warnings", "details"}``.
 
     A measure that is undefined at this model (it raises ``ValueError``, e.g. non-finite
     average-case draws at a collapsed network) is stored with no values and its ``"error"``, so
     the sweep goes on and the summary names it; the unit is deterministic, so a rerun reuses it
-    (delete its file to retry)."""
+    (delete its file to retry). ``plan["spectral_batches"] = k`` (optional) gives the
+    :data:`SPECTRAL_MEASURES` only the first k batches."""
     t0 = time.perf_counter()
     error = None
+    if name in SPECTRAL_MEASURES and plan.get("spectral_batches"):
+        batches = batches[:plan["spectral_batches"]]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
