@@ -200,6 +200,10 @@ def test_vit_finetune_study_learns_and_writes_everything(vit_study):
     for name in ("geodesic_inv", "adaptive", "hessian_trace", "renyi_0.5"):
         assert all(math.isfinite(r["values"][name]) for r in summary["models"])
     assert "geodesic_inv - adaptive" in summary["tau_difference"]["error_gap"]
+    status = ft.progress_report(out)
+    assert status["n_planned"] == status["n_trained"] == status["n_measured"] == 3
+    assert status["test_acc"] == summary["population"]["test_acc"]
+    assert status["pretrain_s"] == summary["timing"]["pretrain_s"]
     # the fine-tunes start from the checkpoint: the encoder of a 0-epoch fine-tune is the pretrained one
     data = ft.target_data(config)
     model, _ = ft.finetune_vit(config, data, config["models"][0] | {"epochs": 0})

@@ -435,6 +435,37 @@ def run_finetune_study(out: str | Path, config: Mapping[str, Any], progress: boo
     return summary
 
 
+def progress_report(out: str | Path) -> dict:
+    """What a (possibly running or stopped) study in ``out`` has finished, from its unit files:
+    fine-tuned models, models with every planned measure, accuracy and gap ranges of the trained
+    ones, and the measured seconds per phase (pretraining, fine-tune and measuring per model)."""
+    out = Path(out)
+    config = json.loads((out / "config.json").read_text())
+    records = {}
+    for hp in config["models"]:
+        path = out / "models" / f"{hp['id']}.json"
+        if path.exists():
+            records[hp["id"]] = json.loads(path.read_text())["result"]
+    measured, measure_s = [], []
+    for model_id in records:
+        units = [out / "measures" / model_id / f"{name}.json" for name in config["plan"]["measures"]]
+        if all(u.exists() for u in units):
+            measured.append(model_id)
+            measure_s.append(sum(json.loads(u.read_text())["result"]["seconds"] for u in units))
+    meta = checkpoint_paths(config["pretrain_dir"], config["kind"], config["pretrain"])[1]
+    pre = json.loads(meta.read_text()) if meta.exists() else None
+    span = lambda key: [min(r[key] for r in records.values()), max(r[key] for r in records.values())] if records else None  # noqa: E731
+    train_s = [r["history"]["wall_time"] for r in records.values()]
+    return {"n_planned": len(config["models"]), "n_trained": len(records), "n_measured": len(measured),
+            "train_acc": span("train_acc"), "test_acc": span("test_acc"), "error_gap": span("error_gap"),
+            "loss_gap": span("loss_gap"),
+            "pretrain_s": pre["seconds"] if pre else None,
+            "source_test_acc": pre["source"]["test_acc"] if pre and "source" in pre else None,
+            "pretrain_mlm_acc": pre["history"]["mlm_acc"][-1] if pre and "mlm_acc" in pre.get("history", {}) else None,
+            "finetune_s_per_model": sum(train_s) / len(train_s) if train_s else None,
+            "measure_s_per_model": sum(measure_s) / len(measure_s) if measure_s else None}
+
+
 # --------------------------------------------------------------------------- command line
 def main(kind: str, argv: Sequence[str] | None = None, description: str = "") -> dict:
     """The command line of ``experiments/{vit,text}_finetune_study.py``."""
@@ -458,8 +489,13 @@ def main(kind: str, argv: Sequence[str] | None = None, description: str = "") ->
     parser.add_argument("--seed", type=int, default=0, help="population, subset, solver and bootstrap seed")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--status", action="store_true", help="print what OUT has finished (JSON) and exit")
     parallel.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.status:
+        report = progress_report(args.out)
+        print(json.dumps(report, indent=1))
+        return report
     executor = parallel.executor_from_args(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
