@@ -168,6 +168,26 @@ def test_qwen3_quotient_scales_qk_and_gl_on_vo():
                                            "dim 6); VO: GL(8) × 2 KV groups (dim 128)")
 
 
+def test_full_gl_on_qk_breaks_a_qk_norm_model_while_head_scales_keep_it():
+    m = exact_rmsnorm(_qwen3(1e-30))
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+    fn = _fn(m, ids)
+    S = _quiet_find(m).groups[1]
+    w = {n: p for n, p in _params(m).items() if n in S.names}
+    g = S.random_element(w, generator=torch.Generator().manual_seed(2), max_cond=1e3)
+    assert _rel(fn(S.action(w, g)), fn(w)) < 1e-10
+    # the GQA GL(h) per KV group on (query heads, key head) -- the group without QK-norm
+    from quotientsharp.groups.attention import GLBlock
+    blocks = []
+    for layer in ("m.layers.0.self_attn", "m.layers.1.self_attn"):
+        qs = [b for b in S.blocks if b.label.startswith(layer + "/q")]
+        k = [b for b in S.blocks if b.label == layer + "/k"][0]
+        blocks.append(GLBlock(G=tuple(pc for b in qs for pc in b.pieces), H=k.pieces, n_heads=2, head_dim=8))
+    full = AttentionGL(blocks, "inv")
+    A = full.random_element(w, generator=torch.Generator().manual_seed(3), max_cond=10.0)
+    assert _rel(fn({**w, **full.action(w, A)}), fn(w)) > 1e-3
+
+
 def test_qk_norm_invariance_with_hf_float32_rmsnorm_within_its_tolerance():
     """HF computes RMSNorm in float32 with eps > 0: the scales are a symmetry up to
     ``eps / rms^2`` and float32 rounding (spec §4, §7); a rotary element on QK breaks it."""
@@ -242,6 +262,9 @@ def test_adapters_read_layouts_from_structure_and_config():
     s = _summary(tr.T5Model(tr.T5Config(d_model=32, d_kv=8, num_heads=4, num_layers=1, d_ff=64, vocab_size=40)))
     assert s.count("QK: GL(8) × 4 heads (dim 256, relative position bias: additive)") == 2  # enc. and dec. self-attn
     assert "EncDecAttention: QK: GL(8) × 4 heads (dim 256)" in s
+    s = _summary(tr.CLIPTextModel(tr.CLIPTextConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                    intermediate_size=32, vocab_size=40, max_position_embeddings=10)))
+    assert s.splitlines()[0] == "encoder.layers.0.self_attn: QK: GL(8) × 2 heads (dim 128); VO: GL(8) × 2 heads (dim 128)"
 
 
 def _more_models():

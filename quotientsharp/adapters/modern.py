@@ -251,8 +251,8 @@ def _assemble(name: str, m: nn.Module, n_q: int, n_kv: int, h: int, qw, qb, qslo
 # ----------------------------------------------------------------------------- recognisers
 def split_projections(name: str, m: nn.Module) -> LayerSymmetry | None:
     """``q_proj/k_proj/v_proj`` + ``o_proj|dense|out_proj`` (Llama, Mistral, Qwen2/3, OLMo-2,
-    Gemma 1-3, Phi, GPT-J, ...). Returns ``None`` for a classic layer without GQA, rotary or
-    QK-norm (the part 1 adapter handles it)."""
+    Gemma 1-3, Phi, GPT-J, CLIP's ``out_proj``, ...). Returns ``None`` for a classic ``o_proj``
+    layer without GQA, rotary or QK-norm (the part 1 adapter handles it)."""
     q, k, v = _linear(m, "q_proj"), _linear(m, "k_proj"), _linear(m, "v_proj")
     out_attr = next((a for a in OUTPUT_NAMES if _linear(m, a) is not None), None)
     if q is None or k is None or v is None or out_attr is None:
@@ -264,8 +264,8 @@ def split_projections(name: str, m: nn.Module) -> LayerSymmetry | None:
                                         f"v {v.out_features} do not fit {n_q} heads of dim {h}")
     n_kv = k.out_features // h
     modern = n_kv != n_q or _has_rotary(m) or _qk_norm(name, m, n_q, n_kv, h)[0] is not None
-    if not modern:
-        return None
+    if not modern and out_attr == "o_proj":
+        return None  # a classic layer the part 1 adapter reads (HF ViT-style q/k/v/o_proj)
     r = n_q // n_kv
     p = lambda a: _join(name, a)  # noqa: E731
     return _assemble(name, m, n_q, n_kv, h, p("q_proj.weight"), _bias(p("q_proj"), q), _contiguous(n_kv, r, h),
