@@ -283,3 +283,17 @@ def test_text_finetune_study_bert_learns_with_identical_hparams(tmp_path):
     assert not torch.equal(zero[0]["bert.classifier.weight"], zero[1]["bert.classifier.weight"])
     again = ft.finetune_text(config, data, config["models"][0] | {"epochs": 0})[0].state_dict()
     assert torch.equal(again["bert.classifier.weight"], zero[0]["bert.classifier.weight"])
+
+
+def test_regimes_table_puts_both_regimes_and_the_paper_side_by_side(vit_study):
+    _, _, summary = vit_study
+    scratch = copy.deepcopy(summary)
+    scratch["n_models"] = 48
+    scratch["kendall_tau"]["error_gap"]["geodesic_inv"] = -0.5
+    table = ft.regimes_table({"vit": {"from scratch": scratch, "fine-tuned": summary}})
+    lines = table.splitlines()
+    assert lines[0] == "| measure | vit, from scratch (n=48) | vit, fine-tuned (n=3) | paper (ImageNet ViT) |"
+    row = next(line for line in lines if line.startswith("| geodesic_inv |")).split(" | ")
+    assert row[1] == study.tau_cell(scratch, "error_gap", "geodesic_inv") and row[1].startswith("-0.50")
+    assert row[2] == study.tau_cell(summary, "error_gap", "geodesic_inv") and row[3] == "-0.71 |"
+    assert any(line.startswith("| Δτ geodesic_inv − adaptive (paired) |") for line in lines)

@@ -466,6 +466,41 @@ def progress_report(out: str | Path) -> dict:
             "measure_s_per_model": sum(measure_s) / len(measure_s) if measure_s else None}
 
 
+REGIME_PAPER = {"vit": "ImageNet ViT", "text": "MNLI BERT"}
+
+
+def regimes_table(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], gap: str = "error_gap") -> str:
+    """Markdown: τ-a [95% CI] of every measure against ``gap`` for each task's from-scratch and
+    fine-tuned populations side by side, the paper's value beside each task, then the paired
+    Δτ rows. ``summaries = {"vit": {"from scratch": summary, "fine-tuned": summary}, "text": …}``."""
+    columns = [(task, regime, s) for task, regimes in summaries.items() for regime, s in regimes.items()]
+    header = ["measure"]
+    for task in summaries:
+        header += [f"{task}, {regime} (n={s['n_models']})" for t, regime, s in columns if t == task]
+        header.append(f"paper ({REGIME_PAPER[task]})")
+    names = list(dict.fromkeys(n for _, _, s in columns for n in s["kendall_tau"][gap]))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        cells = [name]
+        for task in summaries:
+            cells += [study.tau_cell(s, gap, name) if name in s["kendall_tau"][gap] else "—"
+                      for t, _, s in columns if t == task]
+            paper = study.PAPER_ANCHORS[REGIME_PAPER[task]].get(name)
+            cells.append("" if paper is None else f"{paper:+.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    pairs = list(dict.fromkeys(p for _, _, s in columns for p in s.get("tau_difference", {}).get(gap, {})))
+    for pair in pairs:
+        cells = [f"Δτ {pair.replace(' - ', ' − ')} (paired)"]
+        for task in summaries:
+            for t, _, s in columns:
+                if t == task:
+                    d = s.get("tau_difference", {}).get(gap, {}).get(pair)
+                    cells.append("—" if d is None else f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]")
+            cells.append("")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- command line
 def main(kind: str, argv: Sequence[str] | None = None, description: str = "") -> dict:
     """The command line of ``experiments/{vit,text}_finetune_study.py``."""
