@@ -183,24 +183,27 @@ def _embed(out: torch.Tensor, blk: torch.Tensor, idx: torch.Tensor) -> torch.Ten
 class SubAlgebraFactors:
     """Base-point quantities of the sub-algebra projection of one stack (float64).
 
-    ``aG, aH``: metric weights; ``SG, SH``: Gram matrices ``(B, h, h)``. Sparse basis as index
-    tensors ``rows, cols, vals`` ``(k1, 2)``; ``free`` the ``S`` indices; Sylvester eigenbasis
-    ``L, Rm, denom`` of the ``S x S`` block; ``X`` ``(B, k1, s, s)`` the ``gl(S)`` corrections of
-    the sparse basis; ``chol`` ``(B, k1, k1)`` the Cholesky factor of the Schur complement ``Kt``."""
+    ``aG, aH``: metric weights ``(B, h, h)``. Sparse basis as index tensors ``rows, cols, vals``
+    ``(k1, t)``; ``free`` the ``S`` indices; Sylvester eigenbasis ``L, Rm, denom`` of the
+    ``S x S`` block; ``U1, V1, U2, V2`` the gathered rows/columns ``SG[S, r_at]``,
+    ``aG[c_at, S]``, ``aH[S, r_at]``, ``SH[c_at, S]`` that give ``K_a = [K(E_a)]_SS`` as a sum
+    of outer products (``(B, s, k1, t)`` / ``(B, k1, t, s)``: no ``(B, k1, s, s)`` tensor is
+    kept); ``chol`` ``(B, k1, k1)`` the Cholesky factor of the Schur complement ``Kt``."""
 
     aG: torch.Tensor
     aH: torch.Tensor
-    SG: torch.Tensor
-    SH: torch.Tensor
     rows: torch.Tensor
     cols: torch.Tensor
     vals: torch.Tensor
     free: torch.Tensor
-    L: torch.Tensor | None
-    Rm: torch.Tensor | None
-    denom: torch.Tensor | None
-    X: torch.Tensor | None
-    chol: torch.Tensor | None
+    L: torch.Tensor | None = None
+    Rm: torch.Tensor | None = None
+    denom: torch.Tensor | None = None
+    U1: torch.Tensor | None = None
+    V1: torch.Tensor | None = None
+    U2: torch.Tensor | None = None
+    V2: torch.Tensor | None = None
+    chol: torch.Tensor | None = None
 
 
 def _sym_pow(M: torch.Tensor, p: float) -> torch.Tensor:
@@ -208,14 +211,9 @@ def _sym_pow(M: torch.Tensor, p: float) -> torch.Tensor:
     return (V * ev.pow(p)[..., None, :]) @ _t(V)
 
 
-def _gather(M: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``M[:, rows, cols]`` for index tensors of equal shape (batched over M's first dim)."""
-    return M[:, rows, cols]
-
-
 def _sparse_inner(f: SubAlgebraFactors, R: torch.Tensor) -> torch.Tensor:
     """``<E_a, R>_F`` for the sparse basis, ``(B, k1)``."""
-    return (_gather(R, f.rows, f.cols) * f.vals).sum(-1)
+    return (R[:, f.rows, f.cols] * f.vals).sum(-1)
 
 
 def _sparse_combine(f: SubAlgebraFactors, c: torch.Tensor, h: int) -> torch.Tensor:
@@ -228,7 +226,8 @@ def _sparse_combine(f: SubAlgebraFactors, c: torch.Tensor, h: int) -> torch.Tens
 
 
 def sylvester_solve(f: SubAlgebraFactors, E: torch.Tensor) -> torch.Tensor:
-    """The ``X`` on ``S x S`` with ``SG_SS X aG_SS + aH_SS X SH_SS = E`` (``E`` ``(B, ..., s, s)``)."""
+    """The ``X`` on ``S x S`` with ``SG_SS X aG_SS + aH_SS X SH_SS = E`` (``E`` ``(B, ..., s, s)``).
+    The operator is self-adjoint in the Frobenius product, hence so is this solve."""
     L, Rm = f.L, f.Rm
     extra = E.ndim - 3
     for _ in range(extra):
@@ -237,39 +236,55 @@ def sylvester_solve(f: SubAlgebraFactors, E: torch.Tensor) -> torch.Tensor:
     return L @ ((_t(L) @ E @ _t(Rm)) / den) @ Rm
 
 
-def _sparse_K_SS(SG, aG, aH, SH, rows, cols, vals, free) -> torch.Tensor:
-    """``[K(E_a)]_SS = sum_t v_at (SG[S, r_at] aG[c_at, S] + aH[S, r_at] SH[c_at, S])``, ``(B, k1, s, s)``."""
-    S = free
-    sg = SG[:, S[:, None, None], rows[None]]     # (B, s, k1, t)
-    ag = aG[:, cols[:, :, None], S[None, None]]  # (B, k1, t, s)
-    ah = aH[:, S[:, None, None], rows[None]]
-    sh = SH[:, cols[:, :, None], S[None, None]]
-    return (torch.einsum("biat,at,batj->baij", sg, vals, ag)
-            + torch.einsum("biat,at,batj->baij", ah, vals, sh))
+def _K_inner(f: SubAlgebraFactors, Y: torch.Tensor) -> torch.Tensor:
+    """``<K_a, Y_c>_F`` for ``Y`` ``(B, c, s, s)``: ``(B, k1, c)``, with
+    ``K_a = sum_t v_at (SG[S, r_at] aG[c_at, S] + aH[S, r_at] SH[c_at, S])``."""
+    out = 0
+    for U, V in ((f.U1, f.V1), (f.U2, f.V2)):
+        YV = torch.einsum("bcij,batj->bciat", Y, V)           # (B, c, s, k1, t)
+        out = out + torch.einsum("biat,at,bciat->bac", U, f.vals, YV)
+    return out
+
+
+def _K_combine(f: SubAlgebraFactors, c: torch.Tensor) -> torch.Tensor:
+    """``sum_a c_a K_a``, ``(B, s, s)`` (``c`` ``(B, k1)``)."""
+    B, s = c.shape[0], f.U1.shape[1]
+    out = 0
+    for U, V in ((f.U1, f.V1), (f.U2, f.V2)):
+        Uc = U * (f.vals * c[:, :, None])[:, None]           # (B, s, k1, t)
+        out = out + Uc.reshape(B, s, -1) @ V.reshape(B, -1, s)
+    return out
+
+
+def _K_dense(f: SubAlgebraFactors, idx: torch.Tensor) -> torch.Tensor:
+    """``K_a`` for the basis elements ``idx``, dense ``(B, len(idx), s, s)``."""
+    out = 0
+    for U, V in ((f.U1, f.V1), (f.U2, f.V2)):
+        out = out + torch.einsum("biat,at,batj->baij", U[:, :, idx], f.vals[idx], V[:, idx])
+    return out
 
 
 def subalgebra_factors(metric: str, f: GLFactors, G: torch.Tensor, H: torch.Tensor,
-                       alg: SubAlgebra) -> SubAlgebraFactors:
-    """Cache the projection's base-point quantities for the blocks ``(G, H)`` of one stack."""
+                       alg: SubAlgebra, chunk_bytes: int = 2 ** 27) -> SubAlgebraFactors:
+    """Cache the projection's base-point quantities for the blocks ``(G, H)`` of one stack
+    (transient memory of the Schur complement capped near ``chunk_bytes``)."""
     G, H = G.double(), H.double()
     aG, aH = (f.P_inv, f.Q_inv) if metric == "inv" else (f.Q, f.P)
     SG, SH = _t(G) @ G, _t(H) @ H
     dev = G.device
     ents = alg.sparse_entries()
     k1 = len(ents)
-    rows = torch.zeros(k1, 2, dtype=torch.long, device=dev)
-    cols = torch.zeros(k1, 2, dtype=torch.long, device=dev)
-    vals = torch.zeros(k1, 2, dtype=torch.float64, device=dev)
-    if any(len(e) > 2 for e in ents):
-        width = max(len(e) for e in ents)
-        rows = torch.zeros(k1, width, dtype=torch.long, device=dev)
-        cols, vals = torch.zeros_like(rows), torch.zeros(k1, width, dtype=torch.float64, device=dev)
+    width = max([len(e) for e in ents] + [1])
+    rows = torch.zeros(k1, width, dtype=torch.long, device=dev)
+    cols = torch.zeros(k1, width, dtype=torch.long, device=dev)
+    vals = torch.zeros(k1, width, dtype=torch.float64, device=dev)
     for a, e in enumerate(ents):
         for t, (i, j, v) in enumerate(e):
             rows[a, t], cols[a, t], vals[a, t] = i, j, v
     free = torch.tensor(alg.free, dtype=torch.long, device=dev)
-    out = SubAlgebraFactors(aG, aH, SG, SH, rows, cols, vals, free, None, None, None, None, None)
-    if len(alg.free):
+    out = SubAlgebraFactors(aG, aH, rows, cols, vals, free)
+    s = len(alg.free)
+    if s:
         ix = (slice(None), free[:, None], free[None, :])
         A1, B1, A2, B2 = SG[ix], aG[ix], aH[ix], SH[ix]
         A2ih, B1ih = _sym_pow(A2, -0.5), _sym_pow(B1, -0.5)
@@ -284,12 +299,17 @@ def subalgebra_factors(metric: str, f: GLFactors, G: torch.Tensor, H: torch.Tens
         rb, cb = rows[None, None], cols[None, None]
         vv = vals[:, :, None, None] * vals[None, None]
         Kt = ((SG[:, ra, rb] * aG[:, cb, ca] + aH[:, ra, rb] * SH[:, cb, ca]) * vv).sum((2, 4))
-        if len(alg.free):
-            # [K(E_a)]_SS = sum_t v_at (SG[S, r_at] aG[c_at, S] + aH[S, r_at] SH[c_at, S])
-            KE_SS = _sparse_K_SS(SG, aG, aH, SH, rows, cols, vals, free)
-            X = -sylvester_solve(out, KE_SS)                           # (B, k1, s, s)
-            Kt = Kt + torch.einsum("bcij,baij->bac", KE_SS, X)
-            out.X = X
+        if s:
+            out.U1, out.V1 = SG[:, free[:, None, None], rows[None]], aG[:, cols[:, :, None], free[None, None]]
+            out.U2, out.V2 = aH[:, free[:, None, None], rows[None]], SH[:, cols[:, :, None], free[None, None]]
+            # Schur complement: Kt_ab += <K_a, X_b>, X_b = -S(K_b), a few basis elements at a time
+            B = G.shape[0]
+            step = max(1, chunk_bytes // (8 * B * s * max(s, k1 * width)))
+            cols_out = []
+            for lo in range(0, k1, step):
+                idx = torch.arange(lo, min(k1, lo + step), device=dev)
+                cols_out.append(-_K_inner(out, sylvester_solve(out, _K_dense(out, idx))))
+            Kt = Kt + torch.cat(cols_out, dim=2)
         Kt = 0.5 * (Kt + _t(Kt))
         out.chol = torch.linalg.cholesky(Kt)
     return out
@@ -297,24 +317,25 @@ def subalgebra_factors(metric: str, f: GLFactors, G: torch.Tensor, H: torch.Tens
 
 def subalgebra_project(f: SubAlgebraFactors, G, H, xG, xH):
     """Horizontal projection ``xi + nu(Lam) = (xG - G Lam, xH + H Lam^T)``, ``Lam in g``
-    (module docstring), batched over the stack."""
+    (module docstring), batched over the stack. With ``X_R = -S(R_SS)`` and ``X_a = -S(K_a)``
+    (``S`` self-adjoint): ``Kt c = -(<E_a, R> + <K_a, X_R>)`` and
+    ``Lam = sum_a c_a E_a + X_R - S(sum_a c_a K_a)`` on ``S x S``."""
     dt = xG.dtype
     G, H, xG, xH = G.double(), H.double(), xG.double(), xH.double()
     h = G.shape[-1]
     R = f.aH @ _t(xH) @ H - _t(G) @ xG @ f.aG
     lam = torch.zeros_like(R)
     s = f.free.numel()
-    ix = (slice(None), f.free[:, None], f.free[None, :])
     if s:
-        XR = -sylvester_solve(f, R[ix])
+        XR = -sylvester_solve(f, R[:, f.free[:, None], f.free[None, :]])
     if f.chol is not None:
         rhs = _sparse_inner(f, R)
         if s:
-            rhs = rhs + torch.einsum("baij,bij->ba", f.X, R[ix])
+            rhs = rhs + _K_inner(f, XR[:, None])[..., 0]
         c = torch.cholesky_solve(-rhs[..., None], f.chol)[..., 0]
         lam = _sparse_combine(f, c, h)
         if s:
-            XR = XR + torch.einsum("ba,baij->bij", c, f.X)
+            XR = XR - sylvester_solve(f, _K_combine(f, c))
     if s:
         lam = _embed(lam, XR, f.free)
     return (xG - G @ lam).to(dt), (xH + H @ _t(lam)).to(dt)
