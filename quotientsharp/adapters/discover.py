@@ -103,10 +103,7 @@ def attention_layers(model: nn.Module) -> list[LayerSymmetry]:
                                           _join(parent, "output.dense"), m.query, m.key, m.value,
                                           H, m.query.out_features // H, name)
         elif all(isinstance(getattr(m, a, None), nn.Linear) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            if m.k_proj.out_features != m.q_proj.out_features or getattr(m, "num_key_value_groups", 1) != 1:
-                raise UnsupportedAttentionError(
-                    f"{name}: grouped/multi-query attention (keys shared by several query heads) is not "
-                    "supported; its symmetry is GL(h) per key head acting on all its query heads at once")
+            # classic layers only: modern.match took those with GQA, rotary or QK-norm
             _refuse_if_broken(name, m)
             H = _heads(m)
             found = linear_modules_blocks(_join(name, "q_proj"), _join(name, "k_proj"), _join(name, "v_proj"),

@@ -239,11 +239,11 @@ def _contiguous(n_kv: int, r: int, h: int, base: int = 0) -> list[Slot]:
 
 
 def _assemble(name: str, m: nn.Module, n_q: int, n_kv: int, h: int, qw, qb, qslots, kw, kb, kslot,
-              vw, vb, vslot, o: str, norm_allowed: bool = True) -> LayerSymmetry:
+              vw, vb, vslot, o: str) -> LayerSymmetry:
     if n_q % n_kv:
         raise UnsupportedAttentionError(f"{name}: {n_q} query heads do not split into {n_kv} KV groups")
     rotary = _rotary_algebra(name, m, h)
-    qk_norm, note = _qk_norm(name, m, n_q, n_kv, h) if norm_allowed else (None, "")
+    qk_norm, note = _qk_norm(name, m, n_q, n_kv, h)
     return grouped_attention(name, (qw, qb, qslots), (kw, kb, kslot), (vw, vb, vslot), o, n_kv, h,
                              None if qk_norm else rotary, qk_norm, note)
 
