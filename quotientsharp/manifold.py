@@ -5,7 +5,7 @@ Riemannian optimizers run on it.
 ``inner`` the quotient metric, ``retr`` the 2nd-order geodesic, ``expmap`` the exact geodesic and
 ``transp`` the projection onto the horizontal space at the new point (vector transport by
 projection). Points are flat vectors holding ``quotient.names`` in order; use
-:meth:`QuotientManifold.flatten` / :meth:`unflatten` to move between dicts and vectors.
+:meth:`QuotientManifold.flatten` / :meth:`QuotientManifold.unflatten` to move between dicts and vectors.
 
 Example::
 
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import geoopt
 import torch
 
-from . import tangent as T
+from .layout import ParameterLayout
 from .quotient import Quotient
 
 
@@ -33,21 +33,17 @@ class QuotientManifold(geoopt.Manifold):
     def __init__(self, quotient: Quotient, like: Mapping[str, torch.Tensor], order_retr: int | str = 2):
         super().__init__()
         self.quotient = quotient
-        self.like = {n: torch.empty_like(like[n], device="meta") for n in quotient.names}
+        self.layout = ParameterLayout.from_tensors(like, quotient.names)
         self.order_retr = order_retr
 
     # ------------------------------------------------------------------ dict <-> vector
     def flatten(self, d: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return T.flatten(d, self.quotient.names)
+        """``d`` over ``quotient.names`` → flat vector (see :class:`~quotientsharp.layout.ParameterLayout`)."""
+        return self.layout.flatten(d)
 
     def unflatten(self, x: torch.Tensor) -> dict:
-        out, i = {}, 0
-        for n, t in self.like.items():
-            out[n] = x[i:i + t.numel()].view(t.shape)
-            i += t.numel()
-        if i != x.numel():
-            raise ValueError(f"vector has {x.numel()} entries, the quotient's parameters need {i}")
-        return out
+        """Flat ``x`` → dict over ``quotient.names``: views of ``x``, in its dtype."""
+        return self.layout.unflatten(x, dtype=x.dtype)
 
     # ------------------------------------------------------------------ geoopt API
     def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):

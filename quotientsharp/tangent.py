@@ -9,6 +9,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from quotientsharp.layout import ParameterLayout
+
 Tangent = dict[str, torch.Tensor]
 
 
@@ -79,18 +81,15 @@ def restrict(a: Mapping[str, torch.Tensor], names: Iterable[str]) -> Tangent:
 
 
 def flatten(a: Mapping[str, torch.Tensor], names: Iterable[str] | None = None) -> torch.Tensor:
-    names = list(a) if names is None else list(names)
-    return torch.cat([a[n].reshape(-1) for n in names])
+    """``a`` over ``names`` (default: all keys) as one flat vector; see
+    :meth:`~quotientsharp.layout.ParameterLayout.flatten`."""
+    return ParameterLayout.from_tensors(a, names).flatten(a)
 
 
 def unflatten(vec: torch.Tensor, like: Mapping[str, torch.Tensor]) -> Tangent:
-    out, i = {}, 0
-    for n, t in like.items():
-        out[n] = vec[i : i + t.numel()].view_as(t)
-        i += t.numel()
-    if i != vec.numel():
-        raise ValueError(f"flat vector has {vec.numel()} entries, the dict needs {i}")
-    return out
+    """Flat ``vec`` → dict shaped like ``like`` (views of ``vec``, in its dtype); see
+    :meth:`~quotientsharp.layout.ParameterLayout.unflatten`."""
+    return ParameterLayout.from_tensors(like).unflatten(vec, dtype=vec.dtype)
 
 
 def randn_like(a: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> Tangent:

@@ -83,3 +83,38 @@ def test_slq_does_not_import_renyi():
     assert slq.__file__.endswith("slq.py")
     assert not any("renyi" in mod for _, mod, _ in _imports(slq.__file__))
 
+
+
+@pytest.mark.parametrize("module", ["slq", "trace", "lanczos"])
+def test_estimators_do_not_probe_the_operator(module):
+    """Probes and the effective dimension come from the operator's declared interface
+    (LinearOperator.sample_probes / effective_dimension), not from getattr/hasattr on it."""
+    import ast
+    import importlib
+    path = importlib.import_module(f"quotientsharp.curvature.{module}").__file__
+    tree = ast.parse(open(path).read())
+    probes = [ast.unparse(node) for node in ast.walk(tree)
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+              and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id in ("op", "obj", "operator")]
+    assert probes == []
+    if module == "slq":  # no probing of any kind, and the probes are the operator's
+        source = open(path).read()
+        assert "getattr(" not in source and "hasattr(" not in source
+        assert "op.sample_probes(" in source and "op.effective_dimension" in source
+
+
+def test_one_parameter_layout_behind_every_flatten():
+    """tangent, the curvature operators, the quotient Hessian and the manifold flatten through
+    quotientsharp.layout.ParameterLayout (no torch.cat/split of their own)."""
+    import inspect
+
+    from quotientsharp import tangent
+    from quotientsharp.curvature.operators import ModelOperator
+    from quotientsharp.curvature.quotient_hessian import QuotientHessianOperator
+    from quotientsharp.manifold import QuotientManifold
+    helpers = [tangent.flatten, tangent.unflatten, ModelOperator.flatten, ModelOperator.unflatten,
+               QuotientHessianOperator.to_flat, QuotientHessianOperator.to_dict,
+               QuotientManifold.flatten, QuotientManifold.unflatten]
+    for helper in helpers:
+        source = inspect.getsource(helper)
+        assert "layout" in source.lower() and "torch.cat" not in source and ".split(" not in source, helper.__qualname__

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
+from quotientsharp.curvature.probes import sample_probes
 from quotientsharp.distributed import data_parallel
 from quotientsharp.functional import (
     LossFn,
@@ -36,6 +37,7 @@ from quotientsharp.functional import (
     model_device_dtype,
     split_batch,
 )
+from quotientsharp.layout import ParameterLayout
 from quotientsharp.validation import check_model_loader_loss, conform_batch
 
 HVP_MODES = ("reverse_over_reverse", "forward_over_reverse", "finite_difference")
@@ -50,10 +52,34 @@ class LinearOperator:
     """A symmetric ``n × n`` operator on flat float64 vectors, self-adjoint in :meth:`inner`.
 
     Subclasses implement :meth:`matvec`; :meth:`matmat` defaults to one matvec per column.
+
+    Stochastic estimators (SLQ) take their probes from the operator: :meth:`sample_probes` draws
+    ``z`` with ``E[⟨z, f(A) z⟩] = Σ f(λ)`` over the :attr:`effective_dimension` eigenvalues of the
+    space the operator's spectrum lives on (by default all ``n``, Rademacher or Gaussian entries);
+    an operator on a subspace (the quotient Hessian's horizontal space) overrides both.
     """
 
     shape: tuple[int, int]
     device: torch.device = torch.device("cpu")
+    probe_distribution: str = "rademacher"
+    """The default distribution of :meth:`sample_probes`."""
+
+    @property
+    def effective_dimension(self) -> int:
+        """Number of eigenvalues the spectral estimators sum over (default ``n``)."""
+        return self.shape[0]
+
+    def sample_probes(
+        self, count: int, seed: int = 0, distribution: str | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``(n, count)`` float64 probes with ``E[z zᵀ] = I``: Rademacher (±1, default) or standard
+        Gaussian entries, drawn on CPU from ``generator`` (default: a new one seeded by ``seed``)."""
+        generator = generator if generator is not None else torch.Generator().manual_seed(seed)
+        return sample_probes(self.shape[0], count, distribution or self.probe_distribution, generator)
+
+    def describe(self) -> dict:
+        """Entries this operator adds to an estimator's config record (default: none)."""
+        return {}
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``A v`` for ``v`` of shape ``(n,)``."""
@@ -218,12 +244,24 @@ def _cast_floating(obj: Any, dtype: torch.dtype) -> Any:
 
 
 class ModelOperator(LinearOperator):
-    """Shared plumbing of the model curvature operators (data, target block, checks).
+    """Template of the model curvature operators: data, target block, batch loop, weighting,
+    all-reduce and determinism check live here; a subclass writes only the per-batch product.
+
+    For a curvature matrix ``A = Σ_b (n_b/N) A_b`` of the data-averaged loss
+    ``L = Σ_b (n_b/N) L_b`` (``n_b`` the size of batch ``b``, ``N`` the total), a subclass
+    implements :meth:`batch_product`: given one batch, return ``apply(V)`` that maps a block of
+    target-shaped columns ``{name: (k, *shape)}`` (compute dtype) to ``A_b V`` in the same format.
+    :meth:`matmat` then loops over this rank's batches inside :meth:`context`, applies ``apply``
+    to ``chunk_size`` columns at a time, weights by ``n_b/N``, sums, and all-reduces over
+    ``process_group``. Work that does not depend on ``V`` (a forward pass, a gradient graph) goes
+    in ``batch_product`` before ``apply`` and is shared by all chunks of that batch.
 
     Constructed as ``(model, loader, loss_fn, params="all", ...)``, the order of every measure;
-    batches follow the batch rule of :mod:`quotientsharp.validation`.
+    batches follow the batch rule of :mod:`quotientsharp.validation`. ``ModelOperator`` itself
+    (no product) serves ``loss``/``gradient``/:meth:`loss_and_gradient`.
 
-    Attributes after construction: ``param_names``, ``n`` (target size), ``batches`` and
+    Attributes after construction: ``param_names``, ``layout`` (the target block's
+    :class:`~quotientsharp.layout.ParameterLayout`), ``n`` (target size), ``batches`` and
     ``batch_weights`` (``n_b/N``) of this rank, ``loss`` (float, L(θ)) and ``gradient`` (flat
     float64 ∇L(θ) over the target), summed over the ranks of ``process_group``.
     """
@@ -266,37 +304,32 @@ class ModelOperator(LinearOperator):
                 {n: b.to(self.compute_dtype) for n, b in model.named_buffers() if b.is_floating_point()}
             )
         check_finite(self.target)
-        self.shapes = [t.shape for t in self.target.values()]
-        self.numels = [t.numel() for t in self.target.values()]
-        self.n = sum(self.numels)
+        self.layout = ParameterLayout.from_tensors(self.target)
+        self.n = self.layout.numel
         self.shape = (self.n, self.n)
 
         self.loss, self.gradient = self.loss_and_gradient()
         if check_deterministic:
             self._check_deterministic()
 
-    # --- data/parameter plumbing -------------------------------------------------------------
+    # --- flat <-> dict (the layout, in float64 / the compute dtype) --------------------------
+    @property
+    def shapes(self) -> tuple[torch.Size, ...]:
+        return self.layout.shapes
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return self.layout.numels
+
     def flatten(self, tensors: dict[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
         """Target-block dict (or list in target order) → flat float64 ``(n,)``."""
-        parts = tensors.values() if isinstance(tensors, dict) else tensors
-        return torch.cat([t.reshape(-1).to(torch.float64) for t in parts])
+        return self.layout.flatten(tensors, torch.float64)
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Flat ``(n,)`` → target-block dict in the compute dtype."""
-        if flat.shape != (self.n,):
-            raise ValueError(f"expected a flat vector of shape ({self.n},), got {tuple(flat.shape)}")
-        parts = flat.to(self.compute_dtype).split(self.numels)
-        return {n: p.view(s) for n, p, s in zip(self.param_names, parts, self.shapes)}
+        return self.layout.unflatten(flat, self.compute_dtype)
 
-    def _unflatten_columns(self, V: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``(n, k)`` → dict of ``(k, *shape)`` tensors (columns first, for vmap)."""
-        parts = V.T.to(self.compute_dtype).split(self.numels, dim=1)
-        return {n: p.reshape(-1, *s) for n, p, s in zip(self.param_names, parts, self.shapes)}
-
-    def _flatten_columns(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Sequence of ``(k, *shape)`` → ``(n, k)`` float64."""
-        return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1).T.to(torch.float64)
-
+    # --- the template ------------------------------------------------------------------------
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
         """Model mode (eval unless ``train_mode``), SDPA math backend, frozen BatchNorm stats."""
@@ -307,6 +340,46 @@ class ModelOperator(LinearOperator):
                 stack.enter_context(batch_statistics_only(self.model))
             yield
 
+    def sum_over_batches(self, per_batch: Callable[[int, Any], torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        """``Σ_b (n_b/N) per_batch(i_b, b)`` over this rank's batches (inside :meth:`context`),
+        all-reduced over the ranks: the one batch loop of every model operator. ``per_batch``
+        returns a float64 tensor of ``shape``; ``i_b`` is the batch's index on this rank."""
+        total = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        with self.context():
+            for i, (w, b) in enumerate(zip(self.batch_weights, self.batches)):
+                total += w * per_batch(i, b)
+        return self.data_parallel.sum(total)
+
+    def batch_product(self, batch: Any) -> Callable[[dict[str, torch.Tensor]], Params | Sequence[torch.Tensor]]:
+        """The per-batch product (subclasses): ``apply`` with ``apply(V) = A_b V`` for columns
+        ``V = {name: (k, *shape)}`` in the compute dtype, returned as a dict (or a sequence in
+        target order) of ``(k, *shape)`` tensors. Called inside :meth:`context`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no curvature product: subclass ModelOperator and implement "
+            "batch_product(batch), or use HessianOperator / GGNOperator"
+        )
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matmat(v[:, None])[:, 0]
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``A V = Σ_b (n_b/N) A_b V`` for ``V`` of shape ``(n, k)``, ``chunk_size`` columns per
+        call of the per-batch product."""
+        if V.ndim != 2 or V.shape[0] != self.n:
+            raise ValueError(f"{type(self).__name__}.matmat: expected shape ({self.n}, k), got {tuple(V.shape)}")
+
+        def per_batch(_: int, batch: Any) -> torch.Tensor:
+            apply = self.batch_product(batch)
+            return torch.cat([self._apply_columns(apply, V[:, i : i + self.chunk_size])
+                              for i in range(0, V.shape[1], self.chunk_size)], dim=1)
+
+        return self.sum_over_batches(per_batch, tuple(V.shape))
+
+    def _apply_columns(self, apply: Callable, V: torch.Tensor) -> torch.Tensor:
+        """``(n, k)`` float64 → per-batch product → ``(n, k)`` float64, through the layout."""
+        return self.layout.flatten_columns(apply(self.layout.unflatten_columns(V, self.compute_dtype)), torch.float64)
+
+    # --- loss and gradient -------------------------------------------------------------------
     def batch_loss(self, target: Params, batch: Any) -> torch.Tensor:
         """Mean loss on one batch with the target block replaced by ``target``."""
         return batch_loss(self.model, {**self.frozen, **target}, batch, self.loss_fn)
@@ -316,22 +389,22 @@ class ModelOperator(LinearOperator):
         point = self.target if delta is None else {
             n: t + d for (n, t), d in zip(self.target.items(), self.unflatten(delta).values())
         }
-        total, gradient = 0.0, torch.zeros(self.n, dtype=torch.float64, device=self.device)
-        with self.context():
-            for i, (w, b) in enumerate(zip(self.batch_weights, self.batches)):
-                leaves = {n: t.detach().requires_grad_() for n, t in point.items()}
-                loss = self.batch_loss(leaves, b)
-                if not torch.isfinite(loss):
-                    raise ValueError(
-                        f"non-finite loss ({loss.item()}) on batch {i}: check the inputs, the "
-                        "weights and the loss function"
-                    )
-                grads = torch.autograd.grad(loss, list(leaves.values()), materialize_grads=True)
-                total += w * loss.item()
-                gradient += w * self.flatten(grads)
-        packed = self.data_parallel.sum(torch.cat([gradient, gradient.new_tensor([total])]))
+
+        def per_batch(i: int, batch: Any) -> torch.Tensor:
+            leaves = {n: t.detach().requires_grad_() for n, t in point.items()}
+            loss = self.batch_loss(leaves, batch)
+            if not torch.isfinite(loss):
+                raise ValueError(
+                    f"non-finite loss ({loss.item()}) on batch {i}: check the inputs, the "
+                    "weights and the loss function"
+                )
+            grads = torch.autograd.grad(loss, list(leaves.values()), materialize_grads=True)
+            return torch.cat([self.flatten(grads), torch.tensor([loss.item()], dtype=torch.float64, device=self.device)])
+
+        packed = self.sum_over_batches(per_batch, (self.n + 1,))
         return packed[-1].item(), packed[:-1]
 
+    # --- checks ------------------------------------------------------------------------------
     def _check_batchnorm(self) -> None:
         if self.train_mode or not has_batchnorm(self.model):
             return
@@ -362,13 +435,13 @@ class ModelOperator(LinearOperator):
 class HessianOperator(ModelOperator):
     """Hessian ``H = Σ_b (n_b/N) ∇²_θ L_b(θ)`` over the target block, as an ``(n, n)`` operator.
 
-    Modes (all inside the SDPA math backend):
+    Per-batch products (all inside the SDPA math backend):
 
-    - ``"reverse_over_reverse"``: ``g = ∇L_b`` with ``create_graph=True``, then ``∇(gᵀv)``;
-      :meth:`matmat` builds the graph once per batch and reuses it for every column.
-    - ``"forward_over_reverse"``: ``jvp(torch.func.grad(L_b), (θ,), (v,))``; :meth:`matmat` vmaps
-      it over ``chunk_size`` columns at a time. Never ``jacrev`` (wrong through LayerNorm, §2).
-    - ``"finite_difference"``: ``‖v‖·(∇L(θ+h v̂) − ∇L(θ−h v̂))/(2h)``, ``v̂ = v/‖v‖``;
+    - ``"reverse_over_reverse"``: ``g = ∇L_b`` with ``create_graph=True``, then ``∇(gᵀv)``; the
+      graph is built once per batch and reused for every column.
+    - ``"forward_over_reverse"``: ``jvp(torch.func.grad(L_b), (θ,), (v,))``, vmapped over
+      ``chunk_size`` columns at a time. Never ``jacrev`` (wrong through LayerNorm, §2).
+    - ``"finite_difference"``: ``‖v‖·(∇L_b(θ+h v̂) − ∇L_b(θ−h v̂))/(2h)``, ``v̂ = v/‖v‖``;
       ``fd_step`` defaults to 1e-5 in float64 and 1e-2 otherwise.
     """
 
@@ -394,59 +467,60 @@ class HessianOperator(ModelOperator):
                          process_group, distributed)
         self.fd_step = fd_step or (1e-5 if self.compute_dtype == torch.float64 else 1e-2)
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self.matmat(v[:, None])[:, 0]
+    def batch_product(self, batch: Any) -> Callable[[Params], Params | Sequence[torch.Tensor]]:
+        if self.mode == "reverse_over_reverse":
+            return self._reverse_over_reverse(batch)
+        if self.mode == "forward_over_reverse":
+            return self._forward_over_reverse(batch)
+        return self._finite_difference(batch)
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        if self.mode == "finite_difference":
-            return torch.stack([self._finite_difference(V[:, j]) for j in range(V.shape[1])], 1)
-        out = torch.zeros(V.shape, dtype=torch.float64, device=self.device)
-        with self.context():
-            for w, b in zip(self.batch_weights, self.batches):
-                apply = self._reverse_over_reverse(b) if self.mode == "reverse_over_reverse" else (
-                    self._forward_over_reverse(b)
-                )
-                for i in range(0, V.shape[1], self.chunk_size):
-                    out[:, i : i + self.chunk_size] += w * apply(V[:, i : i + self.chunk_size])
-        return self.data_parallel.sum(out)
-
-    def _reverse_over_reverse(self, batch: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _reverse_over_reverse(self, batch: Any) -> Callable[[Params], list[torch.Tensor]]:
         leaves = {n: t.detach().requires_grad_() for n, t in self.target.items()}
         inputs = list(leaves.values())
         grads = torch.autograd.grad(self.batch_loss(leaves, batch), inputs, create_graph=True)
         live = [i for i, g in enumerate(grads) if g.requires_grad]  # others have zero Hessian rows
 
-        def apply(V: torch.Tensor) -> torch.Tensor:
-            columns = self._unflatten_columns(V)
-            keys = list(columns)
-            results = []
-            for j in range(V.shape[1]):
-                hv = torch.autograd.grad(
-                    [grads[i] for i in live], inputs, [columns[keys[i]][j] for i in live],
-                    retain_graph=True, materialize_grads=True,
-                )
-                results.append(self.flatten(hv))
-            return torch.stack(results, dim=1)
+        def apply(V: Params) -> list[torch.Tensor]:
+            columns = list(V.values())
+            products = [
+                torch.autograd.grad([grads[i] for i in live], inputs, [columns[i][j] for i in live],
+                                    retain_graph=True, materialize_grads=True)
+                for j in range(columns[0].shape[0])
+            ]
+            return [torch.stack(per_param) for per_param in zip(*products)]
 
         return apply
 
-    def _forward_over_reverse(self, batch: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _forward_over_reverse(self, batch: Any) -> Callable[[Params], Params]:
         gradient_fn = grad(lambda target: self.batch_loss(target, batch))
 
         def hvp(v: Params) -> Params:
             return jvp(gradient_fn, (self.target,), (v,))[1]
 
-        def apply(V: torch.Tensor) -> torch.Tensor:
-            return self._flatten_columns(list(vmap(hvp)(self._unflatten_columns(V)).values()))
+        return vmap(hvp)
+
+    def _finite_difference(self, batch: Any) -> Callable[[Params], list[torch.Tensor]]:
+        def gradient_at(point: Params) -> tuple[torch.Tensor, ...]:
+            leaves = {n: t.detach().requires_grad_() for n, t in point.items()}
+            with torch.enable_grad():
+                loss = self.batch_loss(leaves, batch)
+                return torch.autograd.grad(loss, list(leaves.values()), materialize_grads=True)
+
+        def apply(V: Params) -> list[torch.Tensor]:
+            out = []
+            for j in range(next(iter(V.values())).shape[0]):
+                v = {n: c[j] for n, c in V.items()}
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in v.values()]))
+                if norm == 0:
+                    out.append([torch.zeros_like(t) for t in v.values()])
+                    continue
+                step = {n: (self.fd_step / norm) * t for n, t in v.items()}
+                plus = gradient_at({n: t + step[n] for n, t in self.target.items()})
+                minus = gradient_at({n: t - step[n] for n, t in self.target.items()})
+                out.append([norm * (p - m) / (2 * self.fd_step) for p, m in zip(plus, minus)])
+            return [torch.stack(per_param) for per_param in zip(*out)]
 
         return apply
-
-    def _finite_difference(self, v: torch.Tensor) -> torch.Tensor:
-        norm = torch.linalg.vector_norm(v)
-        if norm == 0:
-            return torch.zeros_like(v)
-        step = (self.fd_step / norm) * v
-        return norm * (self.loss_and_gradient(step)[1] - self.loss_and_gradient(-step)[1]) / (2 * self.fd_step)
 
 
 class GGNOperator(ModelOperator):
@@ -454,22 +528,10 @@ class GGNOperator(ModelOperator):
 
     ``J_b``: Jacobian of the batch outputs w.r.t. the target, ``∇²_f ℓ_b``: Hessian of the (mean)
     batch loss w.r.t. the outputs. PSD when the loss is convex in the outputs (cross-entropy,
-    MSE). ``G v`` = vjp(J_bᵀ, jvp(∇_f ℓ_b, J_b v)); :meth:`matmat` vmaps over columns.
+    MSE). Per batch, ``G_b v`` = vjp(J_bᵀ, jvp(∇_f ℓ_b, J_b v)), vmapped over columns.
     """
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self.matmat(v[:, None])[:, 0]
-
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(V.shape, dtype=torch.float64, device=self.device)
-        with self.context():
-            for w, b in zip(self.batch_weights, self.batches):
-                apply = self._ggn_batch(b)
-                for i in range(0, V.shape[1], self.chunk_size):
-                    out[:, i : i + self.chunk_size] += w * apply(V[:, i : i + self.chunk_size])
-        return self.data_parallel.sum(out)
-
-    def _ggn_batch(self, batch: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    def batch_product(self, batch: Any) -> Callable[[Params], Params]:
         inputs, targets = split_batch(batch)
 
         def outputs_of(target: Params) -> torch.Tensor:
@@ -482,7 +544,4 @@ class GGNOperator(ModelOperator):
             jv = jvp(outputs_of, (self.target,), (v,))[1]
             return pullback(jvp(output_gradient, (outputs,), (jv,))[1])[0]
 
-        def apply(V: torch.Tensor) -> torch.Tensor:
-            return self._flatten_columns(list(vmap(ggnvp)(self._unflatten_columns(V)).values()))
-
-        return apply
+        return vmap(ggnvp)

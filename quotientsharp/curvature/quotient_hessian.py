@@ -32,12 +32,12 @@ Using the generic estimators directly: :func:`~quotientsharp.curvature.lanczos.l
 :func:`~quotientsharp.curvature.lanczos.power_iteration` work unchanged (Euclidean Gaussian start,
 M-normalised; the vertical part of the start only adds Ritz values ≈ 0). ``hutchinson(op)`` stays
 unbiased (``E[zᵀAz] = Tr A`` for any square ``A``) but its variance is that of the non-symmetric
-Euclidean matrix ``A``. :func:`~quotientsharp.curvature.slq.slq` must be given
-``probes=op.sample_probes(...)``: with Euclidean probes it would estimate ``Tr(M f(A))``.
+Euclidean matrix ``A``. :func:`~quotientsharp.curvature.slq.slq` draws its probes from
+:meth:`QuotientHessianOperator.sample_probes` and sums over ``effective_dimension = n_h``
+eigenvalues; do not pass Euclidean ``probes=``: with them it would estimate ``Tr(M f(A))``.
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -67,7 +67,7 @@ class QuotientHessianOperator(LinearOperator):
         quotient: the geometry; default ``default_quotient(model, metric, rest, eps_rel)`` with
             ``metric="mix"``, ``rest="adaptive"``, ``eps_rel=0`` (give either ``quotient`` or
             these three). It must cover exactly the trainable parameters.
-        mode, **hessian_kwargs: passed to :class:`HessianOperator` (``train_mode``, ``dtype``, ...).
+        mode, hessian_kwargs: ``mode`` and the keyword arguments ``**hessian_kwargs`` are passed to :class:`HessianOperator` (``train_mode``, ``dtype``, ...).
 
     Attributes: ``hessian`` (the plain :class:`HessianOperator`, whose HVP and loader-averaged
     gradient ``∇L`` are reused), ``quotient``, ``point`` (``w`` as float64 dict), ``n``,
@@ -102,7 +102,7 @@ class QuotientHessianOperator(LinearOperator):
         self.quotient = quotient
         self.hessian = HessianOperator(model, loader, loss_fn, names, mode=mode, **hessian_kwargs)
         self.param_names, self.n, self.shape = self.hessian.param_names, self.hessian.n, self.hessian.shape
-        self.device = self.hessian.device
+        self.device, self.layout = self.hessian.device, self.hessian.layout
         self.point = {n: t.to(torch.float64) for n, t in self.hessian.target.items()}
         quotient.validate(self.point)
         self.gradient = self.hessian.gradient
@@ -112,17 +112,14 @@ class QuotientHessianOperator(LinearOperator):
         if self.n_horizontal <= 0:
             raise ValueError("the horizontal space is trivial: every direction is vertical")
 
-    # --- flat <-> dict -----------------------------------------------------------------------
+    # --- flat <-> dict (the layout, in float64) ----------------------------------------------
     def to_dict(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Flat float64 ``(n,)`` → float64 dict over ``param_names``."""
-        if flat.shape != (self.n,):
-            raise ValueError(f"expected a flat vector of shape ({self.n},), got {tuple(flat.shape)}")
-        parts = flat.to(torch.float64).split(self.hessian.numels)
-        return {n: p.view(s) for n, p, s in zip(self.param_names, parts, self.hessian.shapes)}
+        return self.layout.unflatten(flat, torch.float64)
 
     def to_flat(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Dict over ``param_names`` → flat float64 ``(n,)``."""
-        return torch.cat([tensors[n].reshape(-1).to(torch.float64) for n in self.param_names])
+        return self.layout.flatten(tensors, torch.float64)
 
     # --- geometry on flat vectors ------------------------------------------------------------
     def project(self, v: torch.Tensor) -> torch.Tensor:
@@ -168,11 +165,26 @@ class QuotientHessianOperator(LinearOperator):
         return (u.mT if u.ndim == 2 else u) @ self.metric_matvec(v)
 
     # --- horizontal estimators ---------------------------------------------------------------
-    def sample_probes(self, count: int, seed: int = 0) -> torch.Tensor:
+    probe_distribution = "horizontal_whitened_spherical"
+
+    @property
+    def effective_dimension(self) -> int:
+        """``n_h``: the spectral estimators sum over the horizontal (quotient) eigenvalues."""
+        return self.n_horizontal
+
+    def describe(self) -> dict:
+        return self._config()
+
+    def sample_probes(self, count: int, seed: int = 0, distribution: str | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
         """``(n, count)`` horizontal probes ``z = Π whiten(ζ)``, ``ζ ~ N(0, I)``, each scaled to
         ``‖z‖²_M = n_h`` (uniform on that sphere of the horizontal space in M-orthonormal
-        coordinates), so that ``E[⟨z, f(A) z⟩_M] = Σ_{horizontal} f(λ)``."""
-        generator = torch.Generator().manual_seed(seed)
+        coordinates), so that ``E[⟨z, f(A) z⟩_M] = Σ_{horizontal} f(λ)``. ``ζ`` is drawn from
+        ``generator`` (default: a new one seeded by ``seed``); no other distribution exists."""
+        if distribution not in (None, self.probe_distribution):
+            raise ValueError(f"{type(self).__name__} samples its own probes ({self.probe_distribution}); "
+                             f"distribution={distribution!r} cannot be used")
+        generator = generator if generator is not None else torch.Generator().manual_seed(seed)
         zeta = torch.randn(self.n, count, generator=generator, dtype=torch.float64).to(self.device)
         columns = []
         for j in range(count):
@@ -205,10 +217,9 @@ class QuotientHessianOperator(LinearOperator):
         return Estimate(estimate, stderr, samples, self._config(method="hutchinson", n_probes=n_probes, seed=seed))
 
     def slq(self, m: int = 15, n_probes: int = 100, seed: int = 0, progress: bool = True) -> SLQResult:
-        """SLQ over the horizontal space (``m ≤ n_h`` steps per probe); ``result.n = n_h``."""
-        m = min(m, self.n_horizontal)
-        result = slq(self, m, probes=self.sample_probes(n_probes, seed), seed=seed, progress=progress)
-        return dataclasses.replace(result, n=self.n_horizontal, config={**result.config, **self._config(seed=seed)})
+        """SLQ over the horizontal space (``m ≤ n_h`` steps per probe); ``result.n = n_h``
+        (:func:`~quotientsharp.curvature.slq.slq` with this operator's probes)."""
+        return slq(self, m, n_probes, seed=seed, progress=progress)
 
     def _config(self, **extra) -> dict:
         return {"operator": "quotient_hessian", "quotient": repr(self.quotient), "n": self.n_horizontal,

@@ -17,7 +17,6 @@ from quotientsharp.curvature.lanczos import lanczos_tridiagonal, metric_norm, tr
 from quotientsharp.curvature.operators import as_operator
 from quotientsharp.curvature.results import Estimate, jsonable, mean_and_stderr
 from quotientsharp.validation import check_count
-from quotientsharp.curvature.trace import sample_probes
 
 
 @dataclasses.dataclass
@@ -65,7 +64,7 @@ class SLQResult:
         return self.spectral_sum(lambda t: t, "identity")
 
     def abs_power_trace(self, alpha: float = 1.0) -> Estimate:
-        """``Tr |A|^α`` (f(θ) = |θ|^α)."""
+        """``Tr |A|^α`` (``f(θ) = |θ|^α``)."""
         return self.spectral_sum(lambda t: t.abs() ** alpha, f"abs_power_{alpha}")
 
     def log_det(self, clamp_min: float | None = None) -> Estimate:
@@ -100,32 +99,30 @@ def slq(
     op,
     m: int = 15,
     n_probes: int = 100,
-    distribution: str = "rademacher",
+    distribution: str | None = None,
     seed: int = 0,
     probes: torch.Tensor | None = None,
     progress: bool = True,
 ) -> SLQResult:
     """Run SLQ with ``m`` Lanczos steps (full reorthogonalisation) per probe.
 
-    ``probes`` ``(n, P)`` overrides sampling (Rademacher by default, seeded by ``seed``). Norms
-    and orthogonality use the operator's inner product, so the rule integrates ``⟨z, f(A) z⟩``.
-    An operator with its own probe distribution (a ``slq`` method, e.g. the quotient Hessian,
-    whose probes must be horizontal and metric-whitened) is delegated to when no probes are given.
+    Probes come from the operator: ``op.sample_probes(n_probes, distribution=..., generator=g)``
+    with ``g`` seeded by ``seed`` (Rademacher by default for a plain operator; the quotient
+    Hessian draws horizontal, metric-whitened probes), unless ``probes`` ``(n, P)`` are given.
+    The rule sums over ``op.effective_dimension`` eigenvalues (``result.n``; ``m`` is capped at
+    it). Norms and orthogonality use the operator's inner product, so the rule integrates
+    ``⟨z, f(A) z⟩``. ``g`` also seeds Lanczos restarts after a breakdown.
     """
     check_count("m", m, 1, "slq")
     if probes is None:
         check_count("n_probes", n_probes, 1, "slq")
-    own = getattr(op, "slq", None)
-    if probes is None and callable(own):
-        if distribution != "rademacher":
-            raise ValueError(f"{type(op).__name__} samples its own probes; distribution cannot be set")
-        return own(m=m, n_probes=n_probes, seed=seed, progress=progress)
     op = as_operator(op)
-    n = op.shape[0]
+    n = op.effective_dimension
     m = min(m, n)
     generator = torch.Generator().manual_seed(seed)
     if probes is None:
-        probes = sample_probes(n, n_probes, distribution, generator)
+        distribution = distribution or op.probe_distribution
+        probes = op.sample_probes(n_probes, seed, distribution, generator)
     nodes, weights, norms_sq = [], [], []
     for p in tqdm(range(probes.shape[1]), desc="SLQ", disable=not progress, leave=False):
         z = probes[:, p].to(op.device)
@@ -136,5 +133,6 @@ def slq(
         norms_sq.append(float(metric_norm(op, z)) ** 2)
     return SLQResult(
         torch.stack(nodes), torch.stack(weights), torch.tensor(norms_sq, dtype=torch.float64), n,
-        {"method": "slq", "m": m, "n_probes": probes.shape[1], "distribution": distribution, "seed": seed, "n": n},
+        {"method": "slq", "m": m, "n_probes": probes.shape[1], "distribution": distribution or "given",
+         "seed": seed, "n": n, **op.describe()},
     )

@@ -1,7 +1,10 @@
 """Stochastic trace estimators: Hutchinson and Hutch++ (spec §4).
 
 Both estimate the matrix trace ``Tr A = Σ_i A_ii`` with Euclidean probes ``zᵀ A z``
-(``E[z zᵀ] = I``), whatever inner product the operator carries.
+(``E[z zᵀ] = I``, :func:`~quotientsharp.curvature.probes.sample_probes`), whatever inner product
+the operator carries: unbiased for any square ``A``, so they deliberately do not use an
+operator's own :meth:`~quotientsharp.curvature.operators.LinearOperator.sample_probes` (which are
+matched to its inner product, as SLQ needs).
 """
 from __future__ import annotations
 
@@ -9,21 +12,11 @@ import torch
 from tqdm.auto import tqdm
 
 from quotientsharp.curvature.operators import as_operator
+from quotientsharp.curvature.probes import DISTRIBUTIONS, sample_probes
 from quotientsharp.curvature.results import Estimate, mean_and_stderr
 from quotientsharp.validation import check_count
 
-DISTRIBUTIONS = ("rademacher", "gaussian")
-
-
-def sample_probes(
-    n: int, count: int, distribution: str = "rademacher", generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """``(n, count)`` float64 probes: Rademacher (±1) or standard Gaussian entries (CPU)."""
-    if distribution == "rademacher":
-        return torch.randint(0, 2, (n, count), generator=generator).to(torch.float64) * 2 - 1
-    if distribution == "gaussian":
-        return torch.randn(n, count, generator=generator, dtype=torch.float64)
-    raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+__all__ = ["DISTRIBUTIONS", "hutch_plus_plus", "hutchinson", "sample_probes"]
 
 
 def hutchinson(
