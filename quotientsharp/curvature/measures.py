@@ -94,7 +94,7 @@ def hessian_top_eigenvalues(
     which: str = "LA", tol: float | None = None, seed: int = 0, progress: bool = True, **operator_kwargs,
 ) -> EigenResult:
     """Top-k eigenpairs by ``"lanczos"`` (tol 1e-4, ``which`` LA/SA/LM) or ``"power"`` iteration
-    (tol 1e-3, largest |λ|, PyHessian semantics)."""
+    (tol 1e-3, largest ``|λ|``, PyHessian semantics)."""
     check_count("k", k, 1, "hessian_top_eigenvalues")
     check_choice("method", method, ("lanczos", "power"), "hessian_top_eigenvalues")
     if tol is not None:
@@ -247,7 +247,7 @@ def pac_bayes_flatness(
 ) -> Estimate:
     """PAC-Bayes flatness 1/σ'², σ' the largest **std** of isotropic Gaussian weight noise whose
     Monte-Carlo mean accuracy drop is ≈ ``target_drop`` (bisection on [0, σ_max], ``depth`` steps,
-    ``n_samples`` noise draws, stop when |drop − target| < tol). ``samples``: rows (σ, drop).
+    ``n_samples`` noise draws, stop when ``|drop − target| < tol``). ``samples``: rows (σ, drop).
 
     (A public reference implementation passes σ² where a std is expected; here σ is the std.)
     """
@@ -319,7 +319,7 @@ def asam_sharpness(
     model, loader, loss_fn, rho: float = 0.5, norm: str = "l2", eta: float = 0.01, params: ParamSelector = "all",
     **operator_kwargs,
 ) -> Estimate:
-    """One-step ASAM sharpness with s = |θ| + η: ε = ρ s²⊙g/‖s⊙g‖ (``"l2"``) or ρ s⊙sign(g) (``"linf"``)."""
+    """One-step ASAM sharpness with ``s = |θ| + η``: ε = ρ s²⊙g/‖s⊙g‖ (``"l2"``) or ρ s⊙sign(g) (``"linf"``)."""
     check_model_loader_loss("asam_sharpness", model, loader, loss_fn)
     check_number("rho", rho, low=0.0, low_open=True, owner="asam_sharpness")
     check_number("eta", eta, low=0.0, owner="asam_sharpness")

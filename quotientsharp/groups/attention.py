@@ -189,7 +189,7 @@ class AttentionGL(SymmetryGroup):
     relaxation) raises :class:`~quotientsharp.groups.gl_math.SingularHeadError` naming the head.
 
     Group elements and Lie-algebra elements are lists with one ``(B_s, h, h)`` tensor per stack
-    of equally-shaped blocks (see :attr:`stacks`). A stack of blocks with a residual
+    of equally-shaped blocks (see ``stacks``, set by :meth:`validate`). A stack of blocks with a residual
     :class:`~quotientsharp.groups.residual.SubAlgebra` (rotary, partial rotary: spec part 6) has
     Lie-algebra elements ``(B_s, dim)`` (coefficients) and a projection onto the complement of
     that smaller vertical space; its metric, Christoffel term and geodesics are unchanged.

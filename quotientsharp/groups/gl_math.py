@@ -166,9 +166,12 @@ def gl_rgrad(metric: str, f: GLFactors, dG, dH):
 def gl_christoffel(metric: str, f: GLFactors, G, H, xG, xH):
     """``Gamma_w(xi, xi)`` (Eqs. 11 / 12 of the paper, checked forms of spec §6.2-6.3).
 
-    inv: ``Gamma_G = -xG P^{-1}(xG^T G + G^T xG) + G P^{-1} xG^T xG`` (H alike with Q);
-    mix: ``Gamma_G = xG (xH^T H + H^T xH) Q^{-1} - G (xH^T xH) Q^{-1}``,
-         ``Gamma_H = xH (xG^T G + G^T xG) P^{-1} - H (xG^T xG) P^{-1}``."""
+    - inv: ``Gamma_G = -xG P^{-1}(xG^T G + G^T xG) + G P^{-1} xG^T xG`` (H alike with Q);
+    - mix: ``Gamma_G = xG (xH^T H + H^T xH) Q^{-1} - G (xH^T xH) Q^{-1}``,
+      ``Gamma_H = xH (xG^T G + G^T xG) P^{-1} - H (xG^T xG) P^{-1}``.
+
+    Shapes: ``G, xG`` ``(B, n, h)``, ``H, xH`` ``(B, m, h)``; returns ``(Gamma_G, Gamma_H)`` of
+    the same shapes and dtypes (computed in float64)."""
     dt = xG.dtype
     G, H, xG, xH = G.double(), H.double(), xG.double(), xH.double()
     sG = _t(xG) @ G
@@ -186,10 +189,11 @@ def gl_christoffel_vjp(metric: str, f: GLFactors, G, H, xG, xH, cG, cH):
     """``(D_xi Gamma_w(xi, xi))^T c``: the gradient of ``<cG, Gamma_G> + <cH, Gamma_H>`` w.r.t. ``(xG, xH)``.
 
     With ``sym(X) = X + X^T``:
-    inv: ``dG = -cG sym(xG^T G) P^{-1} - G sym(P^{-1} xG^T cG) + xG sym(P^{-1} G^T cG)`` (H alike, Q);
-    mix: with ``aG = cG Q^{-1}``, ``aH = cH P^{-1}``,
-         ``dG = aG sym(xH^T H) + G sym(xH^T aH) - xG sym(H^T aH)``,
-         ``dH = aH sym(xG^T G) + H sym(xG^T aG) - xH sym(G^T aG)``."""
+
+    - inv: ``dG = -cG sym(xG^T G) P^{-1} - G sym(P^{-1} xG^T cG) + xG sym(P^{-1} G^T cG)`` (H alike, Q);
+    - mix: with ``aG = cG Q^{-1}``, ``aH = cH P^{-1}``,
+      ``dG = aG sym(xH^T H) + G sym(xH^T aH) - xG sym(H^T aH)``,
+      ``dH = aH sym(xG^T G) + H sym(xG^T aG) - xH sym(G^T aG)``."""
     dt = xG.dtype
     G, H, xG, xH, cG, cH = (t.double() for t in (G, H, xG, xH, cG, cH))
 

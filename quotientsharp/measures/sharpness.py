@@ -56,23 +56,23 @@ Model = nn.Module | Callable[[Mapping[str, torch.Tensor], object], torch.Tensor]
 class Options:
     """Options shared by every measure.
 
-    kind: ``"worst"`` (spec §3) or ``"average"`` (§3.4).
-    n_iter, n_restarts: ascent iterations per run and extra random-init runs (worst case).
-    n_samples, avg_scale: draws per batch and ``"gaussian"`` or ``"sphere"`` (average case).
-    antithetic: average case, evaluate each draw at ``±xi`` (same expectation, the first-order
-        term cancels; off by default as in the spec's §3.4 algorithm).
-    seed: the generator of batch i is seeded with ``(seed, i)`` (restarts, zero-gradient
-        directions, average-case noise), so populations see identical whitened noise.
-    grad_through_geodesic: differentiate through ``xi -> gamma_xi(1)`` (False: ablation).
-    logit_normalization: centre and L2-normalise the logits before the loss (off by default).
-    momentum, step_mult: APGD momentum and ``eta_0 = 2 rho step_mult``.
-    solver: ``"riemannian"`` (§3.2, every measure) or ``"reference"`` (§3.3, adaptive and
-        Euclidean only, the reference code's algorithm).
-    ode_steps, ode_tol: RK4 steps and step-doubling tolerance of ``"exact"`` geodesics without a
-        closed form (part 1 §6.5; ``ode_tol=None`` runs ``ode_steps`` once).
-    ball: ``"metric"`` (``||xi||_{w0} <= rho``) or ``"relative"``: each mixed-metric block's norm
-        divided by ``||G Hᵀ||²_F`` at w0 (``mix_rel``, spec part 2 §5.1;
-        :class:`~quotientsharp.measures.feasible.RelativeBlockBall`).
+    - kind: ``"worst"`` (spec §3) or ``"average"`` (§3.4).
+    - n_iter, n_restarts: ascent iterations per run and extra random-init runs (worst case).
+    - n_samples, avg_scale: draws per batch and ``"gaussian"`` or ``"sphere"`` (average case).
+    - antithetic: average case, evaluate each draw at ``±xi`` (same expectation, the first-order
+      term cancels; off by default as in the spec's §3.4 algorithm).
+    - seed: the generator of batch i is seeded with ``(seed, i)`` (restarts, zero-gradient
+      directions, average-case noise), so populations see identical whitened noise.
+    - grad_through_geodesic: differentiate through ``xi -> gamma_xi(1)`` (False: ablation).
+    - logit_normalization: centre and L2-normalise the logits before the loss (off by default).
+    - momentum, step_mult: APGD momentum and ``eta_0 = 2 rho step_mult``.
+    - solver: ``"riemannian"`` (§3.2, every measure) or ``"reference"`` (§3.3, adaptive and
+      Euclidean only, the reference code's algorithm).
+    - ode_steps, ode_tol: RK4 steps and step-doubling tolerance of ``"exact"`` geodesics without a
+      closed form (part 1 §6.5; ``ode_tol=None`` runs ``ode_steps`` once).
+    - ball: ``"metric"`` (``||xi||_{w0} <= rho``) or ``"relative"``: each mixed-metric block's norm
+      divided by ``||G Hᵀ||²_F`` at w0 (``mix_rel``, spec part 2 §5.1;
+      :class:`~quotientsharp.measures.feasible.RelativeBlockBall`).
     """
 
     kind: str = "worst"

@@ -96,10 +96,10 @@ class GeodesicSAM(SharpnessAwareOptimizer):
 
     Per step, with g the mini-batch gradient at θ:
 
-        ξ = Π_θ(g_θ⁻¹ g)  per group (``G_rest⁻¹ g`` on the rest),
-        v = ρ·ξ / (‖ξ‖_θ + 1e-12)  (one global metric norm, so gᵀv = ρ‖grad L‖_θ),
-        θ̃ = θ + v − ½Γ_θ(v, v)  (``"second_order"``; ``"exact"``: the integrated/closed-form
-            geodesic; ``"retraction"``: θ + v); the rest always moves to θ + v,
+    - ξ = Π_θ(g_θ⁻¹ g)  per group (``G_rest⁻¹ g`` on the rest),
+    - v = ρ·ξ / (‖ξ‖_θ + 1e-12)  (one global metric norm, so gᵀv = ρ‖grad L‖_θ),
+    - θ̃ = θ + v − ½Γ_θ(v, v)  (``"second_order"``; ``"exact"``: the integrated/closed-form
+      geodesic; ``"retraction"``: θ + v); the rest always moves to θ + v,
 
     then g̃ = ∇L_B(θ̃) on the same batch, θ restored by copy, and a base step with g̃ at θ.
     :meth:`perturbation` returns v; :meth:`move_to_perturbed_point` applies the geodesic.
@@ -115,7 +115,7 @@ class GeodesicSAM(SharpnessAwareOptimizer):
             else ignored). It must
             cover exactly the optimizer's parameters.
         rho: radius of the metric ball. The adaptive rest metric and the ``"inv"`` GL metric are
-            dimensionless (ρ like ASAM's); ``"mix"`` scales like |w|⁴, so sweep ρ per metric.
+            dimensionless (ρ like ASAM's); ``"mix"`` scales like ``|w|⁴``, so sweep ρ per metric.
         geodesic: ``"second_order"`` (default), ``"exact"`` or ``"retraction"`` (any name of
             :data:`quotientsharp.geodesic.GEODESIC_ORDERS`: ``2``, ``"exact"``, ``1``, ``"ode"``).
         debug: check that ξ is horizontal (``is_horizontal`` ≤ 1e-6; slow).

@@ -157,7 +157,7 @@ class SAF(WrappedOptimizer):
         return loss + self.lam * self.sharpness_term(logits, indices)
 
     def sharpness_term(self, logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """τ²·(1/|B|)·Σ_rows KL(softmax(z_past/τ) ‖ softmax(z/τ)) over rows stamped e−Ẽ."""
+        """``τ²·(1/|B|)``·Σ_rows KL(softmax(z_past/τ) ‖ softmax(z/τ)) over rows stamped e−Ẽ."""
         past_epoch = self.epoch - self.lag_epochs
         if past_epoch < 0:
             raise RuntimeError(f"epoch {self.epoch} would read epoch {past_epoch}: nothing recorded yet")

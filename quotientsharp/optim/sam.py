@@ -372,12 +372,12 @@ class SAM(SharpnessAwareOptimizer):
 
 
 def weight_names_only(name: str, param: torch.Tensor) -> bool:
-    """The official ASAM rule: T = |θ| + η only for tensors whose name contains ``"weight"``."""
+    """The official ASAM rule: ``T = |θ| + η`` only for tensors whose name contains ``"weight"``."""
     return "weight" in name
 
 
 class ASAM(SharpnessAwareOptimizer):
-    """Adaptive SAM: T = diag(|θ| + η), ε = ρ·T²g/(‖Tg‖ + 1e-12), so ‖T⁻¹ε‖ = ρ.
+    """Adaptive SAM: ``T = diag(|θ| + η)``, ε = ρ·T²g/(‖Tg‖ + 1e-12), so ‖T⁻¹ε‖ = ρ.
 
     ``adaptive_filter(name, param) → bool`` picks the tensors that get T (others T = 1); the
     default is the official rule (name contains "weight"); ``None`` applies T to every tensor

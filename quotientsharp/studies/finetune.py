@@ -411,7 +411,7 @@ def finetune_config(kind: str, out: str | Path, *, quick: bool = False, n_models
 
 def run_finetune_study(out: str | Path, config: Mapping[str, Any], progress: bool = True,
                        executor: Executor = sequential) -> dict:
-    """Pretrain (or reuse) the checkpoint, then :func:`run_study` the population; the summary
+    """Pretrain (or reuse) the checkpoint, then :func:`~quotientsharp.studies.transformers.run_study` the population; the summary
     gains ``"pretrained"`` (key, wall time, source metrics), ``"measurement"`` (sizes) and
     ``"timing"`` (seconds per phase and per model)."""
     _, record = pretrained(config["kind"], config["pretrain"], config["pretrain_dir"], progress=progress)
