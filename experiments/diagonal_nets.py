@@ -1,7 +1,7 @@
 """Diagonal-network study (spec part 2 §7): Kendall τ between sharpness and test loss.
 
     python experiments/diagonal_nets.py --quick --out results/diag     # ~1-2 min on 2 cores
-    python experiments/diagonal_nets.py --out results/diag_full        # 50 models, all ρ (~30 min alone, 64 min shared)
+    python experiments/diagonal_nets.py --out results/diag_full        # 50 models, all ρ (64 min on a busy 2-core machine)
     python experiments/diagonal_nets.py --out results/diag_full --ray  # models as Ray tasks
 
 Writes ``DIR/models/<id>.json`` per finished model, ``DIR/summary.json``, ``DIR/models.csv`` and
