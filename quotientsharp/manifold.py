@@ -26,6 +26,14 @@ from .quotient import Quotient
 
 
 class QuotientManifold(geoopt.Manifold):
+    """``quotient`` as a ``geoopt.Manifold`` on the flat vector of the parameters ``like`` (a dict
+    ``{name: tensor}`` over ``quotient.names``), for geoopt's Riemannian optimizers.
+
+    ``retr`` follows the geodesic of order ``order_retr`` (default 2: ``x + u - 1/2 Gamma_x(u, u)``),
+    ``expmap`` the exact one; ``proju`` is the horizontal projection, ``egrad2rgrad`` the horizontal
+    Riemannian gradient and ``transp(x, y, v)`` projects ``v`` at ``y``. Points and tangent vectors
+    are ``(n,)`` tensors in ``quotient.names`` order (:meth:`flatten` / :meth:`unflatten`).
+    """
     name = "Quotient"
     ndim = 1
     reversible = False

@@ -32,6 +32,17 @@ class Quotient:
         rest: metric of the parameters in no group: ``"adaptive"`` or ``"euclidean"``.
         order: geodesic order on the groups (1, 2, ``"exact"``, ``"ode"``); default 2.
         rest_order: geodesic order on the rest; default 1 (the paper's recipe).
+
+    Attributes:
+        names: the parameter names, in order (tuple of str).
+        groups: the symmetry groups (list).
+        rest: the group of the parameters in no group (``PositiveRescaling`` for ``"adaptive"``,
+            ``Euclidean``), or ``None`` when every parameter is in a group.
+        order: the canonical geodesic order on the groups; rest_order: on the rest.
+
+    Raises:
+        ValueError: an unknown ``rest`` or order, a group acting on a parameter outside
+            ``names``, or two groups claiming the same parameter.
     """
 
     def __init__(self, groups: Sequence[SymmetryGroup], names: Iterable[str], rest: str = "adaptive",
@@ -68,6 +79,7 @@ class Quotient:
 
     @property
     def all_groups(self) -> list[SymmetryGroup]:
+        """The symmetry groups followed by the rest metric's group (if any parameter is in no group)."""
         return self.groups + ([self.rest] if self.rest is not None else [])
 
     def replace(self, groups: Sequence[SymmetryGroup] | None = None, rest: str | None = None,
@@ -112,6 +124,9 @@ class Quotient:
             g.validate(w)
 
     def check_tangent(self, w: Params, xi: Params, what: str = "tangent vector") -> None:
+        """Raise ``ValueError`` (naming ``what`` and the parameter) unless ``xi`` holds a tensor of
+        the shape, dtype and device of ``w[n]`` for every ``n`` in :attr:`names`.
+        """
         T.check_tangent({n: w[n] for n in self.names}, xi, self.names, what)
 
     def _per_group(self, method: str, w: Params, *vecs: Params, **kw) -> dict:
@@ -122,19 +137,30 @@ class Quotient:
 
     # ------------------------------------------------------------------ metric
     def inner(self, w: Params, xi: Params, zeta: Params) -> torch.Tensor:
+        """``g_w(xi, zeta) = sum over groups of g^group_w(xi, zeta)`` (the rest metric included), a
+        0-d tensor; ``w, xi, zeta`` are dicts over :attr:`names`.
+        """
         return sum(g.inner(w, {n: xi[n] for n in g.names}, {n: zeta[n] for n in g.names})
                    for g in self.all_groups)
 
     def norm_sq(self, w: Params, xi: Params) -> torch.Tensor:
+        """``g_w(xi, xi)`` summed over the groups and the rest (a 0-d tensor)."""
         return sum(g.norm_sq(w, {n: xi[n] for n in g.names}) for g in self.all_groups)
 
     def norm(self, w: Params, xi: Params) -> torch.Tensor:
+        """``||xi||_w = g_w(xi, xi)^{1/2}`` (a 0-d tensor)."""
         return self.norm_sq(w, xi).clamp_min(0).sqrt()
 
     def horizontal_projection(self, w: Params, xi: Params) -> dict:
+        """``Pi_w xi``: each group's g-orthogonal projection onto its horizontal space (identity on
+        the rest, whose vertical space is 0); a dict over :attr:`names` with the shapes of ``xi``.
+        """
         return self._per_group("horizontal_projection", w, xi)
 
     def egrad_to_rgrad(self, w: Params, egrad: Params) -> dict:
+        """``g_w^{-1} egrad`` group by group (e.g. ``(dG P, dH Q)`` for an ``inv`` GL block,
+        ``egrad * w**2`` on the adaptive rest), not projected: :meth:`riemannian_gradient` projects.
+        """
         return self._per_group("egrad_to_rgrad", w, egrad)
 
     def riemannian_gradient(self, w: Params, egrad: Params) -> dict:
@@ -142,15 +168,27 @@ class Quotient:
         return self._per_group("riemannian_gradient", w, egrad)
 
     def christoffel(self, w: Params, xi: Params) -> dict:
+        """``Gamma_w(xi, xi)`` group by group, so that the second-order geodesic is
+        ``w + xi - 1/2 Gamma_w(xi, xi)``; a dict over :attr:`names`.
+        """
         return self._per_group("christoffel", w, xi)
 
     def whiten(self, w: Params, zeta: Params) -> dict:
+        """Map ``zeta ~ N(0, I)`` (a dict over :attr:`names`) to a sample with covariance
+        ``g_w^{-1}``, group by group (average-case sharpness draws its perturbations this way).
+        """
         return self._per_group("whiten", w, zeta)
 
     def restrict_to_domain(self, w: Params, xi: Params) -> dict:
+        """Each group's hook that keeps ``xi`` inside its geodesic's domain (identity except for the
+        diagonal mixed metric's ``mixed_domain="restrict"``).
+        """
         return self._per_group("restrict_to_domain", w, xi)
 
     def is_horizontal(self, w: Params, xi: Params) -> torch.Tensor:
+        """The largest normalised ``|g_w(xi, vertical(w, E))|`` over the groups' Lie-algebra bases: 0
+        for a horizontal ``xi`` (a 0-d tensor).
+        """
         return max((g.is_horizontal(w, {n: xi[n] for n in g.names}) for g in self.all_groups),
                    key=float)
 
@@ -162,6 +200,9 @@ class Quotient:
                 for g in self.all_groups]
 
     def action(self, w: Params, elements: Sequence[Any]) -> dict:
+        """``psi(g, w)``: apply one element per group of :attr:`all_groups` (``None`` = identity, as
+        :meth:`random_element` returns); the network function is unchanged.
+        """
         out = dict(w)
         for g, el in zip(self.all_groups, elements):
             if el is not None:
@@ -169,6 +210,9 @@ class Quotient:
         return out
 
     def pushforward(self, w: Params, elements: Sequence[Any], xi: Params) -> dict:
+        """The tangent map ``d psi_g(xi)`` of :meth:`action` with the same ``elements`` (equivariance
+        tests: ``Pi_{psi(g,w)}(d psi xi) = d psi(Pi_w xi)``).
+        """
         out = dict(xi)
         for g, el in zip(self.all_groups, elements):
             if el is not None:
@@ -176,6 +220,9 @@ class Quotient:
         return {n: out[n] for n in self.names}
 
     def vertical(self, w: Params, omegas: Sequence[Any]) -> dict:
+        """The vertical vector ``sum_g nu_g(omega_g)`` of one Lie-algebra element per group of
+        :attr:`groups` (``None`` = 0); loss-null to first order.
+        """
         out = {n: torch.zeros_like(w[n]) for n in self.names}
         for g, om in zip(self.groups, omegas):
             if om is not None:

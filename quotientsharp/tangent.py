@@ -48,6 +48,7 @@ def check_consistent(params: Mapping[str, torch.Tensor]) -> None:
 
 
 def zeros_like(xi: Mapping[str, torch.Tensor]) -> Tangent:
+    """The zero tangent vector: ``{n: zeros_like(xi[n])}``."""
     return {n: torch.zeros_like(t) for n, t in xi.items()}
 
 
@@ -57,6 +58,7 @@ def add(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], alpha: flo
 
 
 def sub(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> Tangent:
+    """``a - b`` entry by entry over the names of ``a`` (``b`` must hold them all)."""
     return {n: a[n] - b[n] for n in a}
 
 
@@ -77,6 +79,7 @@ def dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.T
 
 
 def restrict(a: Mapping[str, torch.Tensor], names: Iterable[str]) -> Tangent:
+    """The entries of ``a`` named in ``names``, in that order (``KeyError`` for a missing name)."""
     return {n: a[n] for n in names}
 
 

@@ -50,6 +50,7 @@ class LayerSymmetry:
     vo: str = ""
 
     def describe(self) -> str:
+        """One line: ``<layer>: QK: <group>; VO: <group>``."""
         return f"{self.name}: QK: {self.qk}; VO: {self.vo}"
 
 

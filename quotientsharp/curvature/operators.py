@@ -315,10 +315,12 @@ class ModelOperator(LinearOperator):
     # --- flat <-> dict (the layout, in float64 / the compute dtype) --------------------------
     @property
     def shapes(self) -> tuple[torch.Size, ...]:
+        """Shapes of the covered parameters, in ``param_names`` order."""
         return self.layout.shapes
 
     @property
     def numels(self) -> tuple[int, ...]:
+        """Element counts of the covered parameters (they sum to ``n``)."""
         return self.layout.numels
 
     def flatten(self, tensors: dict[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:

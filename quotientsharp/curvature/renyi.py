@@ -43,9 +43,11 @@ class RenyiResult:
 
     @property
     def sharpness(self) -> float:
+        """Rényi sharpness ``-H_alpha`` (the negated entropy estimate: larger is sharper)."""
         return -self.estimate
 
     def to_dict(self) -> dict:
+        """The record as JSON-ready data (:func:`quotientsharp.serialize.jsonable`) plus ``sharpness``."""
         return {**jsonable(self), "sharpness": self.sharpness}
 
 

@@ -30,6 +30,7 @@ class Estimate:
         return self.value
 
     def to_dict(self) -> dict:
+        """The record as JSON-ready data (:func:`quotientsharp.serialize.jsonable`: non-finite floats become ``None``)."""
         return jsonable(self)
 
 

@@ -34,6 +34,7 @@ class SpectralDensity:
     config: dict
 
     def to_dict(self) -> dict:
+        """The record as JSON-ready data (:func:`quotientsharp.serialize.jsonable`: tensors as lists, non-finite floats as ``None``)."""
         return jsonable(self)
 
 
@@ -51,6 +52,7 @@ class SLQResult:
     config: dict
 
     def to_dict(self) -> dict:
+        """The record as JSON-ready data (:func:`quotientsharp.serialize.jsonable`: tensors as lists, non-finite floats as ``None``)."""
         return jsonable(self)
 
     def spectral_sum(self, f: Callable[[torch.Tensor], torch.Tensor], name: str = "f") -> Estimate:

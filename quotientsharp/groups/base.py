@@ -156,9 +156,11 @@ class SymmetryGroup(abc.ABC):
 
     # ------------------------------------------------------------------ metric
     def norm_sq(self, w: Params, xi: Params) -> torch.Tensor:
+        """``g_w(xi, xi)``, the squared metric norm of ``xi`` (a 0-d tensor)."""
         return self.inner(w, xi, xi)
 
     def norm(self, w: Params, xi: Params) -> torch.Tensor:
+        """``||xi||_w = g_w(xi, xi)^{1/2}`` (a 0-d tensor; negative round-off clamped to 0)."""
         return self.norm_sq(w, xi).clamp_min(0).sqrt()
 
     def metric_matrix(self, w: Params) -> torch.Tensor:

@@ -105,6 +105,7 @@ class JointGroup(SymmetryGroup):
         return sum(p.inner(w, self._part(p, xi), self._part(p, zeta)) for p in self.parts)
 
     def norm_sq(self, w: Params, xi: Params) -> torch.Tensor:
+        """``g_w(xi, xi)``: the sum of the parts' squared norms (each on its slices of the shared tensors)."""
         return sum(p.norm_sq(w, self._part(p, xi)) for p in self.parts)
 
     def horizontal_projection(self, w: Params, xi: Params) -> dict:

@@ -102,9 +102,11 @@ class SubAlgebra:
 
     @property
     def dim(self) -> int:
+        """Dimension ``k`` of the sub-algebra: the sparse basis matrices plus ``|free|²``."""
         return self.n_sparse + len(self.free) ** 2
 
     def describe(self) -> str:
+        """Its name, or ``sub-algebra of gl(h) of dimension k``."""
         return self.name or f"sub-algebra of gl({self.head_dim}) of dimension {self.dim}"
 
     def sparse_entries(self) -> list[list[tuple[int, int, float]]]:

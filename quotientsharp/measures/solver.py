@@ -94,10 +94,12 @@ class AscentResult:
 
     @property
     def increase(self) -> float:
+        """``best_loss - base_loss``: the loss increase at the best perturbation found."""
         return self.best_loss - self.base_loss
 
     @property
     def error_increase(self) -> float | None:
+        """``best_error - base_error`` (classification error), or ``None`` when no error was recorded."""
         return None if self.base_error is None else self.best_error - self.base_error
 
 

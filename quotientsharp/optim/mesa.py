@@ -86,6 +86,7 @@ class MESA(WrappedOptimizer):
 
     @property
     def active(self) -> bool:
+        """Whether the regulariser is on: ``start_epoch < epoch < end_epoch`` (``epoch`` set by :meth:`set_epoch`)."""
         return self.epoch is not None and self.start_epoch < self.epoch < self.end_epoch
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, inputs: Any) -> torch.Tensor:

@@ -134,6 +134,7 @@ class SAF(WrappedOptimizer):
 
     @property
     def active(self) -> bool:
+        """Whether the regulariser is on: ``start_epoch < epoch < end_epoch`` (``epoch`` set by :meth:`set_epoch`)."""
         return self.epoch is not None and self.start_epoch < self.epoch < self.end_epoch
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -159,6 +159,9 @@ def finetune_vit(config: Mapping[str, Any], data: ClassificationData, hp: Mappin
 
 
 def load_vit(config, data, hp, path) -> nn.Module:
+    """The fine-tuned ViT stored at ``path`` (a state dict), rebuilt from ``config["pretrain"]["arch"]``
+    with ``data.n_classes`` outputs, in eval mode.
+    """
     model = build_vit(config["pretrain"]["arch"], data.n_classes)
     model.load_state_dict(torch.load(path, weights_only=True))
     return model.eval()
@@ -314,6 +317,9 @@ def text_population(n_models: int, seed: int = 0, hparams: str = "seeds",
 
 
 def build_bert_classifier(pretrain: Mapping[str, Any], vocab_len: int, n_classes: int) -> BertClassifier:
+    """An untrained :class:`BertClassifier` (HF ``BertForSequenceClassification`` from
+    :func:`bert_config`) with ``n_classes`` labels over a vocabulary of ``vocab_len`` tokens.
+    """
     from transformers import BertForSequenceClassification
 
     return BertClassifier(BertForSequenceClassification(bert_config(pretrain, vocab_len, n_classes)), vocab_len)
@@ -335,6 +341,9 @@ def finetune_text(config: Mapping[str, Any], data: ClassificationData, hp: Mappi
 
 
 def load_text(config, data, hp, path) -> nn.Module:
+    """The fine-tuned BERT classifier stored at ``path`` (a state dict), rebuilt with the pretrained
+    configuration and ``data``'s vocabulary, in eval mode.
+    """
     model = build_bert_classifier(config["pretrain"], len(data.vocab), data.n_classes)
     model.load_state_dict(torch.load(path, weights_only=True))
     return model.eval()

@@ -20,6 +20,7 @@ def _sign_products(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
 
 
 def has_ties(values: Sequence[float]) -> bool:
+    """Whether two of ``values`` are equal (then Kendall τ-a cannot reach ±1)."""
     return len(np.unique(np.asarray(values, dtype=float))) < len(values)
 
 

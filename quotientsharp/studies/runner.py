@@ -47,6 +47,7 @@ class UnitStore:
         self.root = Path(root)
 
     def path(self, key: str) -> Path:
+        """The file of unit ``key``: ``<root>/<key>.json``."""
         return self.root / f"{key}.json"
 
     def load(self, key: str, config: Mapping[str, Any] | None = None) -> dict | None:
@@ -62,6 +63,9 @@ class UnitStore:
         return record["result"]
 
     def save(self, key: str, config: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+        """Write ``{"key", "config", "result"}`` for ``key`` atomically (:func:`write_json_atomic`);
+        a later :meth:`load` with another ``config`` raises.
+        """
         write_json_atomic(self.path(key), {"key": key, "config": _normalise(config), "result": result})
 
 
