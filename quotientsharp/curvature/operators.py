@@ -9,7 +9,10 @@ float64 tensors of shape ``(n,)``; blocks of vectors are ``(n, k)`` with one vec
 ``L(θ) = Σ_b (n_b/N) L_b(θ)`` (per-batch weights ``n_b/N``, spec §1) with respect to a block of
 parameters ("target"); all other parameters stay frozen at their current values. With
 ``process_group=`` (or ``distributed=True``) each rank keeps its shard of the batches and the
-weighted gradients/HVPs are all-reduced (:mod:`quotientsharp.distributed`).
+weighted gradients/HVPs are all-reduced (:mod:`quotientsharp.distributed`). Both are written on
+the :class:`ModelOperator` template, which owns that batch loop: a new curvature matrix
+``Σ_b (n_b/N) A_b`` only implements :meth:`ModelOperator.batch_product` (``V ↦ A_b V``).
+Flat vectors and parameter dicts are converted by one :class:`~quotientsharp.layout.ParameterLayout`.
 """
 from __future__ import annotations
 
