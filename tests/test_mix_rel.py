@@ -170,9 +170,10 @@ def test_relative_ball_worst_case_invariant_under_gl_at_cond_1e3():
     s1 = RelativeBlockBall(attention_quotient(moved, "mix").groups[0], _params(moved)).scales
     for a, b in zip(s0, s1):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
-    kw = dict(rho=0.05, progress=False, ball="relative", eps=0.0)
-    v0 = geodesic_sharpness(model, batches, F.cross_entropy, metric="mix", **kw).value
-    v1 = geodesic_sharpness(moved, batches, F.cross_entropy, metric="mix", **kw).value
+    kw = dict(rho=0.05, progress=False, ball="relative")
+    v0 = geodesic_sharpness(model, batches, F.cross_entropy, quotient=q, **kw).value
+    v1 = geodesic_sharpness(moved, batches, F.cross_entropy, quotient=attention_quotient(moved, "mix", eps_rel=0.0),
+                            **kw).value
     assert v0 > 0 and abs(v1 - v0) <= 1e-9 * v0
     a0 = adaptive_sharpness(model, batches, F.cross_entropy, rho=0.05, progress=False).value
     a1 = adaptive_sharpness(moved, batches, F.cross_entropy, rho=0.05, progress=False).value
@@ -221,9 +222,11 @@ def test_relative_ball_average_case_draws_are_gl_equivariant_in_law_at_cond_1e3(
 def test_relative_ball_errors():
     model, batches = attention_setup(seed=1, n_batches=1)
     with pytest.raises(ValueError, match="metric='mix'"):
-        geodesic_sharpness(model, batches, F.cross_entropy, 0.05, metric="inv", ball="relative", progress=False)
+        geodesic_sharpness(model, batches, F.cross_entropy, 0.05, quotient=attention_quotient(model, "inv"),
+                           ball="relative", progress=False)
     with pytest.raises(ValueError, match="ball must be one of"):
-        geodesic_sharpness(model, batches, F.cross_entropy, 0.05, ball="sphere", progress=False)
+        geodesic_sharpness(model, batches, F.cross_entropy, 0.05, quotient=attention_quotient(model, "mix"),
+                           ball="sphere", progress=False)
     with torch.no_grad():  # head 0 of the VO block: H = 0, so G Hᵀ = 0
         model.layers[0].o.weight[:, :model.layers[0].head_dim] = 0
     with pytest.raises(ValueError, match="G Hᵀ is zero"):
