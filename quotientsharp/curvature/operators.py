@@ -375,8 +375,9 @@ class ModelOperator(LinearOperator):
 
         def per_batch(_: int, batch: Any) -> torch.Tensor:
             apply = self.batch_product(batch)
-            return torch.cat([self._apply_columns(apply, V[:, i : i + self.chunk_size])
-                              for i in range(0, V.shape[1], self.chunk_size)], dim=1)
+            chunks = [self._apply_columns(apply, V[:, i : i + self.chunk_size])
+                      for i in range(0, V.shape[1], self.chunk_size)]
+            return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
 
         return self.sum_over_batches(per_batch, tuple(V.shape))
 
@@ -509,6 +510,9 @@ class HessianOperator(ModelOperator):
             leaves = {n: t.detach().requires_grad_() for n, t in point.items()}
             with torch.enable_grad():
                 loss = self.batch_loss(leaves, batch)
+                if not torch.isfinite(loss):
+                    raise ValueError(f"non-finite loss ({loss.item()}) at a finite-difference point θ ± h·v/‖v‖ "
+                                     f"(fd_step={self.fd_step}); lower fd_step or check the model")
                 return torch.autograd.grad(loss, list(leaves.values()), materialize_grads=True)
 
         def apply(V: Params) -> list[torch.Tensor]:
