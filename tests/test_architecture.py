@@ -91,14 +91,14 @@ def test_estimators_do_not_probe_the_operator(module):
     (LinearOperator.sample_probes / effective_dimension), not from getattr/hasattr on it."""
     import ast
     import importlib
-    path = importlib.import_module(f"quotientsharp.curvature.{module}").__file__
-    tree = ast.parse(open(path).read())
+    from pathlib import Path
+    source = Path(importlib.import_module(f"quotientsharp.curvature.{module}").__file__).read_text()
+    tree = ast.parse(source)
     probes = [ast.unparse(node) for node in ast.walk(tree)
               if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
               and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id in ("op", "obj", "operator")]
     assert probes == []
     if module == "slq":  # no probing of any kind, and the probes are the operator's
-        source = open(path).read()
         assert "getattr(" not in source and "hasattr(" not in source
         assert "op.sample_probes(" in source and "op.effective_dimension" in source
 

@@ -43,15 +43,21 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from quotientsharp.adapters.resolve import default_quotient
 from quotientsharp.curvature.lanczos import EigenResult, lanczos, power_iteration
-from quotientsharp.curvature.operators import DEFAULT_HVP_MODE, HessianOperator, LinearOperator, select_parameters
+from quotientsharp.curvature.operators import (
+    DEFAULT_HVP_MODE,
+    HessianOperator,
+    LinearOperator,
+    select_parameters,
+)
 from quotientsharp.curvature.renyi import RenyiResult, renyi_entropy
 from quotientsharp.curvature.results import Estimate, mean_and_stderr
 from quotientsharp.curvature.slq import SLQResult, SpectralDensity, slq
 from quotientsharp.functional import LossFn
-from quotientsharp.adapters.resolve import default_quotient
 from quotientsharp.quotient import Quotient
 from quotientsharp.validation import check_choice, check_count, check_model_loader_loss
+
 
 def vertical_dimension(quotient: Quotient, w: dict[str, torch.Tensor]) -> int:
     """``dim ker Π_w``: the sum of every group's :meth:`~SymmetryGroup.kernel_dimension` (per GL

@@ -13,7 +13,11 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from quotientsharp.curvature.lanczos import lanczos_tridiagonal, metric_norm, tridiagonal
+from quotientsharp.curvature.lanczos import (
+    lanczos_tridiagonal,
+    metric_norm,
+    tridiagonal,
+)
 from quotientsharp.curvature.operators import as_operator
 from quotientsharp.curvature.results import Estimate, jsonable, mean_and_stderr
 from quotientsharp.validation import check_count
