@@ -250,3 +250,15 @@ def test_operations_keep_device_and_dtype(device, dtype):
         for n, t in out.items():
             assert t.device == w[n].device and t.dtype == dtype, n
     assert q.inner(w, xi, xi).device == w["head.bias"].device
+
+
+def test_root_module_named_like_attention_is_not_warned_about_when_its_layers_are_found():
+    import warnings as _w
+
+    from test_sharpness_common import TinyAttentionClassifier
+
+    from quotientsharp import find_symmetries
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        q = find_symmetries(TinyAttentionClassifier(n_layers=2))
+    assert len(q.groups) == 1 and sum(b.n_heads for b in q.groups[0].blocks) == 8

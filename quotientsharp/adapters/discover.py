@@ -122,8 +122,8 @@ def attention_layers(model: nn.Module) -> list[LayerSymmetry]:
             layers.append(layer)
             claimed.add(name)
     for name, m in modules.items():
-        if _looks_like_attention(m) and not any(
-                name == c or name.startswith(c + ".") or c.startswith(name + ".") for c in claimed):
+        if _looks_like_attention(m) and not any(  # "" is the root, an ancestor of every module
+                name == c or name.startswith(c + ".") or not name or c.startswith(name + ".") for c in claimed):
             if any(True for _ in m.parameters()):  # own parameters or projections as child modules
                 warnings.warn(f"{name} ({type(m).__name__}) looks like attention but is not recognised; "
                               "its parameters get the rest metric. Pass its blocks explicitly "
