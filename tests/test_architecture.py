@@ -118,3 +118,14 @@ def test_one_parameter_layout_behind_every_flatten():
     for helper in helpers:
         source = inspect.getsource(helper)
         assert "layout" in source.lower() and "torch.cat" not in source and ".split(" not in source, helper.__qualname__
+
+
+def test_no_module_imports_another_modules_private_names():
+    import pathlib
+
+    import quotientsharp
+    offenders = []
+    for path in pathlib.Path(quotientsharp.__file__).parent.rglob("*.py"):
+        for _, mod, names in _imports(path):
+            offenders += [f"{path.name}: {mod}.{n}" for n in names if n.startswith("_") and not n.startswith("__")]
+    assert offenders == []

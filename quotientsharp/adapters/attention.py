@@ -14,7 +14,8 @@ class UnsupportedAttentionError(ValueError):
     """An attention layer whose symmetry quotientsharp cannot (yet) quotient exactly."""
 
 
-def _join(prefix: str, name: str) -> str:
+def join_name(prefix: str, name: str) -> str:
+    """``prefix.name`` (just ``name`` at the root, where the prefix is empty)."""
     return f"{prefix}.{name}" if prefix else name
 
 
@@ -42,11 +43,11 @@ def linear_modules_blocks(prefix_q: str, prefix_k: str, prefix_v: str, prefix_o:
                           label: str) -> tuple[GLBlock, GLBlock]:
     """:func:`linear_attention_blocks` for ``nn.Linear`` modules at the given name prefixes."""
     def bias(prefix, m):
-        return _join(prefix, "bias") if m.bias is not None else None
+        return join_name(prefix, "bias") if m.bias is not None else None
 
     return linear_attention_blocks(
-        _join(prefix_q, "weight"), _join(prefix_k, "weight"), _join(prefix_v, "weight"),
-        _join(prefix_o, "weight"), n_heads, head_dim,
+        join_name(prefix_q, "weight"), join_name(prefix_k, "weight"), join_name(prefix_v, "weight"),
+        join_name(prefix_o, "weight"), n_heads, head_dim,
         bias(prefix_q, mq), bias(prefix_k, mk), bias(prefix_v, mv), label)
 
 
@@ -59,19 +60,19 @@ def mha_blocks(prefix: str, m: nn.MultiheadAttention) -> tuple[GLBlock, GLBlock]
             "that break the per-head GL(h) symmetry; not supported")
     d, H = m.embed_dim, m.num_heads
     dh = d // H
-    bias = _join(prefix, "in_proj_bias") if m.in_proj_bias is not None else None
+    bias = join_name(prefix, "in_proj_bias") if m.in_proj_bias is not None else None
     if m._qkv_same_embed_dim:
-        w = _join(prefix, "in_proj_weight")
+        w = join_name(prefix, "in_proj_weight")
         src = [(w, 0), (w, d), (w, 2 * d)]
     else:
-        src = [(_join(prefix, f"{x}_proj_weight"), 0) for x in "qkv"]
+        src = [(join_name(prefix, f"{x}_proj_weight"), 0) for x in "qkv"]
 
     def factor(i):
         name, off = src[i]
         return (Piece(name, "rows", off),) + ((Piece(bias, "bias", i * d),) if bias else ())
 
     qk = GLBlock(G=factor(0), H=factor(1), n_heads=H, head_dim=dh, label=f"{prefix}/qk")
-    vo = GLBlock(G=factor(2), H=(Piece(_join(prefix, "out_proj.weight"), "cols"),),
+    vo = GLBlock(G=factor(2), H=(Piece(join_name(prefix, "out_proj.weight"), "cols"),),
                  n_heads=H, head_dim=dh, label=f"{prefix}/vo")
     return qk, vo
 
@@ -81,12 +82,12 @@ def conv1d_blocks(prefix_attn: str, prefix_proj: str, d: int, n_heads: int,
     """Blocks of GPT-2 style ``Conv1D`` (input-major) ``c_attn`` (``(d, 3d)``, columns q | k | v)
     and ``c_proj`` (``(d, d)``, ``H_O = c_proj.weight[r_i, :].T``)."""
     dh = d // n_heads
-    w, b = _join(prefix_attn, "weight"), _join(prefix_attn, "bias")
+    w, b = join_name(prefix_attn, "weight"), join_name(prefix_attn, "bias")
 
     def factor(i):
         return (Piece(w, "cols", i * d),) + ((Piece(b, "bias", i * d),) if has_bias else ())
 
     qk = GLBlock(G=factor(0), H=factor(1), n_heads=n_heads, head_dim=dh, label=f"{prefix_attn}/qk")
-    vo = GLBlock(G=factor(2), H=(Piece(_join(prefix_proj, "weight"), "rows"),),
+    vo = GLBlock(G=factor(2), H=(Piece(join_name(prefix_proj, "weight"), "rows"),),
                  n_heads=n_heads, head_dim=dh, label=f"{prefix_attn}/vo")
     return qk, vo

@@ -25,7 +25,7 @@ from ..groups.scaling import HeadScaling, ScaleBlock
 from ..models.attention import MultiHeadSelfAttention
 from ..quotient import Quotient
 from . import modern
-from .attention import (UnsupportedAttentionError, _join, conv1d_blocks, linear_modules_blocks,
+from .attention import (UnsupportedAttentionError, join_name, conv1d_blocks, linear_modules_blocks,
                         mha_blocks)
 from .modern import LayerSymmetry
 
@@ -85,7 +85,7 @@ def attention_layers(model: nn.Module) -> list[LayerSymmetry]:
         found = None
         layer = None
         if isinstance(m, MultiHeadSelfAttention):
-            found = linear_modules_blocks(_join(name, "q"), _join(name, "k"), _join(name, "v"), _join(name, "o"),
+            found = linear_modules_blocks(join_name(name, "q"), join_name(name, "k"), join_name(name, "v"), join_name(name, "o"),
                                           m.q, m.k, m.v, m.n_heads, m.head_dim, name)
         elif isinstance(m, nn.MultiheadAttention):
             found = mha_blocks(name, m)
@@ -94,27 +94,27 @@ def attention_layers(model: nn.Module) -> list[LayerSymmetry]:
         elif all(isinstance(getattr(m, a, None), nn.Linear) for a in ("query", "key", "value")):
             _refuse_if_broken(name, m)
             parent = name.rsplit(".", 1)[0] if "." in name else ""
-            out = modules.get(_join(parent, "output.dense"))
+            out = modules.get(join_name(parent, "output.dense"))
             if not isinstance(out, nn.Linear):
                 raise UnsupportedAttentionError(f"{name}: found query/key/value but no output projection "
-                                                f"at {_join(parent, 'output.dense')!r}")
+                                                f"at {join_name(parent, 'output.dense')!r}")
             H = _heads(m)
-            found = linear_modules_blocks(_join(name, "query"), _join(name, "key"), _join(name, "value"),
-                                          _join(parent, "output.dense"), m.query, m.key, m.value,
+            found = linear_modules_blocks(join_name(name, "query"), join_name(name, "key"), join_name(name, "value"),
+                                          join_name(parent, "output.dense"), m.query, m.key, m.value,
                                           H, m.query.out_features // H, name)
         elif all(isinstance(getattr(m, a, None), nn.Linear) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
             # classic layers only: modern.match took those with GQA, rotary or QK-norm
             _refuse_if_broken(name, m)
             H = _heads(m)
-            found = linear_modules_blocks(_join(name, "q_proj"), _join(name, "k_proj"), _join(name, "v_proj"),
-                                          _join(name, "o_proj"), m.q_proj, m.k_proj, m.v_proj,
+            found = linear_modules_blocks(join_name(name, "q_proj"), join_name(name, "k_proj"), join_name(name, "v_proj"),
+                                          join_name(name, "o_proj"), m.q_proj, m.k_proj, m.v_proj,
                                           H, m.q_proj.out_features // H, name)
         elif hasattr(m, "c_attn") and hasattr(m, "c_proj") and hasattr(getattr(m, "c_attn"), "weight"):
             if getattr(m, "is_cross_attention", False):
                 raise UnsupportedAttentionError(f"{name}: GPT-2 cross-attention (q_attn) is not supported")
             _refuse_if_broken(name, m)
             d = m.c_attn.weight.shape[0]
-            found = conv1d_blocks(_join(name, "c_attn"), _join(name, "c_proj"), d, _heads(m),
+            found = conv1d_blocks(join_name(name, "c_attn"), join_name(name, "c_proj"), d, _heads(m),
                                   m.c_attn.bias is not None)
         if found is not None:
             layer = _classic(name, found)

@@ -23,7 +23,7 @@ from torch import nn
 from ..groups.attention import GLBlock, Piece
 from ..groups.residual import SubAlgebra
 from ..groups.scaling import ScaleBlock
-from .attention import UnsupportedAttentionError, _join
+from .attention import UnsupportedAttentionError, join_name
 
 NORM_PAIRS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"), ("query_norm", "key_norm"))
 OUTPUT_NAMES = ("o_proj", "dense", "out_proj")
@@ -218,7 +218,7 @@ def _linear(m: nn.Module, attr: str) -> nn.Linear | None:
 
 
 def _bias(prefix: str, lin: nn.Linear) -> str | None:
-    return _join(prefix, "bias") if lin.bias is not None else None
+    return join_name(prefix, "bias") if lin.bias is not None else None
 
 
 def _refuse_mla(name: str, m: nn.Module) -> None:
@@ -268,7 +268,7 @@ def split_projections(name: str, m: nn.Module) -> LayerSymmetry | None:
     if not modern and out_attr == "o_proj":
         return None  # a classic layer the part 1 adapter reads (HF ViT-style q/k/v/o_proj)
     r = n_q // n_kv
-    p = lambda a: _join(name, a)  # noqa: E731
+    p = lambda a: join_name(name, a)  # noqa: E731
     return _assemble(name, m, n_q, n_kv, h, p("q_proj.weight"), _bias(p("q_proj"), q), _contiguous(n_kv, r, h),
                      p("k_proj.weight"), _bias(p("k_proj"), k), Slot(0, h),
                      p("v_proj.weight"), _bias(p("v_proj"), v), Slot(0, h), p(f"{out_attr}.weight"))
@@ -279,7 +279,7 @@ def fused_projections(name: str, m: nn.Module) -> LayerSymmetry | None:
     ``query_key_value`` (per head ``[q k v]``), Falcon ``query_key_value`` (multi-query: q heads,
     k, v; new architecture: per KV group ``[r q heads, k, v]``), ModernBERT ``Wqkv`` and timm
     ``qkv`` (``(3, heads, h)``)."""
-    p = lambda a: _join(name, a)  # noqa: E731
+    p = lambda a: join_name(name, a)  # noqa: E731
     if _linear(m, "qkv_proj") is not None and _linear(m, "o_proj") is not None:      # Phi-3
         lin = m.qkv_proj
         n_q = _n_heads(name, m)
@@ -336,7 +336,7 @@ def t5_attention(name: str, m: nn.Module) -> LayerSymmetry | None:
     if not all(_linear(m, a) is not None for a in "qkvo") or not hasattr(m, "key_value_proj_dim"):
         return None
     n, h = _n_heads(name, m), m.key_value_proj_dim
-    p = lambda a: _join(name, a)  # noqa: E731
+    p = lambda a: join_name(name, a)  # noqa: E731
     out = grouped_attention(name, (p("q.weight"), _bias(p("q"), m.q), [Slot(0, h)]),
                             (p("k.weight"), _bias(p("k"), m.k), Slot(0, h)),
                             (p("v.weight"), _bias(p("v"), m.v), Slot(0, h)), p("o.weight"), n, h)
