@@ -66,10 +66,9 @@ for i, scale in enumerate(scales):
 assert max(changes["geodesic (inv)"] + changes["geodesic (mix)"]) <= 1e-9
 assert min(changes["adaptive"]) > 1e-3 and min(changes["Euclidean"]) > 1e-3
 
-fig, ax = plt.subplots(figsize=(5, 3))
+fig, ax = plt.subplots(figsize=(5, 3.4), layout="constrained")
 for k, (name, c) in enumerate(changes.items()):
     ax.bar([i + 0.2 * k for i in range(len(scales))], [max(v, 1e-17) for v in c], width=0.2, label=name)
 ax.set(yscale="log", xticks=[0.3 + i for i in range(len(scales))], xticklabels=[f"scale {s}" for s in scales],
        ylabel="relative change of sharpness", title="same network, reparametrised")
-ax.legend(fontsize=7)
-fig.tight_layout()
+ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.12))

@@ -41,14 +41,14 @@ assert summary["kendall_tau"]["geodesic_inv"] < 0 and summary["kendall_tau"]["ad
 # %%
 # Sharpness against test loss, one panel per measure, with τ and its 95% bootstrap interval.
 measures = ["adaptive", "euclidean", "geodesic_inv", "geodesic_mix"]
-fig, axes = plt.subplots(1, 4, figsize=(10, 2.8), sharey=True)
+fig, axes = plt.subplots(1, 4, figsize=(10, 2.9), sharey=True, layout="constrained")
 test_loss = [float(r["test_loss"]) for r in rows]
+alphas = [float(r["alpha"]) for r in rows]
 for ax, m in zip(axes, measures):
-    ax.scatter([float(r[f"{m}@0.1"]) for r in rows], test_loss, c=[float(r["alpha"]) for r in rows],
-               cmap="viridis", norm="log", s=18)
+    points = ax.scatter([float(r[f"{m}@0.1"]) for r in rows], test_loss, c=alphas, cmap="viridis", norm="log", s=18)
     lo, hi = summary["ci95"][m]
-    ax.set(xlabel=f"{m.replace('_', ' ')} sharpness", xscale="log", yscale="log",
+    ax.set(xlabel=f"{m.replace('_', ' ')} sharpness", yscale="log",
            title=f"τ = {summary['kendall_tau'][m]:+.2f} [{lo:+.2f}, {hi:+.2f}]")
     ax.title.set_fontsize(8)
 axes[0].set_ylabel("test loss ‖u⊙v − β*‖²")
-fig.tight_layout()
+fig.colorbar(points, ax=axes, label="init scale α")
