@@ -67,19 +67,33 @@ _LAZY = {
 
 
 def average_geodesic_sharpness(model, loader, loss_fn, rho: float, **kwargs):
-    """Average-case geodesic sharpness: ``geodesic_sharpness(..., kind="average")``."""
+    """Average-case geodesic sharpness: ``geodesic_sharpness(..., kind="average")``.
+
+    ``value`` = mean over batches of ``E_zeta[L_S(gamma_xi(1)) - L_S(w0)]`` with
+    ``xi = rho Pi_w0(whiten_w0(zeta))``, ``zeta ~ N(0, I)`` (covariance ``rho² g^{-1}`` on the
+    horizontal space; ``n_samples`` draws per batch). Returns a
+    :class:`~quotientsharp.measures.SharpnessResult`; raises as
+    :func:`~quotientsharp.measures.geodesic_sharpness`."""
     from .measures import geodesic_sharpness
     return geodesic_sharpness(model, loader, loss_fn, rho, kind="average", **kwargs)
 
 
 def average_adaptive_sharpness(model, loader, loss_fn, rho: float, **kwargs):
-    """Average-case adaptive sharpness: ``adaptive_sharpness(..., kind="average")``."""
+    """Average-case adaptive sharpness: ``adaptive_sharpness(..., kind="average")``.
+
+    ``value`` = mean over batches of ``E[L_S(w0 + xi) - L_S(w0)]``, ``xi = rho zeta ⊙ |w0|``,
+    ``zeta ~ N(0, I)``. Returns a :class:`~quotientsharp.measures.SharpnessResult`; raises as
+    :func:`~quotientsharp.measures.adaptive_sharpness`."""
     from .measures import adaptive_sharpness
     return adaptive_sharpness(model, loader, loss_fn, rho, kind="average", **kwargs)
 
 
 def average_euclidean_sharpness(model, loader, loss_fn, rho: float, **kwargs):
-    """Average-case Euclidean sharpness: ``euclidean_sharpness(..., kind="average")``."""
+    """Average-case Euclidean sharpness: ``euclidean_sharpness(..., kind="average")``.
+
+    ``value`` = mean over batches of ``E[L_S(w0 + xi) - L_S(w0)]``, ``xi = rho zeta``,
+    ``zeta ~ N(0, I)``. Returns a :class:`~quotientsharp.measures.SharpnessResult`; raises as
+    :func:`~quotientsharp.measures.euclidean_sharpness`."""
     from .measures import euclidean_sharpness
     return euclidean_sharpness(model, loader, loss_fn, rho, kind="average", **kwargs)
 

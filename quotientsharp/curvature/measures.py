@@ -75,7 +75,14 @@ def hessian_trace(
     model, loader, loss_fn, params: ParamSelector = "all", method: str = "hutchinson", n_probes: int = 100,
     m: int = 15, seed: int = 0, progress: bool = True, **operator_kwargs,
 ) -> Estimate:
-    """Tr H by ``"hutchinson"`` (P probes), ``"hutch++"`` (budget = P matvecs) or ``"slq"`` (f = id)."""
+    """Tr H by ``"hutchinson"`` (P probes), ``"hutch++"`` (budget = P matvecs) or ``"slq"`` (f = id).
+
+    ``H = Σ_b (n_b/N) ∇²L_b(θ)`` is the Hessian of the loader-averaged loss over the ``params``
+    block (``n`` parameters); Hutchinson averages ``zᵀHz`` over Rademacher ``z ∈ {±1}ⁿ``. Returns an
+    :class:`~quotientsharp.curvature.results.Estimate` (``value``, ``stderr`` over probes,
+    ``samples`` the per-probe values). Raises ``TypeError`` for swapped arguments and
+    ``ValueError`` for an unknown ``method`` or a count below its minimum (``n_probes ≥ 4`` for
+    ``"hutch++"``)."""
     check_choice("method", method, ("hutchinson", "hutch++", "slq"), "hessian_trace")
     check_count("n_probes", n_probes, 4 if method == "hutch++" else 1, "hessian_trace")
     check_count("m", m, 1, "hessian_trace")
@@ -108,7 +115,12 @@ def hessian_top_eigenvalues(
 
 
 def hessian_max_eigenvalue(model, loader, loss_fn, params: ParamSelector = "all", **kwargs) -> Estimate:
-    """λ_max(H) by Lanczos; ``samples`` holds the residual ‖Hy − λy‖ of the Ritz pair."""
+    """λ_max(H) by Lanczos; ``samples`` holds the residual ‖Hy − λy‖ of the Ritz pair.
+
+    ``H`` is the Hessian of the loader-averaged loss over the ``params`` block; ``kwargs`` go to
+    :func:`hessian_top_eigenvalues` (``method``, ``tol``, ``seed``, operator options). Returns an
+    :class:`~quotientsharp.curvature.results.Estimate` (``stderr`` is ``None``: deterministic up
+    to ``tol``). Raises ``TypeError`` for swapped arguments."""
     check_model_loader_loss("hessian_max_eigenvalue", model, loader, loss_fn)
     result = hessian_top_eigenvalues(model, loader, loss_fn, 1, params, **kwargs)
     return Estimate(float(result.eigenvalues[0]), None, result.residuals, result.config)

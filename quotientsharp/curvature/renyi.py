@@ -5,9 +5,9 @@ For eigenvalues λ₁..λ_n and a mass ``μ(λ) ≥ 0`` (the normalizer policy),
     H_α = (log S_α − α log S₁) / (1 − α),   S_α = Σ_i μ(λ_i)^α,  S₁ = Σ_i μ(λ_i)  (α > 0, α ≠ 1),
     H_1 = log S₁ − Σ_i μ(λ_i) log μ(λ_i) / S₁                                   (``alpha="shannon"``),
 
-and Rényi sharpness = −H_α. Policies: ``"abs"`` (default) μ = |λ| (entropy of the spectrum of
-|H|; 0 ≤ H_α ≤ log n); ``"signed"`` reproduces the paper's code: S_α = Σ|λ|^α but S₁ = Σ λ
-(warns when Tr|H| − Tr H > 1% of Tr|H|, raises when Tr H ≤ 0); ``"clamp"`` μ = max(λ, 0).
+and Rényi sharpness = −H_α. Policies: ``"abs"`` (default) ``μ = |λ|`` (entropy of the spectrum of
+``|H|``; 0 ≤ H_α ≤ log n); ``"signed"`` reproduces the paper's code: ``S_α = Σ|λ|^α`` but S₁ = Σ λ
+(warns when ``Tr|H| − Tr H > 1% of Tr|H|``, raises when Tr H ≤ 0); ``"clamp"`` μ = max(λ, 0).
 From an :class:`~quotientsharp.curvature.slq.SLQResult` every sum is the probe-averaged SLQ
 estimate and H_α is formed from those averages (not averaged per probe).
 """

@@ -225,6 +225,20 @@ def geodesic_sharpness(model: Model, loader: Iterable, loss_fn: LossFn, rho: flo
             (adaptive sharpness) and warn, instead of raising.
         params: the base point for a plain callable model.
         **options: see :class:`Options`.
+
+    Returns:
+        :class:`SharpnessResult`: ``value`` the mean over batches of
+        ``max_{xi in H_w0, ||xi||_w0 <= rho} L_S(gamma_xi(1)) - L_S(w0)`` (worst case; with
+        ``kind="average"`` the mean of ``L_S(gamma_xi(1)) - L_S(w0)`` over
+        ``xi = rho Pi(whiten(zeta))``, ``zeta ~ N(0, I)``), ``per_batch`` one float per batch,
+        ``stderr`` over batches, ``extras`` one dict per batch (``xi_norm``, ...), ``config``.
+
+    Raises:
+        TypeError: swapped or wrong-typed ``model``/``loader``/``loss_fn`` (the message says which).
+        ValueError: ``rho`` not positive and finite, an unknown option value, a model with no
+            symmetry (unless ``allow_euclidean_fallback``), a plain callable without
+            ``quotient=``/``params=``, a loss that is not a 0-d tensor or not finite at ``w0``.
+        quotientsharp.groups.SingularHeadError: a GL block with a singular Gram matrix (with ``eps = 0``).
     """
     opts, dp = _options(options)
     if quotient is None:
@@ -247,7 +261,12 @@ def geodesic_sharpness(model: Model, loader: Iterable, loss_fn: LossFn, rho: flo
 def adaptive_sharpness(model: Model, loader: Iterable, loss_fn: LossFn, rho: float,
                        params: Mapping | None = None, **options) -> SharpnessResult:
     """Adaptive sharpness (Kwon et al. 2021, ``c = |w|``): ``||xi / |w0| ||_2 <= rho``,
-    ``endpoint = w0 + xi``. Arguments as :func:`geodesic_sharpness`."""
+    ``endpoint = w0 + xi``. Arguments as :func:`geodesic_sharpness`.
+
+    ``value`` is the mean over batches of ``max_{||xi/|w0| ||_2 <= rho} L_S(w0 + xi) - L_S(w0)``
+    (entries with ``w0 = 0`` are held at 0, their number in ``config["masked_entries"]``); returns a
+    :class:`SharpnessResult` and raises as :func:`geodesic_sharpness` does (``TypeError`` for
+    swapped arguments, ``ValueError`` for a bad ``rho``, option or loss)."""
     q = Quotient([], _names(model, params), rest="adaptive", order=1, rest_order=1)
     opts, dp = _options(options)
     return measure("adaptive", model, loader, loss_fn, rho, q, 1, 1, opts, params, dp)
@@ -256,7 +275,10 @@ def adaptive_sharpness(model: Model, loader: Iterable, loss_fn: LossFn, rho: flo
 def euclidean_sharpness(model: Model, loader: Iterable, loss_fn: LossFn, rho: float,
                         params: Mapping | None = None, **options) -> SharpnessResult:
     """Euclidean (Keskar) sharpness: ``||xi||_2 <= rho``, ``endpoint = w0 + xi``. Arguments as
-    :func:`geodesic_sharpness`."""
+    :func:`geodesic_sharpness`.
+
+    ``value`` is the mean over batches of ``max_{||xi||_2 <= rho} L_S(w0 + xi) - L_S(w0)``; returns
+    a :class:`SharpnessResult` and raises as :func:`geodesic_sharpness` does."""
     q = Quotient([], _names(model, params), rest="euclidean", order=1, rest_order=1)
     opts, dp = _options(options)
     return measure("euclidean", model, loader, loss_fn, rho, q, 1, 1, opts, params, dp)
