@@ -1,0 +1,514 @@
+"""Every number the README quotes from a study or benchmark equals the committed result file it
+comes from, rounded as printed (issue 18, item 4).
+
+Pure JSON and regular expressions: a README edit or a result change that disagrees fails here.
+Tables are parsed cell by cell; prose claims are listed in explicit tables below (a regex over the
+README with whitespace collapsed, and the value each captured number must round to). A number is
+"as printed" when it lies within half a unit of its last printed digit of the file's value
+(``2e-3``: of the mantissa's last digit).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+FLAT = " ".join(README.split())  # prose with line breaks collapsed
+N = r"([+\-−]?\d+(?:\.\d+)?(?:e-?\d+)?)"  # one printed number, captured
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def value_of(text: str) -> float:
+    return float(text.replace("−", "-"))
+
+
+def printed_as(text: str, value: float) -> bool:
+    """Whether ``text`` is ``value`` rounded to ``text``'s last digit."""
+    mantissa, _, exponent = text.replace("−", "-").partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    unit = 10.0 ** (-decimals + (int(exponent) if exponent else 0))
+    return abs(value_of(text) - value) <= 0.5 * unit * (1 + 1e-9) + 1e-15
+
+
+def check(text: str, value: float, where: str) -> None:
+    assert printed_as(text, value), f"README prints {text} for {where}, the file holds {value!r}"
+
+
+def claim(pattern: str) -> tuple[str, ...]:
+    """The numbers captured by ``pattern`` in the README (whitespace collapsed); exactly one match."""
+    found = re.findall(pattern, FLAT)
+    assert len(found) == 1, f"README: expected one match of {pattern!r}, found {len(found)}"
+    return found[0] if isinstance(found[0], tuple) else (found[0],)
+
+
+def table_after(anchor: str) -> list[list[str]]:
+    """Rows (header first, separator dropped) of the first markdown table after ``anchor``."""
+    start = README.index(anchor)
+    rows, started = [], False
+    for line in README[start:].splitlines()[1:]:
+        if line.startswith("|"):
+            started = True
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):
+                rows.append(cells)
+        elif started:
+            break
+    assert rows, f"no table after {anchor!r}"
+    return rows
+
+
+def numbers(cell: str) -> list[str]:
+    return re.findall(r"[+\-−]?\d+\.\d+", cell)
+
+
+# --- the diagonal-network study ---------------------------------------------------------------
+
+DIAGONAL_ROWS = {
+    "adaptive": "adaptive", "Euclidean": "euclidean", "geodesic, inverse metric": "geodesic_inv",
+    "geodesic, mixed metric (metric-norm ball)": "geodesic_mix",
+    "geodesic, mixed metric, ball `√2‖b‖ ≤ ρ` (`mix_bnorm`)": "geodesic_mix_bnorm",
+    "geodesic, inverse metric, RK4 geodesic": "geodesic_inv_ode",
+}
+DIAGONAL_PAPER = {"geodesic_mix_bnorm": "geodesic_mix", "geodesic_inv_ode": "geodesic_inv"}
+
+
+def test_diagonal_study_table():
+    summary = load("diagonal_study_summary.json")
+    header, *rows = table_after("Kendall τ-a of sharpness against the test loss, full study")
+    rhos = [re.match(r"ρ = ([\d.]+)", h).group(1) if h.startswith("ρ") else None for h in header]
+    assert [r[0] for r in rows] == list(DIAGONAL_ROWS), "diagonal table rows changed"
+    for row in rows:
+        measure = DIAGONAL_ROWS[row[0]]
+        for rho, cell in zip(rhos, row):
+            if rho is None:
+                continue
+            block = summary["per_rho"][rho]
+            if cell == "—":
+                assert measure not in block["kendall_tau"], f"{measure} at ρ={rho} is in the file but not the README"
+                continue
+            nums = numbers(cell)
+            check(nums[0], block["kendall_tau"][measure], f"diagonal τ {measure} ρ={rho}")
+            if len(nums) == 3:
+                for text, v in zip(nums[1:], block["ci95"][measure]):
+                    check(text, v, f"diagonal CI {measure} ρ={rho}")
+            if rho == str(summary["headline_rho"]):
+                check(nums[0], summary["kendall_tau"][measure], f"headline τ {measure}")
+        paper = numbers(row[-1])
+        if paper:
+            check(paper[0], summary["paper"][DIAGONAL_PAPER.get(measure, measure)], f"paper τ {measure}")
+
+
+def test_diagonal_study_prose():
+    s = load("diagonal_study_summary.json")
+    lo, hi = claim(r"test losses span " + N + "–" + N)
+    check(lo, s["population"]["test_loss_range"][0], "smallest test loss")
+    check(hi, s["population"]["test_loss_range"][1], "largest test loss")
+    first, last = claim(r"\(" + N + r" to " + N + r"·10⁵ GD steps, all converged")
+    check(first, s["population"]["steps_range"][0], "fewest GD steps")
+    check(last, s["population"]["steps_range"][1] / 1e5, "most GD steps / 1e5")
+    assert s["population"]["all_converged"]
+    wall, = claim(r"The full study took " + N + r" min wall time")
+    check(wall, s["wall_seconds"] / 60, "diagonal wall minutes")
+    closed = [v for k, v in s["measure_seconds"].items() if k != "geodesic_inv_ode"]
+    lo, hi, rk4 = claim(r"the per-measure sums are " + N + "–" + N + r" min for each closed-form measure "
+                        r"over all five radii and " + N + r" min for the RK4 variant")
+    check(lo, min(closed) / 60, "fastest closed-form measure, min")
+    check(hi, max(closed) / 60, "slowest closed-form measure, min")
+    check(rk4, s["measure_seconds"]["geodesic_inv_ode"] / 60, "RK4 measure, min")
+    train, = claim(r"training ~" + N + r" min")
+    check(train, (s["wall_seconds"] - sum(s["measure_seconds"].values())) / 60, "wall − measuring, min")
+    a, b = claim(r"\[1 − " + N + r"·10⁻¹², 1 − " + N + r"·10⁻¹³\]")
+    check(a, (1 - s["rk4_over_closed_form"]["range"][0]) * 1e12, "1 − smallest RK4 ratio, ×1e12")
+    check(b, (1 - s["rk4_over_closed_form"]["range"][1]) * 1e13, "1 − largest RK4 ratio, ×1e13")
+    inv, paper_inv = claim(r"the inverse value matches the paper's \(" + N + " vs " + N + r"\)")
+    check(inv, s["kendall_tau"]["geodesic_inv"], "headline inverse τ")
+    check(paper_inv, s["paper"]["geodesic_inv"], "paper inverse τ")
+    ada, paper_ada = claim(r"adaptive is " + N + ", not " + N)
+    check(ada, s["kendall_tau"]["adaptive"], "headline adaptive τ")
+    check(paper_ada, s["paper"]["adaptive"], "paper adaptive τ")
+    bnorm, = claim(r"only with the ball `√2‖b‖ ≤ ρ` \(" + N + r", constant over ρ\)")
+    for rho, block in s["per_rho"].items():
+        check(bnorm, block["kendall_tau"]["geodesic_mix_bnorm"], f"b-norm τ at ρ={rho}")
+    lo, hi = claim(r"its sign is opposite \(" + N + " to " + N + r", growing with ρ\)")
+    mix = [s["per_rho"][r]["kendall_tau"]["geodesic_mix"] for r in sorted(s["per_rho"], key=float)]
+    assert mix == sorted(mix), "mixed-metric τ does not grow with ρ"
+    check(lo, mix[0], "mixed τ at the smallest ρ")
+    check(hi, mix[-1], "mixed τ at the largest ρ")
+
+
+# --- transformer studies ------------------------------------------------------------------------
+
+def _tau_table_check(task: str, anchor: str):
+    summary = load(f"{task}_study_summary.json")
+    header, *rows = table_after(anchor)
+    columns = []
+    for h in header[1:]:
+        gap = "error_gap" if "test error" in h else "loss_gap" if "test loss" in h else None
+        if gap is None:
+            columns.append(("paper", h))
+            continue
+        learned = re.search(r"(\d+) that learned", h)
+        block = summary["learned"] if learned else summary
+        if learned:
+            assert int(learned.group(1)) == summary["learned"]["n_models"], h
+        columns.append((block, gap))
+    measures = [r[0] for r in rows if not r[0].startswith("Δτ")]
+    assert measures == list(summary["kendall_tau"]["error_gap"]), f"{task}: table rows ≠ measures in the file"
+    for row in rows:
+        label = row[0]
+        diff = re.match(r"Δτ (\S+) − (\S+) \(paired\)", label)
+        for (block, key), cell in zip(columns, row[1:]):
+            if block == "paper":
+                paper = summary["paper"].get(key, {})
+                if cell:
+                    check(cell, paper[label], f"{task} paper column {key}, {label}")
+                else:
+                    assert label not in paper or diff, f"{task}: paper value of {label} in {key} not printed"
+                continue
+            nums = numbers(cell)
+            if diff:
+                expected = block["tau_difference"][key][f"{diff.group(1)} - {diff.group(2)}"]
+            else:
+                expected = [block["kendall_tau"][key][label], *block["ci95"][key][label]]
+            assert len(nums) == 3, f"{task} {label}: cell {cell!r}"
+            for text, v in zip(nums, expected):
+                check(text, v, f"{task} {label} vs {key}")
+
+
+def test_vit_tau_table():
+    _tau_table_check("vit", "**ViT on Fashion-MNIST**")
+
+
+def test_text_tau_table():
+    _tau_table_check("text", "**Text transformer on tweets**")
+
+
+def test_transformer_population_lines():
+    for task, anchor in (("vit", r"\*\*ViT on Fashion-MNIST\*\*, "), ("text", r"\*\*Text transformer on tweets\*\*, ")):
+        s = load(f"{task}_study_summary.json")
+        n, acc_lo, acc_hi, gap_lo, gap_hi = claim(anchor + N + r" models(?: \(`--n-models 48`\))?, test accuracy "
+                                                  + N + "–" + N + r"%, error gaps " + N + " to " + N + " points")
+        assert int(n) == s["n_models"]
+        check(acc_lo, 100 * s["population"]["test_acc"][0], f"{task} lowest test accuracy, %")
+        check(acc_hi, 100 * s["population"]["test_acc"][1], f"{task} highest test accuracy, %")
+        check(gap_lo, 100 * s["population"]["error_gap"][0], f"{task} smallest error gap, points")
+        check(gap_hi, 100 * s["population"]["error_gap"][1], f"{task} largest error gap, points")
+    text = load("text_study_summary.json")
+    excluded = [m for m in text["models"] if m["id"] in text["learned"]["excluded"]]
+    assert "(one SGD model, one epoch, stayed at the majority rate)" in FLAT
+    assert [(m["optimizer"], m["epochs"]) for m in excluded] == [("sgd", 1)]
+
+
+def test_transformer_timings():
+    v24, t24 = load("vit_study_24_summary.json"), load("text_study_24_summary.json")
+    v48, t48 = load("vit_study_summary.json"), load("text_study_summary.json")
+
+    def measuring(s):
+        return sum(s["seconds"]["measures"].values())
+
+    vmin, vtrain, vmeas, tmin, ttrain, tmeas = claim(
+        r"the default 24 models take " + N + r" min \(ViT: " + N + r" s training \+ " + N + r" s measuring\) and "
+        + N + r" min \(text: " + N + r" s \+ " + N + r" s\)")
+    for s, total, train, meas, task in ((v24, vmin, vtrain, vmeas, "vit"), (t24, tmin, ttrain, tmeas, "text")):
+        assert s["n_models"] == 24
+        check(train, s["seconds"]["train"], f"{task} 24-model training s")
+        check(meas, measuring(s), f"{task} 24-model measuring s")
+        check(total, (s["seconds"]["train"] + measuring(s)) / 60, f"{task} 24-model total min")
+    share, = claim(r"SLQ and the quotient-Hessian Rényi run are " + N + r"% of the measuring")
+    for s in (v24, t24):
+        m = s["seconds"]["measures"]
+        check(share, 100 * (m["hessian_slq"] + m["quotient_renyi"]) / measuring(s), "SLQ + quotient Rényi share")
+    lo, hi, vi, vm, va, ti, tm, ta = claim(
+        r"Worst-case geodesic sharpness costs " + N + "–" + N + r"× adaptive sharpness in the same run \(ViT "
+        + N + " / " + N + r" s inv / mix against " + N + r" s over 48 models; text " + N + " / " + N
+        + r" s against " + N + r" s\)")
+    ratios = []
+    for s, inv, mix, ada in ((v48, vi, vm, va), (t48, ti, tm, ta)):
+        m = s["seconds"]["measures"]
+        check(inv, m["geodesic_inv"], "geodesic inv s")
+        check(mix, m["geodesic_mix"], "geodesic mix s")
+        check(ada, m["adaptive"], "adaptive s")
+        ratios += [m["geodesic_inv"] / m["adaptive"], m["geodesic_mix"] / m["adaptive"]]
+    check(lo, min(ratios), "smallest geodesic/adaptive time ratio")
+    check(hi, max(ratios), "largest geodesic/adaptive time ratio")
+    v_all, t_all = claim(r"reusing the first 24: " + N + r" min \(ViT\) and " + N + r" min \(text\) in all")
+    check(v_all, (v48["seconds"]["train"] + measuring(v48)) / 60, "vit 48-model total min")
+    check(t_all, (t48["seconds"]["train"] + measuring(t48)) / 60, "text 48-model total min")
+
+
+def test_transformer_discussion():
+    vit, text = load("vit_study_summary.json"), load("text_study_summary.json")
+
+    def tau(s, gap, m):
+        return [s["kendall_tau"][gap][m], *s["ci95"][gap][m]]
+
+    got = claim(r"MNLI BERTs: " + N + r" \[" + N + ", " + N + r"\] against " + N + r" \[" + N + ", " + N
+                + r"\] \(paper " + N + " vs " + N + r"\), paired difference " + N + r" \[" + N + ", " + N
+                + r"\] against the error gap and " + N + r" \[" + N + ", " + N + r"\] against the loss gap; "
+                r"the average case agrees \(" + N + r" \[" + N + ", " + N + r"\]\)")
+    expected = [*tau(text, "error_gap", "geodesic_inv"), *tau(text, "error_gap", "adaptive"),
+                text["paper"]["MNLI BERT"]["geodesic_inv"], text["paper"]["MNLI BERT"]["adaptive"],
+                *text["tau_difference"]["error_gap"]["geodesic_inv - adaptive"],
+                *text["tau_difference"]["loss_gap"]["geodesic_inv - adaptive"],
+                *text["tau_difference"]["error_gap"]["geodesic_inv_avg - adaptive_avg"]]
+    for t, v in zip(got, expected, strict=True):
+        check(t, v, "text discussion")
+    lo, hi = claim(r"Tr H do not correlate \(" + N + " to " + N + r"\)")
+    flat = [text["kendall_tau"]["error_gap"][m] for m in ("euclidean", "hessian_max_eigenvalue", "hessian_trace")]
+    check(lo, min(flat), "text Euclidean/λ_max/Tr H, lowest")
+    check(hi, max(flat), "text Euclidean/λ_max/Tr H, highest")
+    got = claim(r"\(" + N + r"; paired " + N + r" \[" + N + ", " + N + r"\]\), unlike the paper's " + N)
+    for t, v in zip(got, [text["kendall_tau"]["error_gap"]["geodesic_mix"],
+                          *text["tau_difference"]["error_gap"]["geodesic_mix - adaptive"],
+                          text["paper"]["MNLI BERT"]["geodesic_mix"]], strict=True):
+        check(t, v, "text mixed metric")
+    got = claim(r"\(geodesic inv " + N + r" \[" + N + ", " + N + r"\], adaptive " + N + r" \[" + N + ", " + N
+                + r"\], Euclidean " + N + r"\), the opposite sign of the paper's ImageNet ViTs \(" + N + " / " + N
+                + " / " + N + r"\); the paired geodesic-inv − adaptive difference is " + N + r" \[" + N + ", " + N
+                + r"\] against the error gap \(" + N + r" \[" + N + ", " + N + r"\] against the loss gap\), "
+                r"the mixed metric " + N)
+    paper = vit["paper"]["ImageNet ViT"]
+    for t, v in zip(got, [*tau(vit, "error_gap", "geodesic_inv"), *tau(vit, "error_gap", "adaptive"),
+                          vit["kendall_tau"]["error_gap"]["euclidean"],
+                          paper["geodesic_inv"], paper["geodesic_mix"], paper["adaptive"],
+                          *vit["tau_difference"]["error_gap"]["geodesic_inv - adaptive"],
+                          *vit["tau_difference"]["loss_gap"]["geodesic_inv - adaptive"],
+                          vit["tau_difference"]["error_gap"]["geodesic_mix - adaptive"][0]], strict=True):
+        check(t, v, "ViT discussion")
+    most, = claim(r"The gaps are small \(at most " + N + r" points\)")
+    check(most, 100 * vit["population"]["error_gap"][1], "largest ViT error gap, points")
+    v24 = load("vit_study_24_summary.json")
+    assert "the first 24 models alone gave no interval that excluded 0" in FLAT
+    intervals = [ci for gap in v24["ci95"].values() for ci in gap.values()]
+    intervals += [d[1:] for gap in v24["tau_difference"].values() for d in gap.values()]
+    assert all(lo <= 0 <= hi for lo, hi in intervals)
+
+    def span(summaries, names):
+        return [s["kendall_tau"][g][m] for s in summaries for g in ("error_gap", "loss_gap") for m in names]
+
+    hi, lo, paper_renyi = claim(r"Rényi sharpness is negative\*\* \(" + N + " to " + N + r"\) where the Rényi paper reports " + N)
+    renyi = span((vit, text), ("renyi_0.5", "renyi_1.5"))
+    check(hi, max(renyi), "highest Rényi τ")
+    check(lo, min(renyi), "lowest Rényi τ")
+    check(paper_renyi, vit["paper"]["Rényi paper (ResNet-18/CIFAR-10)"]["renyi_0.5"], "Rényi paper τ")
+    vlo, vhi, thi, tlo = claim(r"null on the ViTs \(" + N + " to " + N + r"\) and negative on text \(" + N + " to " + N + r"\)")
+    q = ("quotient_renyi_0.5", "quotient_renyi_1.5")
+    check(vlo, min(span((vit,), q)), "ViT quotient Rényi, lowest")
+    check(vhi, max(span((vit,), q)), "ViT quotient Rényi, highest")
+    check(thi, max(span((text,), q)), "text quotient Rényi, highest")
+    check(tlo, min(span((text,), q)), "text quotient Rényi, lowest")
+
+
+def _confounders_module():
+    spec = importlib.util.spec_from_file_location("study_confounders", ROOT / "experiments" / "study_confounders.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("task", ["vit", "text"])
+def test_confounder_files_match_the_summaries(task):
+    """The committed confounder file is what the script computes from the committed summary."""
+    committed = load(f"{task}_study_confounders.json")
+    recomputed = _confounders_module().confounders(load(f"{task}_study_summary.json")["models"])
+    assert committed == {"source": f"benchmarks/results/{task}_study_summary.json", **recomputed}
+
+
+def test_confounders_match_independent_pair_count():
+    """τ-a of Euclidean sharpness against lr counted pair by pair from the rows (no library code)."""
+    rows = load("text_study_summary.json")["models"]
+    x = [r["values"]["euclidean"] for r in rows]
+    y = [r["lr"] for r in rows]
+    sign = lambda a: (a > 0) - (a < 0)
+    m = len(rows)
+    tau_a = sum(sign(x[i] - x[j]) * sign(y[i] - y[j]) for i in range(m) for j in range(i + 1, m)) / (m * (m - 1) / 2)
+    assert tau_a == pytest.approx(load("text_study_confounders.json")["tau_vs_hyperparameter"]["lr"]["euclidean"]["tau_a"],
+                                  abs=1e-12)
+    ranks = sorted(range(m), key=lambda i: x[i])
+    sgd_ranks = [ranks.index(i) + 1 for i in range(m) if rows[i]["optimizer"] == "sgd"]
+    assert statistics.median(sgd_ranks) == \
+        load("text_study_confounders.json")["median_rank_by_optimizer"]["euclidean"]["sgd"]
+
+
+def test_confounder_claims():
+    vit, text = load("vit_study_confounders.json"), load("text_study_confounders.json")
+
+    def lr(c, m):
+        return c["tau_vs_hyperparameter"]["lr"][m]["tau_a"]
+
+    for c in (vit, text):
+        assert c["statistic"].startswith("Kendall tau-a")
+    assert "Sharpness also tracks the training recipe (τ-a as in the tables" in FLAT
+    got = claim(r"Euclidean sharpness falls with the learning rate \(τ " + N + r" ViT, " + N + r" text\), "
+                r"worst-case geodesic sharpness with the inverse metric and adaptive sharpness barely \(" + N + " / "
+                + N + " and " + N + " / " + N + r": the rescaling-invariant measures are much less tied to the "
+                r"step size\), the mixed metric more \(" + N + " / " + N + r"\); the error gap grows with the "
+                r"number of epochs \(τ " + N + r" ViT, " + N + r" text\) more than with the learning rate \("
+                + N + " / " + N + r"\)")
+    gap = lambda c, hp: c["gap_tau_vs_hyperparameter"][hp]["error_gap"]["tau_a"]
+    expected = [lr(vit, "euclidean"), lr(text, "euclidean"), lr(vit, "geodesic_inv"), lr(text, "geodesic_inv"),
+                lr(vit, "adaptive"), lr(text, "adaptive"), lr(vit, "geodesic_mix"), lr(text, "geodesic_mix"),
+                gap(vit, "epochs"), gap(text, "epochs"), gap(vit, "lr"), gap(text, "lr")]
+    for t, v in zip(got, expected, strict=True):
+        check(t, v, "confounder τ-a")
+    both = ("geodesic_inv", "geodesic_inv_avg", "geodesic_mix", "adaptive", "adaptive_avg")
+    for c in (vit, text):
+        for m in both:
+            assert set(c["flattest_two"][m]) == {"asam", "rsam"}, m
+        assert c["flattest_two"]["geodesic_mix_avg"][1] == "sgd"
+        assert len(c["n_by_optimizer"]) == 8
+    assert set(vit["flattest_two"]["euclidean"]) == {"asam", "rsam"}
+    assert text["flattest_two"]["euclidean"][0] == "sgd"
+    rank, n = claim(r"lowest Euclidean sharpness \(median rank " + N + " of " + N + r"\)")
+    check(rank, text["median_rank_by_optimizer"]["euclidean"]["sgd"], "SGD median Euclidean rank")
+    assert int(n) == text["n_models"]
+
+
+# --- sharpness-aware training --------------------------------------------------------------------
+
+def test_train_compare_table():
+    summary = load("train_compare_summary.json")
+    _, *rows = table_after("Mean ± std over seeds; sharpness of the final")
+    assert [r[0] for r in rows] == list(summary)
+    for row in rows:
+        s = summary[row[0]]
+        acc, time, geo, renyi = (numbers(c) for c in row[1:5])
+        for t, v in zip(acc, [100 * x for x in s["test_acc"]], strict=True):
+            check(t, v, f"{row[0]} test accuracy")
+        check(time[0], s["time_vs_sgd"], f"{row[0]} time/epoch vs SGD")
+        for t, v in zip(geo, s["geodesic_sharpness"], strict=True):
+            check(t, v, f"{row[0]} geodesic sharpness")
+        for t, v in zip(renyi, s["renyi_sharpness"], strict=True):
+            check(t, v, f"{row[0]} Rényi sharpness")
+    seeds, runs = claim(N + r" seeds each \(all " + N + r" runs")
+    assert {len(s["seeds"]) for s in summary.values()} == {int(seeds)}
+    assert int(runs) == len(summary) * int(seeds)
+
+
+# --- benchmarks ----------------------------------------------------------------------------------
+
+def _benchmark_row(name: str) -> str:
+    row = [r for r in table_after("Run by hand (`python benchmarks/<name>.py`") if r[0] == f"`{name}`"]
+    assert len(row) == 1, name
+    return " | ".join(row[0])
+
+
+def _row_claim(name: str, pattern: str) -> tuple[str, ...]:
+    found = re.findall(pattern, _benchmark_row(name))
+    assert len(found) == 1, f"{name}: {pattern!r} matched {len(found)} times"
+    return found[0] if isinstance(found[0], tuple) else (found[0],)
+
+
+def test_sharpness_cost_row():
+    b = load("sharpness_cost.json")
+    params, bs, it, rep = _row_claim("sharpness_cost.py", r"TinyViT \(" + N + r"k params\), 2 batches × " + N
+                                     + ", " + N + r" ascent iterations, median of " + N)
+    check(params, b["config"]["n_parameters"] / 1e3, "TinyViT parameters, k")
+    assert (int(bs), int(it), int(rep)) == (b["config"]["batch_size"], b["config"]["n_iter"], b["config"]["repeats"])
+    mix, inv, tmix, tinv, exact, eucl, mem = _row_claim(
+        "sharpness_cost.py", r"geodesic mix \*\*" + N + r"×\*\*, inv \*\*" + N + r"×\*\* \(targets ≤ " + N + " / ≤ "
+        + N + r"\), exact RK4 geodesic \(8 steps\) " + N + r"×, Euclidean " + N + r"×; peak memory mix/inv " + N + "×")
+    r = b["ratios_vs_adaptive"]
+    for t, v in ((mix, r["geodesic_mix"]), (inv, r["geodesic_inv"]), (exact, r["geodesic_exact"]),
+                 (eucl, r["euclidean"]), (tmix, b["targets"]["geodesic_mix"]), (tinv, b["targets"]["geodesic_inv"]),
+                 (mem, b["memory_ratios_vs_adaptive"]["geodesic_mix"]), (mem, b["memory_ratios_vs_adaptive"]["geodesic_inv"])):
+        check(t, v, "sharpness_cost")
+    assert b["config"]["exact_rk4_steps"] == 8
+
+
+def test_hessian_cost_row_and_notes():
+    b = load("hessian_cost.json")
+    params, batch = _row_claim("hessian_cost.py", r"transformer \(" + N + r"k params\), batch " + N)
+    check(params, b["model"]["n_params"] / 1e3, "transformer parameters, k")
+    assert int(batch) == b["model"]["batch"]
+    got = _row_claim("hessian_cost.py",
+                     r"HVP reverse-over-reverse \(default\) \*\*" + N + r"×\*\*, forward-over-reverse " + N
+                     + r"×, curvlinops " + N + r"× → \*\*" + N + r"× curvlinops' time\*\*; 8-vector blocks " + N
+                     + r"×; peak memory " + N + r"× a gradient vs " + N + r"× for curvlinops; top eigenvalue " + N
+                     + r" s \(Lanczos, rel\. error " + N + r"\) vs " + N + r" s for curvlinops \+ `eigsh` \(" + N + r"\)")
+    top = b["top_eigenvalue"]
+    expected = [b["hvp_ratio_vs_grad"]["reverse_over_reverse"], b["hvp_ratio_vs_grad"]["forward_over_reverse"],
+                b["curvlinops_hvp_ratio_vs_grad"], b["hvp_ratio_vs_curvlinops"], b["matmat8_ratio_vs_curvlinops"],
+                b["peak_memory_ratio_vs_grad"]["reverse_over_reverse"], b["peak_memory_ratio_vs_grad"]["curvlinops"],
+                top["quotientsharp_lanczos"]["seconds"], top["quotientsharp_lanczos"]["rel_error"],
+                top["curvlinops_eigsh"]["seconds"], top["curvlinops_eigsh"]["rel_error"]]
+    for t, v in zip(got, expected, strict=True):
+        check(t, v, "hessian_cost")
+    assert b["default_mode"] == "reverse_over_reverse"
+    ours, modes = claim(r"Hessian-vector products differ from ours by " + N + r" relative, while our two HVP modes agree to " + N)
+    rel = b["relative_difference_vs_reverse_over_reverse_fp32"]
+    check(ours, rel["curvlinops"], "curvlinops HVP relative difference")
+    check(modes, rel["forward_over_reverse"], "HVP modes relative difference")
+
+
+def test_optim_step_row():
+    b = load("optim_step.json")
+    assert b["setup"]["quick"] and "`--quick`" in _benchmark_row("optim_step.py")
+    batch, rounds = _row_claim("optim_step.py", r"TinyViT, batch " + N + r", `--quick`, median of " + N + " rounds")
+    assert (int(batch), int(rounds)) == (b["setup"]["batch_size"], b["setup"]["rounds"])
+    for rounds_of_one in b["step_seconds_rounds"].values():
+        assert len(rounds_of_one) == b["setup"]["rounds"]
+    got = _row_claim("optim_step.py", r"SAM " + N + r"×, ASAM " + N + r"×, RSAM " + N + r"×, SAF " + N + r"×, MESA "
+                     + N + r"×, GeodesicSAM " + N + r"× \(" + N + r"× SAM\)")
+    r = b["time_ratio_vs_sgd"]
+    for t, v in zip(got, [r["SAM"], r["ASAM"], r["RSAM"], r["SAF"], r["MESA"], r["GeodesicSAM"],
+                          b["time_ratio_vs_sam"]["GeodesicSAM"]], strict=True):
+        check(t, v, "optim_step")
+    train = load("train_compare_summary.json")
+    saf, mesa = _row_claim("optim_step.py", r"per training epoch in `train_compare`: SAF " + N + r"×, MESA " + N + "×")
+    check(saf, train["SAF"]["time_vs_sgd"], "SAF epoch time vs SGD")
+    check(mesa, train["MESA"]["time_vs_sgd"], "MESA epoch time vs SGD")
+    step, epoch = claim(r"MESA misses the paper's ≤ 1\.15× on this tiny CPU model \(" + N + r"× per step, " + N
+                        + r"× per training epoch\)")
+    check(step, r["MESA"], "MESA step ratio")
+    check(epoch, train["MESA"]["time_vs_sgd"], "MESA epoch ratio")
+
+
+def test_modern_attention_cost_row():
+    b = load("modern_attention_cost.json")
+    c = b["config"]
+    params, nb, bs, seq, it, rep = _row_claim(
+        "modern_attention_cost.py", r"\(" + N + r"k params, GQA 8/2 heads, rotary\), " + N + r" batches × " + N + " × "
+        + N + r" tokens, " + N + r" ascent iterations, median of " + N)
+    check(params, c["n_parameters"] / 1e3, "Llama parameters, k")
+    assert tuple(int(x) for x in (nb, bs, seq, it, rep)) == (c["n_batches"], c["batch_size"], c["seq_len"],
+                                                            c["n_iter"], c["repeats"])
+    assert not c["quick"]
+    mix, inv, tmix, tinv = _row_claim("modern_attention_cost.py", r"geodesic mix \*\*" + N + r"×\*\*, inv \*\*" + N
+                                      + r"×\*\* \(targets ≤ " + N + " / ≤ " + N + r"\)")
+    for t, v in ((mix, b["ratios_vs_adaptive"]["geodesic_mix"]), (inv, b["ratios_vs_adaptive"]["geodesic_inv"]),
+                 (tmix, b["targets"]["geodesic_mix"]), (tinv, b["targets"]["geodesic_inv"])):
+        check(t, v, "modern_attention_cost")
+
+
+def test_scaling_paragraph():
+    b = load("scaling.json")
+    got = claim(r"\(" + N + " → " + N + r" CPU s, identical value\) while the wall time went " + N + " → " + N
+                + r" s on the contended cores; a " + N + r"-model diagonal sweep took " + N + r" s on 1 Ray worker and "
+                + N + r" s on 2 \(" + N + r" s sequential without Ray; Ray start-up " + N + r" s\)")
+    sh, sw = b["sharpness"], b["sweep"]
+    expected = [sh["cpu_seconds_busiest_rank_1"], sh["cpu_seconds_busiest_rank_2"], sh["seconds_1"], sh["seconds_2"],
+                sw["n_models"], sw["ray_1"], sw["ray_2"], sw["sequential"]]
+    for t, v in zip(got[:-1], expected, strict=True):
+        check(t, v, "scaling")
+    check(got[-1], sw["ray_start_1"], "Ray start-up, 1 worker")
+    check(got[-1], sw["ray_start_2"], "Ray start-up, 2 workers")
+
+
+def test_printed_as_rejects_a_wrong_rounding():
+    """The comparison itself can fail: one unit off in the last digit, or a sign flip, is caught."""
+    assert printed_as("−0.33", -0.3262) and printed_as("2e-3", 0.0022) and printed_as("+0.00", 0.0004)
+    assert not printed_as("−0.32", -0.3262)
+    assert not printed_as("+0.33", -0.3262)
+    assert not printed_as("3e-3", 0.0022)
+    assert not printed_as("1180", 1180.745)
