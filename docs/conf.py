@@ -99,9 +99,8 @@ sphinx_gallery_conf = {
 
 
 def _check_docstrings(app) -> None:
-    from sphinx.errors import ExtensionError
-
     from check_docstrings import missing_docstrings
+    from sphinx.errors import ExtensionError
 
     missing = missing_docstrings()
     if missing:

@@ -37,8 +37,16 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .groups import (AttentionGL, DiagonalRescaling, Euclidean, GLBlock, Piece, PositiveRescaling,
-                     SingularHeadError, SymmetryGroup)
+from .groups import (
+    AttentionGL,
+    DiagonalRescaling,
+    Euclidean,
+    GLBlock,
+    Piece,
+    PositiveRescaling,
+    SingularHeadError,
+    SymmetryGroup,
+)
 from .quotient import Quotient
 
 __version__ = "0.1.0"

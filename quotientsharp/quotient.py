@@ -67,7 +67,7 @@ class Quotient:
 
     @classmethod
     def from_model(cls, model: nn.Module, groups: Sequence[SymmetryGroup] = (), rest: str = "adaptive",
-                   **kw) -> "Quotient":
+                   **kw) -> Quotient:
         """Cover every trainable parameter of ``model``."""
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         return cls(groups, names, rest, **kw)
@@ -83,14 +83,14 @@ class Quotient:
         return self.groups + ([self.rest] if self.rest is not None else [])
 
     def replace(self, groups: Sequence[SymmetryGroup] | None = None, rest: str | None = None,
-                order: int | str | None = None, rest_order: int | str | None = None) -> "Quotient":
+                order: int | str | None = None, rest_order: int | str | None = None) -> Quotient:
         """A copy with some settings changed."""
         return Quotient(self.groups if groups is None else groups, self.names,
                         self.rest_kind if rest is None else rest,
                         self.order if order is None else order,
                         self.rest_order if rest_order is None else rest_order)
 
-    def with_metric(self, metric: str, **kw) -> "Quotient":
+    def with_metric(self, metric: str, **kw) -> Quotient:
         """The same groups with another metric (``"inv"``/``"mix"``) on every group that has one."""
         return self.replace(groups=[g.with_metric(metric, **kw) for g in self.groups])
 

@@ -3,8 +3,8 @@ user-defined group, each with its parameters, a model function and a loss (float
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn

@@ -14,8 +14,7 @@ from torch import nn
 
 import quotientsharp
 from quotientsharp import curvature, measures
-from quotientsharp.curvature import (GGNOperator, HessianOperator, QuotientHessianOperator, hutchinson,
-                                     slq)
+from quotientsharp.curvature import GGNOperator, HessianOperator, QuotientHessianOperator, hutchinson, slq
 from quotientsharp.models.vit import TinyViT
 from quotientsharp.validation import BatchMismatchError, conform_batch, conform_inputs
 
@@ -226,9 +225,20 @@ def test_a_tensor_left_on_another_device_is_named():
 
 # ----- item 8: the top level -----------------------------------------------------------------------
 def test_main_api_importable_from_the_top_level():
-    from quotientsharp import (ASAM, SAM, GeodesicSAM, Quotient, adaptive_sharpness,
-                               average_geodesic_sharpness, euclidean_sharpness, find_symmetries,
-                               geodesic_sharpness, groups, hessian_trace, renyi_sharpness)
+    from quotientsharp import (
+        ASAM,
+        SAM,
+        GeodesicSAM,
+        Quotient,
+        adaptive_sharpness,
+        average_geodesic_sharpness,
+        euclidean_sharpness,
+        find_symmetries,
+        geodesic_sharpness,
+        groups,
+        hessian_trace,
+        renyi_sharpness,
+    )
     from quotientsharp.adapters import find_symmetries as direct
     assert all(callable(obj) for obj in (ASAM, GeodesicSAM, Quotient, adaptive_sharpness, average_geodesic_sharpness,
                                          euclidean_sharpness, hessian_trace, renyi_sharpness))

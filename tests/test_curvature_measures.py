@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from test_curvature_models import (  # noqa: F401
     classification_data,
     dense_hessian,
@@ -16,6 +15,7 @@ from test_curvature_models import (  # noqa: F401
     single_thread,
     transformer,
 )
+from torch import nn
 
 from quotientsharp.curvature import (
     asam_sharpness,

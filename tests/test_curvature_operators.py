@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from test_curvature_models import (
     classification_data,
     dense_hessian,
@@ -14,6 +13,7 @@ from test_curvature_models import (
     single_thread,  # noqa: F401 (autouse fixture)
     transformer,
 )
+from torch import nn
 
 from quotientsharp.curvature import GGNOperator, HessianOperator, select_parameters
 

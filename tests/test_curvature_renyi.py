@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from test_curvature_models import classification_data, dense_hessian, single_thread  # noqa: F401
+from torch import nn
 
 from quotientsharp.curvature import HessianOperator, renyi_entropy, slq
 

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from test_curvature_models import classification_data, single_thread, transformer  # noqa: F401
 
-from quotientsharp.curvature.lanczos import tridiagonal
 from quotientsharp.curvature import (
     FunctionOperator,
     HessianOperator,
@@ -22,6 +21,7 @@ from quotientsharp.curvature import (
     sample_probes,
     slq,
 )
+from quotientsharp.curvature.lanczos import tridiagonal
 
 
 @pytest.fixture(scope="module")

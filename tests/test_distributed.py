@@ -4,11 +4,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from gloo import run_on_gloo
+from test_sharpness_common import TinyAttentionClassifier
 
 from quotientsharp.curvature import HessianOperator, hessian_max_eigenvalue, hessian_trace
 from quotientsharp.distributed import DataParallel
 from quotientsharp.measures import geodesic_sharpness
-from test_sharpness_common import TinyAttentionClassifier
 
 WORLD = 2
 RTOL = 1e-10

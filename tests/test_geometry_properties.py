@@ -2,8 +2,6 @@
 adapter and a user-defined group, in float64 with eps = 0."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import scipy.linalg
@@ -230,9 +228,9 @@ def test_generic_christoffel_matches_finite_difference_symbols():
         xi = T.randn_like(w, g)
         x0, D, h = T.flatten(w), 14, 1e-5
         dM = []
-        for l in range(D):
+        for k in range(D):
             e = torch.zeros(D, dtype=DT)
-            e[l] = h
+            e[k] = h
             dM.append((grp.metric_matrix(T.unflatten(x0 + e, w)) - grp.metric_matrix(T.unflatten(x0 - e, w))) / (2 * h))
         dM = torch.stack(dM)  # dM[l, i, j] = d_l M_ij
         v = T.flatten(xi)

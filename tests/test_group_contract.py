@@ -66,8 +66,8 @@ def test_kernel_dimension_of_built_in_groups():
     assert Euclidean(["u"]).kernel_dimension(w) == 0
     assert DiagonalRescaling("u", "v").kernel_dimension(w) == 3    # generic default: rank of the basis
     gen = torch.Generator().manual_seed(0)
-    from quotientsharp.models import MultiHeadSelfAttention
     from quotientsharp.adapters import attention_blocks
+    from quotientsharp.models import MultiHeadSelfAttention
     m = MultiHeadSelfAttention(8, 2).double()
     params = dict(m.named_parameters())
     group = AttentionGL(attention_blocks(m), "inv", eps_rel=0.0)

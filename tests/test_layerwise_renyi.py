@@ -205,8 +205,9 @@ def test_selection_errors():
 # --------------------------------------------------------------------------- transformer studies
 def test_transformer_study_reports_per_layer_renyi_and_the_held_out_choice(tmp_path):
     pytest.importorskip("sklearn")
-    from quotientsharp.studies import transformers as study
     from test_transformer_study import tiny_config
+
+    from quotientsharp.studies import transformers as study
 
     assert "layer_renyi" in study.MEASURES and "layer_renyi" not in study.default_measures()  # opt-in
     config = tiny_config()

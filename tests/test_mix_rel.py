@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_diagonal_study import _trust_region_max
+from test_sharpness_common import attention_quotient, attention_setup, one_thread  # noqa: F401
 
 from quotientsharp import DiagonalRescaling, Quotient
 from quotientsharp import tangent as T
@@ -17,8 +19,6 @@ from quotientsharp.measures import adaptive_sharpness, geodesic_sharpness, sum_s
 from quotientsharp.measures.feasible import HorizontalBall, RelativeBlockBall, relative_ball_quotient
 from quotientsharp.models.diagonal import DiagonalNet
 from quotientsharp.studies import diagonal as D
-from test_diagonal_study import _trust_region_max
-from test_sharpness_common import attention_quotient, attention_setup, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -238,8 +238,9 @@ def test_transformer_study_adds_mix_rel_on_resume_without_touching_stored_measur
     """A study measured without ``geodesic_mix_rel`` gains it (worst and average case, and its
     paired Δτ against adaptive) on a rerun that computes only the new units."""
     pytest.importorskip("sklearn")
-    from quotientsharp.studies import transformers as study
     from test_transformer_study import tiny_config
+
+    from quotientsharp.studies import transformers as study
 
     assert {"geodesic_mix_rel", "geodesic_mix_rel_avg"} <= set(study.default_measures())
     assert {("geodesic_mix_rel", "adaptive"), ("geodesic_mix_rel_avg", "adaptive_avg")} <= set(study.COMPARISONS)

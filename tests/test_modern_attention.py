@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as tr
-from geometry_cases import DT, _HF, exact_layernorm_qk, exact_rmsnorm, modern_models
+from geometry_cases import _HF, DT, exact_layernorm_qk, exact_rmsnorm, modern_models
 
 from quotientsharp import tangent as T
 from quotientsharp.adapters import UnsupportedAttentionError, find_symmetries

@@ -9,6 +9,7 @@ from torch.func import functional_call
 
 from quotientsharp.optim import ASAM, RSAM, SAM
 
+
 @pytest.fixture(autouse=True)
 def _float64():
     torch.set_default_dtype(torch.float64)

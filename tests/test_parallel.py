@@ -3,11 +3,11 @@ import argparse
 import os
 
 import pytest
+from test_diagonal_study import small_config, without_timing
 
 from quotientsharp.studies import diagonal as D
 from quotientsharp.studies import parallel
 from quotientsharp.studies.runner import sequential
-from test_diagonal_study import small_config, without_timing
 
 
 class DieOnce:
@@ -51,8 +51,9 @@ def test_ray_sweep_equals_sequential_and_survives_a_dead_worker(ray, tmp_path):
 
 def test_ray_transformer_study_equals_sequential(ray, tmp_path):
     pytest.importorskip("sklearn")
-    from quotientsharp.studies import transformers as study
     from test_transformer_study import tiny_config
+
+    from quotientsharp.studies import transformers as study
 
     config = tiny_config()
     config["models"] = config["models"][:2]

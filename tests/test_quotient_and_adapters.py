@@ -9,11 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from quotientsharp import (AttentionGL, DiagonalRescaling, Euclidean, GLBlock, Piece, PositiveRescaling,
-                           Quotient)
+from quotientsharp import AttentionGL, DiagonalRescaling, Euclidean, GLBlock, Piece, PositiveRescaling, Quotient
 from quotientsharp import tangent as T
-from quotientsharp.adapters import (UnsupportedAttentionError, attention_blocks, find_symmetries,
-                                    linear_attention_blocks)
+from quotientsharp.adapters import UnsupportedAttentionError, attention_blocks, find_symmetries, linear_attention_blocks
 from quotientsharp.functional import forward
 from quotientsharp.manifold import QuotientManifold
 from quotientsharp.models.attention import MultiHeadSelfAttention

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from quotientsharp.adapters import find_symmetries
-from quotientsharp.curvature.slq import slq
 from quotientsharp.curvature import (
     HessianOperator,
     QuotientHessianOperator,
@@ -20,6 +19,7 @@ from quotientsharp.curvature import (
     quotient_renyi_sharpness,
     renyi_entropy,
 )
+from quotientsharp.curvature.slq import slq
 from quotientsharp.models import MLP
 from quotientsharp.models.attention import MultiHeadSelfAttention
 

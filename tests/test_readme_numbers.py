@@ -329,7 +329,8 @@ def test_confounders_match_independent_pair_count():
     rows = load("text_study_summary.json")["models"]
     x = [r["values"]["euclidean"] for r in rows]
     y = [r["lr"] for r in rows]
-    sign = lambda a: (a > 0) - (a < 0)
+    def sign(a):
+        return (a > 0) - (a < 0)
     m = len(rows)
     tau_a = sum(sign(x[i] - x[j]) * sign(y[i] - y[j]) for i in range(m) for j in range(i + 1, m)) / (m * (m - 1) / 2)
     assert tau_a == pytest.approx(load("text_study_confounders.json")["tau_vs_hyperparameter"]["lr"]["euclidean"]["tau_a"],
@@ -356,7 +357,8 @@ def test_confounder_claims():
                 r"on the ViTs \(" + N + " / " + N + r"\); the error gap grows with the "
                 r"number of epochs \(τ " + N + r" ViT, " + N + r" text\) more than with the learning rate \("
                 + N + " / " + N + r"\)")
-    gap = lambda c, hp: c["gap_tau_vs_hyperparameter"][hp]["error_gap"]["tau_a"]
+    def gap(c, hp):
+        return c["gap_tau_vs_hyperparameter"][hp]["error_gap"]["tau_a"]
     expected = [lr(vit, "euclidean"), lr(text, "euclidean"), lr(vit, "geodesic_inv"), lr(text, "geodesic_inv"),
                 lr(vit, "adaptive"), lr(text, "adaptive"), lr(vit, "geodesic_mix"), lr(text, "geodesic_mix"),
                 lr(vit, "geodesic_inv_avg"), lr(vit, "adaptive_avg"),

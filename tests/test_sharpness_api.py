@@ -9,13 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_sharpness_common import attention_quotient, attention_setup, one_thread, snapshot  # noqa: F401
 from torch import nn
 
-from quotientsharp.measures import (SharpnessResult, adaptive_sharpness, euclidean_sharpness,
-                                    geodesic_sharpness)
+from quotientsharp.measures import SharpnessResult, adaptive_sharpness, euclidean_sharpness, geodesic_sharpness
 from quotientsharp.models import MLP
-from test_sharpness_common import (attention_quotient, attention_setup, one_thread,  # noqa: F401
-                                   snapshot)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MEASURES = [geodesic_sharpness, adaptive_sharpness, euclidean_sharpness]

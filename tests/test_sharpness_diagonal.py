@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import minimize
+from test_sharpness_common import one_thread, trust_region_max  # noqa: F401
 
 from quotientsharp.measures import diagonal_quotient, geodesic_sharpness, sum_squared_error
 from quotientsharp.models import DiagonalNet
-from test_sharpness_common import one_thread, trust_region_max  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

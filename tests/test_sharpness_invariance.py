@@ -6,11 +6,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_sharpness_common import attention_quotient, attention_setup, one_thread  # noqa: F401
 
 from quotientsharp import PositiveRescaling, Quotient
 from quotientsharp.measures import adaptive_sharpness, euclidean_sharpness, geodesic_sharpness
 from quotientsharp.models import MLP
-from test_sharpness_common import attention_quotient, attention_setup, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RHO = 0.05

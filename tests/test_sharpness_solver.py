@@ -7,16 +7,14 @@ from fractions import Fraction
 import pytest
 import torch
 import torch.nn.functional as F
+from test_sharpness_common import attention_quotient, attention_setup, one_thread, trust_region_max  # noqa: F401
 from torch import nn
 
 from quotientsharp import tangent as T
 from quotientsharp.functional import batch_loss
-from quotientsharp.measures import (adaptive_sharpness, checkpoints, euclidean_sharpness,
-                                    geodesic_sharpness)
+from quotientsharp.measures import adaptive_sharpness, checkpoints, euclidean_sharpness, geodesic_sharpness
 from quotientsharp.measures.feasible import HorizontalBall
 from quotientsharp.measures.reference import _project
-from test_sharpness_common import (attention_quotient, attention_setup, one_thread,  # noqa: F401
-                                   trust_region_max)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

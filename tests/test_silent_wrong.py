@@ -15,12 +15,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from test_sharpness_common import TinyAttentionClassifier, one_thread  # noqa: F401
 from torch import nn
 
 from quotientsharp.adapters import find_symmetries
 from quotientsharp.groups.attention import AttentionGL, SingularHeadError
 from quotientsharp.measures import adaptive_sharpness, euclidean_sharpness, geodesic_sharpness
-from test_sharpness_common import TinyAttentionClassifier, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,8 +14,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from quotientsharp import (adaptive_sharpness, euclidean_sharpness, find_symmetries,
-                           geodesic_sharpness)
+from quotientsharp import adaptive_sharpness, euclidean_sharpness, find_symmetries, geodesic_sharpness
 from quotientsharp.models import TinyViT
 
 torch.manual_seed(0)

@@ -12,8 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quotientsharp import (hessian_max_eigenvalue, hessian_spectral_density, hessian_trace,
-                           renyi_entropy, renyi_sharpness)
+from quotientsharp import (
+    hessian_max_eigenvalue,
+    hessian_spectral_density,
+    hessian_trace,
+    renyi_entropy,
+    renyi_sharpness,
+)
 
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from quotientsharp import find_symmetries, geodesic_sharpness
-from quotientsharp.optim import SAM, GeodesicSAM, RiemannianSGD
 from quotientsharp.models import TinyViT
+from quotientsharp.optim import SAM, GeodesicSAM, RiemannianSGD
 
 torch.manual_seed(0)
 patterns = torch.randn(3, 1, 8, 8)

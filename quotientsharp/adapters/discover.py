@@ -25,8 +25,7 @@ from ..groups.scaling import HeadScaling, ScaleBlock
 from ..models.attention import MultiHeadSelfAttention
 from ..quotient import Quotient
 from . import modern
-from .attention import (UnsupportedAttentionError, join_name, conv1d_blocks, linear_modules_blocks,
-                        mha_blocks)
+from .attention import UnsupportedAttentionError, conv1d_blocks, join_name, linear_modules_blocks, mha_blocks
 from .modern import LayerSymmetry
 
 

@@ -18,11 +18,11 @@ from typing import Literal
 
 import torch
 
-from . import gl_math as M
 from ..geodesic import integrate_geodesic
+from . import gl_math as M
 from .base import Params, SymmetryGroup
-from .residual import SubAlgebra, subalgebra_factors, subalgebra_project
 from .gl_math import SingularHeadError  # noqa: F401  (re-exported: raised by AttentionGL)
+from .residual import SubAlgebra, subalgebra_factors, subalgebra_project
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ class AttentionGL(SymmetryGroup):
             out.append((layer or b.label, part.upper() or "GL", b.kind or f"{alg} × {b.n_heads} heads"))
         return out
 
-    def with_metric(self, metric: str, **kw) -> "AttentionGL":
+    def with_metric(self, metric: str, **kw) -> AttentionGL:
         """The same blocks under another metric / relaxation."""
         kw = {"eps_rel": self.eps_rel, "eps": self.eps, "shares_tensors": self.shares_tensors, **kw}
         return AttentionGL(self.blocks, metric, **kw)

@@ -99,7 +99,7 @@ class SymmetryGroup(abc.ABC):
         """A random group element (for invariance tests); ``scale`` sets its spread."""
         raise NotImplementedError(f"{type(self).__name__} does not implement random_element")
 
-    def with_metric(self, metric: str, **kw) -> "SymmetryGroup":
+    def with_metric(self, metric: str, **kw) -> SymmetryGroup:
         """The same group under another metric; a group with one fixed metric returns itself."""
         return self
 

@@ -55,7 +55,7 @@ class DiagonalRescaling(SymmetryGroup):
     def __getnewargs__(self):
         return (self.u, self.v, self.metric, self.mixed_domain)
 
-    def with_metric(self, metric: str, **kw) -> "DiagonalRescaling":
+    def with_metric(self, metric: str, **kw) -> DiagonalRescaling:
         return DiagonalRescaling(self.u, self.v, metric, kw.get("mixed_domain", self.mixed_domain))
 
     def validate(self, w: Params) -> None:

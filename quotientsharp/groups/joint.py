@@ -152,7 +152,7 @@ class JointGroup(SymmetryGroup):
             p.check_domain(w)
 
     # ------------------------------------------------------------------ hooks
-    def with_metric(self, metric: str, **kw) -> "JointGroup":
+    def with_metric(self, metric: str, **kw) -> JointGroup:
         return JointGroup([p.with_metric(metric, **kw) for p in self.parts])
 
     def kernel_dimension(self, w: Params) -> int:

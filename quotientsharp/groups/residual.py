@@ -66,13 +66,13 @@ class SubAlgebra:
 
     # ------------------------------------------------------------------ constructors
     @staticmethod
-    def full(head_dim: int) -> "SubAlgebra":
+    def full(head_dim: int) -> SubAlgebra:
         """``gl(h)`` itself, through the generic path (a test oracle of the closed forms)."""
         return SubAlgebra(head_dim, free=tuple(range(head_dim)), name=f"GL({head_dim})")
 
     @staticmethod
     def rotary(head_dim: int, rotary_dim: int | None = None,
-               layout: Literal["half", "interleaved"] = "half") -> "SubAlgebra":
+               layout: Literal["half", "interleaved"] = "half") -> SubAlgebra:
         """Commutant of rotary embeddings on the first ``rotary_dim`` coordinates (all if None):
         ``layout="half"`` (HF ``rotate_half``) pairs ``j`` with ``j + rotary_dim/2``;
         ``"interleaved"`` (GPT-J) pairs ``2j`` with ``2j+1``. The other coordinates get ``gl``."""
@@ -89,7 +89,7 @@ class SubAlgebra:
         return SubAlgebra(head_dim, planes, tuple(range(r, head_dim)), name=name)
 
     @staticmethod
-    def from_basis(basis: torch.Tensor, name: str = "") -> "SubAlgebra":
+    def from_basis(basis: torch.Tensor, name: str = "") -> SubAlgebra:
         """Any sub-algebra given by a basis tensor ``(k, h, h)`` (entries read off exactly)."""
         extra = tuple(tuple((int(i), int(j), float(E[i, j])) for i, j in E.nonzero().tolist()) for E in basis)
         return SubAlgebra(basis.shape[-1], extra=extra, name=name or f"span of {basis.shape[0]} matrices")

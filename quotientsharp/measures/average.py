@@ -20,8 +20,12 @@ import torch
 
 from .. import tangent as T
 from ..quotient import Quotient
-from .feasible import MAX_RELATIVE_PERTURBATION  # noqa: F401  (re-exported)
-from .feasible import HorizontalBall, relative_perturbation, warn_large_perturbation
+from .feasible import (
+    MAX_RELATIVE_PERTURBATION,  # noqa: F401  (re-exported)
+    HorizontalBall,
+    relative_perturbation,
+    warn_large_perturbation,
+)
 from .solver import Endpoint, Objective
 
 SCALES = ("gaussian", "sphere")

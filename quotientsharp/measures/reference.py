@@ -23,7 +23,7 @@ import torch
 
 from .. import tangent as T
 from ..quotient import Quotient
-from .solver import AscentConfig, AscentResult, Objective, StepSchedule, BestPoint, value_and_grad
+from .solver import AscentConfig, AscentResult, BestPoint, Objective, StepSchedule, value_and_grad
 
 BISECTION_TOL = 1e-5
 MAX_BISECTION = 500

@@ -36,8 +36,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import functional as F
-from ..distributed import KEYWORDS as DP_KEYWORDS
 from ..adapters.resolve import default_quotient
+from ..distributed import KEYWORDS as DP_KEYWORDS
 from ..distributed import DataParallel, data_parallel
 from ..geodesic import geodesic_order
 from ..quotient import Quotient

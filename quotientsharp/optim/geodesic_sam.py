@@ -13,10 +13,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from quotientsharp.optim.sam import EPS_NORM, SharpnessAwareOptimizer
 from quotientsharp.adapters.resolve import default_quotient, unwrap
 from quotientsharp.geodesic import geodesic_order
 from quotientsharp.groups.gl_math import METRICS
+from quotientsharp.optim.sam import EPS_NORM, SharpnessAwareOptimizer
 from quotientsharp.optim.utils import Tensors, all_params, check_param_groups, check_rho
 from quotientsharp.quotient import REST, Quotient
 from quotientsharp.validation import check_choice, check_number
