@@ -60,7 +60,9 @@ class Case:
         return {n: self.params[n] for n in self.group.names}
 
 
-def _model_case(cid, model, x, metric, oracle=True, tags=()):
+def _model_problem(model, x, metric):
+    """``(quotient, params, model_fn, loss_fn)`` of ``model`` in float64 at input ``x``: the found
+    quotient (eps = 0) and a squared-error loss against a random target."""
     model = model.to(DT).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -75,6 +77,11 @@ def _model_case(cid, model, x, metric, oracle=True, tags=()):
     def loss_fn(p):
         return ((model_fn(p) - target) ** 2).mean()
 
+    return q, params, model_fn, loss_fn
+
+
+def _model_case(cid, model, x, metric, oracle=True, tags=()):
+    q, params, model_fn, loss_fn = _model_problem(model, x, metric)
     return Case(cid, q.groups[0], params, model_fn, loss_fn, oracle=oracle, tags=set(tags) | {"attention"})
 
 
@@ -219,20 +226,7 @@ class _Timm(nn.Module):
 
 def _model_cases(cid, model, x, metric, oracle=False, tags=()):
     """One case per group that ``find_symmetries`` builds (GL blocks, and scale blocks with QK-norm)."""
-    model = model.to(DT).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = find_symmetries(model, metric=metric, eps_rel=0.0)
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with torch.no_grad():
-        target = torch.randn_like(forward(model, params, x))
-
-    def model_fn(p):
-        return forward(model, {**params, **p}, x)
-
-    def loss_fn(p):
-        return ((model_fn(p) - target) ** 2).mean()
-
+    q, params, model_fn, loss_fn = _model_problem(model, x, metric)
     out = []
     for g in q.groups:
         kind = {"AttentionGL": "attention", "HeadScaling": "scaling", "JointGroup": "joint"}[type(g).__name__]

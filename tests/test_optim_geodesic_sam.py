@@ -15,7 +15,8 @@ from quotientsharp.optim import ASAM, SAM, GeodesicSAM, RiemannianSGD
 
 
 @pytest.fixture(autouse=True)
-def _float64():
+def float64_default():
+    """float64 default dtype for the test (restored to float32 after it)."""
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(torch.float32)

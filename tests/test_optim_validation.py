@@ -8,24 +8,12 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from test_optim_geodesic_sam import float64_default, mlp  # noqa: F401  (autouse fixture, shared model)
 
 from quotientsharp.models.vit import TinyViT
 from quotientsharp.optim import ASAM, MESA, RSAM, SAF, SAM, GeodesicSAM, RiemannianSGD
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
 
 
 def vit(seed=0):
