@@ -11,7 +11,6 @@ Everything is resumable (:mod:`quotientsharp.studies.runner`): trained weights g
 """
 from __future__ import annotations
 
-import csv
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +26,8 @@ from ..measures import adaptive_sharpness, euclidean_sharpness, geodesic_sharpne
 from ..models.diagonal import DiagonalNet
 from ..quotient import Quotient
 from .kendall import bootstrap_ci, kendall_tau
-from .runner import Executor, UnitStore, run_units, sequential, write_json_atomic
+from .report import rho_tau_table, write_csv_atomic, write_json_atomic
+from .runner import Executor, UnitStore, run_units, sequential
 
 ALPHAS = tuple(float(a) for a in np.logspace(-3, 0, 10))
 STEP_MULTS = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -288,38 +288,16 @@ def write_models_csv(path: str | Path, records: Mapping[str, Mapping[str, Any]],
     """One row per model: its hyperparameters, training, test loss and every measure at every ρ."""
     cols = [(name, rho) for name, spec in config["plan"].items() for rho in spec["rhos"]]
     ratio_rhos = config["plan"].get("geodesic_inv_ode", {}).get("rhos", [])
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "alpha", "c", "steps", "train_loss", "test_loss"]
-                        + [f"{name}@{rho}" for name, rho in cols]
-                        + [f"rk4_over_closed_form@{rho}" for rho in ratio_rhos])
-        for m in config["models"]:
-            rec = records[m["id"]]
-            writer.writerow([m["id"], m["alpha"], m["c"], rec["train"]["steps"], rec["train"]["train_loss"],
-                             rec["test_loss"]]
-                            + [rec["measures"][name]["values"][str(rho)] for name, rho in cols]
-                            + [rec.get("rk4_over_closed_form", {}).get(str(rho)) for rho in ratio_rhos])
-    tmp.replace(path)
+    header = (["id", "alpha", "c", "steps", "train_loss", "test_loss"] + [f"{name}@{rho}" for name, rho in cols]
+              + [f"rk4_over_closed_form@{rho}" for rho in ratio_rhos])
+    rows = []
+    for m in config["models"]:
+        rec = records[m["id"]]
+        rows.append([m["id"], m["alpha"], m["c"], rec["train"]["steps"], rec["train"]["train_loss"], rec["test_loss"]]
+                    + [rec["measures"][name]["values"][str(rho)] for name, rho in cols]
+                    + [rec.get("rk4_over_closed_form", {}).get(str(rho)) for rho in ratio_rhos])
+    write_csv_atomic(path, header, rows)
 
 
-def tau_table(summary: Mapping[str, Any]) -> str:
-    """Markdown table: τ [95% CI] of every measure at every ρ, and the paper's value."""
-    rhos = list(summary["per_rho"])
-    head = str(summary["headline_rho"])
-    names = list(dict.fromkeys(n for r in rhos for n in summary["per_rho"][r]["kendall_tau"]))
-    header = ["measure"] + [f"ρ={r}" + (" (headline)" if r == head else "") for r in rhos] + ["paper"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in names:
-        cells = []
-        for r in rhos:
-            entry = summary["per_rho"][r]
-            if name in entry["kendall_tau"]:
-                lo, hi = entry["ci95"][name]
-                cells.append(f"{entry['kendall_tau'][name]:+.2f} [{lo:+.2f}, {hi:+.2f}]")
-            else:
-                cells.append("—")
-        paper = summary["paper"].get(name)
-        lines.append("| " + " | ".join([name] + cells + ["—" if paper is None else f"{paper:+.2f}"]) + " |")
-    return "\n".join(lines)
+tau_table = rho_tau_table
+"""Markdown τ table of a summary (:func:`quotientsharp.studies.report.rho_tau_table`)."""

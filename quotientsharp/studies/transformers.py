@@ -17,7 +17,6 @@ Layout of the output folder (everything resumable through :mod:`quotientsharp.st
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -30,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import kendalltau
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
@@ -42,8 +40,16 @@ from ..data.text import UNK_ID
 from ..measures import adaptive_sharpness, euclidean_sharpness, geodesic_sharpness
 from ..models import TextTransformer, TinyViT
 from ..train import evaluate, train_classifier
-from .kendall import bootstrap_ci, bootstrap_difference_ci, has_ties, kendall_tau
-from .runner import Executor, UnitStore, run_units, sequential, write_json_atomic
+from .report import (  # noqa: F401 (re-exported: finetune, tests)
+    not_learned_notice,
+    tau_block,
+    tau_cell,
+    tau_table,
+    write_json_atomic,
+    write_models_csv,
+    write_text_atomic,
+)
+from .runner import Executor, UnitStore, run_units, sequential
 
 TASKS = ("vit", "text")
 DEFAULT_DATASET = {"vit": "fashion_mnist", "text": "tweets"}
@@ -463,7 +469,7 @@ def run_study(out: str | Path, config: Mapping[str, Any], progress: bool = True,
     summary = summarize(config, trained, measured, chance_acc=majority_rate(data))
     write_json_atomic(out / "summary.json", summary)
     write_models_csv(out / "models.csv", summary)
-    (out / "tau_table.md").write_text(tau_table(summary) + "\n")
+    write_text_atomic(out / "tau_table.md", tau_table(summary) + "\n")
     return summary
 
 
@@ -483,50 +489,6 @@ def model_rows(config: Mapping[str, Any], trained: Mapping[str, dict], measured:
     return rows
 
 
-def _measured(rows: Sequence[Mapping[str, Any]], *names: str) -> list:
-    """The rows with a finite value of every measure in ``names``."""
-    return [row for row in rows
-            if all(row["values"].get(n) is not None and math.isfinite(row["values"][n]) for n in names)]
-
-
-def tau_block(rows: Sequence[Mapping[str, Any]], n_boot: int, seed: int) -> dict:
-    """Kendall τ-a, scipy's τ-b and the 95% bootstrap CI of τ-a of every measure in ``rows``
-    against both gaps, with which measures have tied values (τ-a ≠ τ-b there) and, under
-    ``"missing"``, the models left out of a measure's τ for want of a finite value, and under
-    ``"tau_difference"`` ``[τ_a − τ_b, lo, hi]`` for each pair of :data:`COMPARISONS` (paired
-    bootstrap: both measures on the same resampled models)."""
-    names = list(dict.fromkeys(n for row in rows for n in row["values"]))
-    tau: dict[str, dict] = {gap: {} for gap in GAPS}
-    tau_b: dict[str, dict] = {gap: {} for gap in GAPS}
-    ci: dict[str, dict] = {gap: {} for gap in GAPS}
-    ties, missing = {}, {}
-    for name in names:
-        have = _measured(rows, name)
-        s = [row["values"][name] for row in have]
-        ties[name] = has_ties(s)
-        if len(have) < len(rows):
-            missing[name] = [row["id"] for row in rows if row not in have]
-        for gap in GAPS:
-            g = [row[gap] for row in have]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # ties are reported in "ties"
-                tau[gap][name] = kendall_tau(s, g) if len(s) > 1 else None
-            b = float(kendalltau(s, g).statistic) if len(s) > 1 else math.nan  # nan: a constant input
-            tau_b[gap][name] = b if math.isfinite(b) else None
-            ci[gap][name] = list(bootstrap_ci(s, g, n_boot, seed=seed)) if len(s) > 1 else None
-    differences: dict[str, dict] = {gap: {} for gap in GAPS}
-    for a, b in COMPARISONS:
-        both = _measured(rows, a, b)
-        if len(both) > 1:
-            for gap in GAPS:
-                differences[gap][f"{a} - {b}"] = list(bootstrap_difference_ci(
-                    [r["values"][a] for r in both], [r["values"][b] for r in both], [r[gap] for r in both],
-                    n_boot, seed=seed))
-    return {"n_models": len(rows), "kendall_tau": tau, "kendall_tau_b": tau_b, "ci95": ci, "ties": ties,
-            "gap_has_ties": {gap: has_ties([row[gap] for row in rows]) for gap in GAPS}, "missing": missing,
-            "tau_difference": differences}
-
-
 def summarize(config: Mapping[str, Any], trained: Mapping[str, dict], measured: Mapping[str, dict],
               chance_acc: float | None = None) -> dict:
     """Kendall τ-a and 95% bootstrap CI of every measure against both gaps, per-model rows, timing.
@@ -540,7 +502,7 @@ def summarize(config: Mapping[str, Any], trained: Mapping[str, dict], measured: 
     seconds = {name: sum(measured[f"{row['id']}/{name}"]["seconds"] for row in rows)
                for name in config["plan"]["measures"]}
     summary = {"task": config["task"], "dataset": config["data"]["name"], "gaps": GAPS,
-               **tau_block(rows, config["n_boot"], config["seed"]),
+               **tau_block(rows, config["n_boot"], config["seed"], GAPS, COMPARISONS),
                "paper": {k: PAPER_ANCHORS[k] for k in TASK_ANCHORS[config["task"]]},
                "population": {gap: [min(r[gap] for r in rows), max(r[gap] for r in rows)] for gap in GAPS}
                | {"test_acc": [min(r["test_acc"] for r in rows), max(r["test_acc"] for r in rows)]},
@@ -552,79 +514,11 @@ def summarize(config: Mapping[str, Any], trained: Mapping[str, dict], measured: 
         learned = [r for r in rows if r["train_acc"] > chance_acc + 0.01]
         summary["learned"] = {"chance_acc": chance_acc,
                               "excluded": [r["id"] for r in rows if r not in learned],
-                              **tau_block(learned, config["n_boot"], config["seed"])}
+                              **tau_block(learned, config["n_boot"], config["seed"], GAPS, COMPARISONS)}
     selection = layer_renyi_selection(rows, config["n_boot"], config["seed"])
     if selection:  # per-layer Rényi: layer and α chosen on half the models, τ on the other half
         summary["layer_renyi_selection"] = selection
     return summary | {"models": rows, "config": dict(config)}
-
-
-def write_models_csv(path: str | Path, summary: Mapping[str, Any]) -> None:
-    """``models.csv``: one row per model (hyperparameters, metrics, gaps, every measure)."""
-    rows = summary["models"]
-    names = list(dict.fromkeys(n for row in rows for n in row["values"]))
-    fixed = [k for k in rows[0] if k != "values"]
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(fixed + names)
-        for row in rows:
-            writer.writerow([row[k] for k in fixed] + [row["values"].get(n) for n in names])
-    os.replace(tmp, path)
-
-
-def tau_cell(block: Mapping[str, Any], gap: str, name: str) -> str:
-    """``τ-a [CI]`` of one measure in a τ block, with ``(τ-b …)`` where ties make them differ."""
-    t, c = block["kendall_tau"][gap].get(name), block["ci95"][gap].get(name)
-    if t is None:
-        return "—"
-    b = block.get("kendall_tau_b", {}).get(gap, {}).get(name)
-    tau_b = f" (τ-b {b:+.2f})" if b is not None and abs(b - t) >= 0.005 else ""
-    missing = block.get("missing", {}).get(name, [])
-    n = f" (n={block['n_models'] - len(missing)})" if missing else ""
-    return f"{t:+.2f} [{c[0]:+.2f}, {c[1]:+.2f}]{tau_b}{n}"
-
-
-def tau_table(summary: Mapping[str, Any]) -> str:
-    """Markdown: τ-a [95% CI] against both gaps for every measure (τ-b beside it where ties make
-    them differ), the same over the models that learned where some did not, paper anchors beside;
-    last, the paired τ differences geodesic − adaptive."""
-    anchors = summary["paper"]
-    blocks = [(summary, "")]
-    if summary.get("learned", {}).get("excluded"):
-        blocks.append((summary["learned"], f", {summary['learned']['n_models']} that learned"))
-    header = (["measure"] + [f"τ vs {text}{suffix}" for _, suffix in blocks for text in summary["gaps"].values()]
-              + list(anchors))
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in summary["kendall_tau"]["error_gap"]:
-        cells = [name] + [tau_cell(block, gap, name) for block, _ in blocks for gap in summary["gaps"]]
-        cells += [f"{a[name]:+.2f}" if name in a else "" for a in anchors.values()]
-        lines.append("| " + " | ".join(cells) + " |")
-    for pair in summary.get("tau_difference", {}).get("error_gap", {}):
-        cells = [f"Δτ {pair.replace(' - ', ' − ')} (paired)"]
-        for block, _ in blocks:
-            for gap in summary["gaps"]:
-                d = block.get("tau_difference", {}).get(gap, {}).get(pair)
-                cells.append("—" if d is None else f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]")
-        cells += ["" for _ in anchors]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(not_learned_notice(summary) + lines)
-
-
-def not_learned_notice(summary: Mapping[str, Any]) -> list[str]:
-    """Lines that say plainly how many models never learned (training accuracy within one point
-    of the majority-class rate), and that τ means nothing when fewer than two learned; [] if all did."""
-    learned = summary.get("learned")
-    if not learned or not learned["excluded"]:
-        return []
-    n, bad = summary["n_models"], len(learned["excluded"])
-    if n - bad < 2:
-        return [f"**NOT LEARNED: {bad} of {n} models never rose above the majority-class training accuracy "
-                f"({learned['chance_acc']:.3f}); the τ values below are meaningless.**", ""]
-    return [f"**{bad} of {n} models did not learn** (training accuracy ≤ majority rate "
-            f"{learned['chance_acc']:.3f} + 0.01: {', '.join(learned['excluded'])}); the columns "
-            f"\"that learned\" leave them out.", ""]
 
 
 # --------------------------------------------------------------------------- command line
