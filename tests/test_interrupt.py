@@ -99,10 +99,14 @@ def test_every_study_script_handles_ctrl_c():
 
 
 def _study_module(script: Path) -> str:
-    """The source of the quotientsharp.studies module a script imports its study from."""
-    modules = re.findall(r"quotientsharp\.studies\.(\w+) import", script.read_text())
+    """The source of the quotientsharp.studies modules a script imports its study from, directly
+    or through a module of experiments/ (``from study_cli import main``)."""
+    text = script.read_text()
+    modules = re.findall(r"quotientsharp\.studies\.(\w+) import", text)
+    local = [m for m in re.findall(r"^from (\w+) import", text, re.M) if (script.parent / f"{m}.py").exists()]
     return "".join((ROOT / "quotientsharp" / "studies" / f"{m}.py").read_text() for m in modules
-                   if m not in ("runner", "parallel"))  # the machinery, not a study
+                   if m not in ("runner", "parallel")) + "".join(  # the machinery, not a study
+        _study_module(script.parent / f"{m}.py") for m in local)
 
 
 def test_out_argument_forms():

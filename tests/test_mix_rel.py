@@ -240,6 +240,7 @@ def test_transformer_study_adds_mix_rel_on_resume_without_touching_stored_measur
     pytest.importorskip("sklearn")
     from test_transformer_study import tiny_config
 
+    from quotientsharp.studies import transformer_run
     from quotientsharp.studies import transformers as study
 
     assert {"geodesic_mix_rel", "geodesic_mix_rel_avg"} <= set(study.default_measures())
@@ -251,7 +252,7 @@ def test_transformer_study_adds_mix_rel_on_resume_without_touching_stored_measur
     mtimes = {p: p.stat().st_mtime_ns for p in stored}
     calls = []
     real = study.measure_unit
-    monkeypatch.setattr(study, "measure_unit", lambda name, *a: calls.append(name) or real(name, *a))
+    monkeypatch.setattr(transformer_run, "measure_unit", lambda name, *a: calls.append(name) or real(name, *a))
     config["plan"]["measures"] += ["geodesic_mix_rel", "geodesic_mix_rel_avg"]
     summary = study.run_study(tmp_path, config, progress=False)
     assert sorted(calls) == sorted(["geodesic_mix_rel", "geodesic_mix_rel_avg"] * 3)

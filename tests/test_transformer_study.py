@@ -1,13 +1,16 @@
 """The transformer-study pipeline end to end on 3 tiny ViTs and sklearn digits."""
 import csv
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from quotientsharp.data import ClassificationData, DatasetUnavailableError
+from quotientsharp.studies import transformer_run, transformer_training
 from quotientsharp.studies import transformers as study
 from quotientsharp.train import evaluate
 
@@ -102,8 +105,8 @@ def test_resume_skips_finished_work(finished, monkeypatch):
 
     def refuse(*args, **kwargs):
         raise AssertionError("finished work was redone")
-    monkeypatch.setattr(study, "train_model", refuse)
-    monkeypatch.setattr(study, "measure_unit", refuse)
+    monkeypatch.setattr(transformer_training, "train_model", refuse)
+    monkeypatch.setattr(transformer_run, "measure_unit", refuse)
     study.run_study(out, config, progress=False)
     assert {p: p.stat().st_mtime_ns for p in units} == mtimes
 
@@ -113,8 +116,8 @@ def test_resume_skips_finished_work(finished, monkeypatch):
     calls = []
     monkeypatch.undo()
     real = study.measure_unit
-    monkeypatch.setattr(study, "train_model", refuse)
-    monkeypatch.setattr(study, "measure_unit", lambda name, *a: calls.append(name) or real(name, *a))
+    monkeypatch.setattr(transformer_training, "train_model", refuse)
+    monkeypatch.setattr(transformer_run, "measure_unit", lambda name, *a: calls.append(name) or real(name, *a))
     study.run_study(out, config, progress=False)
     assert calls == ["adaptive"] and lost.exists()
 
@@ -137,9 +140,12 @@ def test_state_dict_reloads_to_identical_predictions(finished):
 def test_missing_dataset_is_reported_cleanly(tmp_path, monkeypatch):
     def missing(spec):
         raise DatasetUnavailableError("Fashion-MNIST", "missing file", "apt-get install -y dataset-fashion-mnist")
-    monkeypatch.setattr(study, "load_data", missing)
+    monkeypatch.setattr(transformer_training, "load_data", missing)
+    spec = importlib.util.spec_from_file_location("study_cli", Path(__file__).parent.parent / "experiments" / "study_cli.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
     with pytest.raises(SystemExit) as exit_info:
-        study.main("vit", ["--out", str(tmp_path), "--no-progress"])
+        cli.main("vit", ["--out", str(tmp_path), "--no-progress"])
     assert "apt-get install -y dataset-fashion-mnist" in str(exit_info.value.code)
     assert "--dataset digits" in str(exit_info.value.code)
 

@@ -38,12 +38,21 @@ from tqdm.auto import tqdm
 
 from ..data import ClassificationData, get_dataset
 from ..data.common import require_file, stratified_split
-from ..data.text import (WORDNET_DIR, WORDNET_INSTALL, Vocab, load_tweets, read_bbc, read_tweets,
-                         read_wordnet_glosses, tokenize)
+from ..data.text import (
+    WORDNET_DIR,
+    WORDNET_INSTALL,
+    Vocab,
+    load_tweets,
+    read_bbc,
+    read_tweets,
+    read_wordnet_glosses,
+    tokenize,
+)
 from ..models import TinyViT
 from ..train import mixup, random_shift, train_classifier
 from . import transformers as study
-from .runner import Executor, sequential, write_json_atomic
+from .report import difference_text, tau_cell, tau_table, write_json_atomic
+from .runner import Executor, sequential
 
 KINDS = ("vit", "text")
 
@@ -492,7 +501,7 @@ def regimes_table(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], gap:
     for name in names:
         cells = [name]
         for task in summaries:
-            cells += [study.tau_cell(s, gap, name) if name in s["kendall_tau"][gap] else "—"
+            cells += [tau_cell(s, gap, name) if name in s["kendall_tau"][gap] else "—"
                       for t, _, s in columns if t == task]
             paper = study.PAPER_ANCHORS[REGIME_PAPER[task]].get(name)
             cells.append("" if paper is None else f"{paper:+.2f}")
@@ -503,8 +512,7 @@ def regimes_table(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], gap:
         for task in summaries:
             for t, _, s in columns:
                 if t == task:
-                    d = s.get("tau_difference", {}).get(gap, {}).get(pair)
-                    cells.append("—" if d is None else f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]")
+                    cells.append(difference_text(s.get("tau_difference", {}).get(gap, {}).get(pair)))
             cells.append("")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -559,7 +567,7 @@ def main(kind: str, argv: Sequence[str] | None = None, description: str = "") ->
           f"{acc[0]:.3f}–{acc[1]:.3f}, error gap {gap[0]:+.4f} to {gap[1]:+.4f}; fine-tune "
           f"{t['finetune_s_per_model']['mean']:.1f} s/model, measures {t['measure_s_per_model']:.1f} s/model; "
           f"measured on {summary['measurement']['n_batches']}×{summary['measurement']['batch_size']} examples\n")
-    print(study.tau_table(summary))
+    print(tau_table(summary))
     print(f"\nwall time {time.perf_counter() - t0:.1f} s; outputs in {args.out}")
     if args.quick:
         study.require_learned(summary)
