@@ -140,30 +140,36 @@ MEASURES: dict[str, Callable[..., Any]] = {
 use closed-form geodesics, except ``geodesic_inv_ode`` (RK4 integration of the geodesic ODE)."""
 
 
+def measure_unit(name: str, model: torch.nn.Module, batches: list, plan: Mapping[str, Any], seed: int) -> dict:
+    """One measurement unit, with the signature of the transformer studies'
+    :func:`~quotientsharp.studies.transformer_measures.measure_unit`: worst-case sharpness
+    ``MEASURES[name]`` on ``batches`` at every radius of ``plan = {"rhos": [...], **solver
+    options}``, every solver seeded with ``seed``.
+
+    Returns ``{"values": {str(rho): value}, "diagnostics": {str(rho): {"xi_norm", "n_halvings",
+    "n_nonfinite"}}, "seconds": s}``.
+    """
+    solver = {k: val for k, val in plan.items() if k != "rhos"}
+    t0 = time.perf_counter()
+    results = {str(rho): MEASURES[name](model, batches, rho, kind="worst", seed=seed, progress=False, **solver)
+               for rho in plan["rhos"]}
+    return {"values": {r: res.value for r, res in results.items()},
+            "diagnostics": {r: {k: res.extras[0][k] for k in ("xi_norm", "n_halvings", "n_nonfinite")}
+                            for r, res in results.items()},
+            "seconds": time.perf_counter() - t0}
+
+
 def measure_model(u: torch.Tensor, v: torch.Tensor, X: torch.Tensor, y: torch.Tensor,
                   plan: Mapping[str, Mapping[str, Any]], seed: int) -> dict:
-    """Worst-case sharpness on the single full batch ``(X, y)`` for the ``plan``
-    ``{measure: {"rhos": [...], **solver options}}``, every solver seeded with ``seed``.
-
-    Returns ``{measure: {"values": {str(rho): value}, "diagnostics": {str(rho): {"xi_norm",
-    "n_halvings", "n_nonfinite"}}, "seconds": s}}``.
-    """
+    """Every unit of the ``plan`` ``{measure: {"rhos": [...], **solver options}}``
+    (:func:`measure_unit`) on the diagonal net ``(u, v)`` and the single full batch ``(X, y)``:
+    ``{measure: unit record}``."""
     model = DiagonalNet(len(u), dtype=u.dtype)
     with torch.no_grad():
         model.u.copy_(u)
         model.v.copy_(v)
     loader = [(X, y)]
-    out = {}
-    for name, spec in plan.items():
-        solver = {k: val for k, val in spec.items() if k != "rhos"}
-        t0 = time.perf_counter()
-        results = {str(rho): MEASURES[name](model, loader, rho, kind="worst", seed=seed, progress=False, **solver)
-                   for rho in spec["rhos"]}
-        out[name] = {"values": {r: res.value for r, res in results.items()},
-                     "diagnostics": {r: {k: res.extras[0][k] for k in ("xi_norm", "n_halvings", "n_nonfinite")}
-                                     for r, res in results.items()},
-                     "seconds": time.perf_counter() - t0}
-    return out
+    return {name: measure_unit(name, model, loader, spec, seed) for name, spec in plan.items()}
 
 
 def rk4_ratios(measures: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:

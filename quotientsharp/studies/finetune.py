@@ -1,6 +1,6 @@
 """Fine-tune populations (issue #13): the paper's regime, many fine-tunes of ONE pretrained model.
 
-Two studies, each through :func:`quotientsharp.studies.transformers.run_study` (same units,
+Two studies, each through :func:`quotientsharp.studies.transformer_run.run_study` (same units,
 resuming, stale-result refusal, measures, τ statistics and outputs as the from-scratch studies):
 
 - ``vit`` (the model-soups analogue): a ViT pretrained once on Fashion-MNIST (60k), fine-tuned
@@ -392,11 +392,11 @@ def pretrain_config(kind: str, quick: bool = False, seed: int = 0) -> dict:
 def finetune_config(kind: str, out: str | Path, *, quick: bool = False, n_models: int | None = None,
                     seed: int = 0, pretrain_dir: str | Path | None = None, hparams: str = "seeds",
                     **plan_overrides) -> dict:
-    """The study configuration for :func:`~quotientsharp.studies.transformers.run_study`.
+    """The study configuration for :func:`~quotientsharp.studies.transformer_run.run_study`.
 
     The paper's measurement protocol: 8 fixed batches of 256 training images (2048) / of 128
     tweets (1024) for every sharpness measure; the Hessian-spectrum units
-    (:data:`~quotientsharp.studies.transformers.SPECTRAL_MEASURES`) take the first 2 of them
+    (:data:`~quotientsharp.studies.transformer_measures.SPECTRAL_MEASURES`) take the first 2 of them
     (``spectral_batches``; measured: SLQ alone took 217 CPU-s per ViT on all 2048 images, the
     worst-case sharpness measures 13–15 s each). The plan is otherwise the from-scratch studies'
     (their default measures). Quick: 4 models, 2 batches of 32, the quick plan; text shrinks to
@@ -429,7 +429,7 @@ def finetune_config(kind: str, out: str | Path, *, quick: bool = False, n_models
 
 def run_finetune_study(out: str | Path, config: Mapping[str, Any], progress: bool = True,
                        executor: Executor = sequential) -> dict:
-    """Pretrain (or reuse) the checkpoint, then :func:`~quotientsharp.studies.transformers.run_study` the population; the summary
+    """Pretrain (or reuse) the checkpoint, then :func:`~quotientsharp.studies.transformer_run.run_study` the population; the summary
     gains ``"pretrained"`` (key, wall time, source metrics), ``"measurement"`` (sizes) and
     ``"timing"`` (seconds per phase and per model)."""
     _, record = pretrained(config["kind"], config["pretrain"], config["pretrain_dir"], progress=progress)

@@ -1,11 +1,13 @@
 """The studies' one report layer: τ blocks, paired τ differences, markdown τ tables and the
 atomic writing of every report file (JSON, CSV, markdown).
 
-Both study families write through it: the diagonal-network study (:mod:`.diagonal`, τ against
-the test loss at every radius ρ) and the transformer studies (:mod:`.transformer_run`, from
-scratch and fine-tuned: τ against the error and loss gaps). The statistics themselves
-(τ-a, bootstrap CIs) are :mod:`.kendall`'s; JSON writing is :func:`.runner.write_json_atomic`
-(one implementation, re-exported here), which the unit store uses too.
+Both study families write through it: the diagonal-network study
+(:mod:`quotientsharp.studies.diagonal`, τ against the test loss at every radius ρ) and the
+transformer studies (:mod:`quotientsharp.studies.transformers`, from scratch, and
+:mod:`quotientsharp.studies.finetune`: τ against the error and loss gaps). The statistics
+themselves (τ-a, bootstrap CIs) are :mod:`quotientsharp.studies.kendall`'s; JSON writing is
+:func:`quotientsharp.studies.runner.write_json_atomic` (one implementation, re-exported here),
+which the unit store uses too.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Transformer studies, the run: the study configuration, :func:`run_study` (train, measure,
 resume, write), the per-model rows and the summary with its τ statistics (written through
-:mod:`.report`).
+:mod:`quotientsharp.studies.report`).
 
 Layout of the output folder (everything resumable through :mod:`quotientsharp.studies.runner`)::
 
@@ -84,7 +84,7 @@ def run_study(out: str | Path, config: Mapping[str, Any], progress: bool = True,
     smaller ``n_models`` (populations are prefix-stable) summarises them without new work.
     ``executor`` runs the per-model work (:class:`~quotientsharp.studies.parallel.RayExecutor`:
     one Ray task per model, writing its units itself, so ``out`` must be visible to every node).
-    ``recipe``: where data and models come from (:data:`FROM_SCRATCH`, or the fine-tune
+    ``recipe``: where data and models come from (:data:`~quotientsharp.studies.transformer_training.FROM_SCRATCH`, or the fine-tune
     populations of :mod:`quotientsharp.studies.finetune`). A model whose state dict is missing
     while some of its measures are not (results copied without the ``.pt`` files) is retrained
     from its seed, and must reproduce its stored train/test metrics.

@@ -1,7 +1,7 @@
 """Transformer studies, builders and training: data, models, the SAM-family optimizer factory,
 training records, the fixed measurement subset, state-dict saving, and :class:`Recipe` (where a
 study's data and models come from; :data:`FROM_SCRATCH` for the populations of
-:mod:`.transformer_population`, the fine-tune recipes in :mod:`.finetune`)."""
+:mod:`quotientsharp.studies.transformer_population`, the fine-tune recipes in :mod:`quotientsharp.studies.finetune`)."""
 from __future__ import annotations
 
 import math
@@ -134,7 +134,7 @@ def load_trained(task: str, arch: Mapping[str, Any], data: ClassificationData, h
 
 @dataclass(frozen=True)
 class Recipe:
-    """How :func:`run_study` gets a population's data and models: ``data(config)`` →
+    """How :func:`~quotientsharp.studies.transformer_run.run_study` gets a population's data and models: ``data(config)`` →
     ClassificationData; ``train(config, data, hp)`` → (model, :func:`trained_record`);
     ``load(config, data, hp, path)`` → the model saved at ``path``, in eval mode. Module-level
     functions, so that Ray can ship them."""
@@ -157,4 +157,4 @@ def _scratch_load(config, data, hp, path):
 
 
 FROM_SCRATCH = Recipe(_scratch_data, _scratch_train, _scratch_load)
-"""The from-scratch populations of :func:`population` (looked up at call time, so patchable)."""
+"""The from-scratch populations of :func:`~quotientsharp.studies.transformer_population.population` (looked up at call time, so patchable)."""
