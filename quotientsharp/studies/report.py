@@ -5,29 +5,29 @@ Both study families write through it: the diagonal-network study
 (:mod:`quotientsharp.studies.diagonal`, τ against the test loss at every radius ρ) and the
 transformer studies (:mod:`quotientsharp.studies.transformers`, from scratch, and
 :mod:`quotientsharp.studies.finetune`: τ against the error and loss gaps). The statistics
-themselves (τ-a, bootstrap CIs) are :mod:`quotientsharp.studies.kendall`'s; JSON writing is
-:func:`quotientsharp.studies.runner.write_json_atomic` (one implementation, re-exported here),
-which the unit store uses too.
+themselves (τ-a, bootstrap CIs) are :mod:`quotientsharp.studies.kendall`'s. Every file goes through one
+atomic writer (:func:`write_atomic`: temporary file beside the target, fsync, ``os.replace``),
+which the unit store of :mod:`quotientsharp.studies.runner` uses too.
 """
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from scipy.stats import kendalltau
 
 from .kendall import bootstrap_ci, bootstrap_difference_ci, has_ties, kendall_tau
-from .runner import write_json_atomic
 
 __all__ = ["measured_rows", "tau_block", "paired_differences", "tau_ci_text", "difference_text", "tau_cell",
            "tau_table", "not_learned_notice", "rho_tau_table", "write_json_atomic", "write_csv_atomic",
-           "write_text_atomic", "write_models_csv"]
+           "write_atomic", "write_text_atomic", "write_models_csv"]
 
 
 # --------------------------------------------------------------------------- statistics blocks
@@ -170,9 +170,10 @@ def rho_tau_table(summary: Mapping[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- files
-def _replace_atomically(path: str | os.PathLike, write: Any, newline: str | None = None) -> None:
-    """Call ``write(f)`` on a temporary text file beside ``path``, then ``os.replace`` it onto
-    ``path`` (never a half-written report); the folder is created if needed."""
+def write_atomic(path: str | os.PathLike, write: Callable[[Any], Any], newline: str | None = None) -> None:
+    """Call ``write(f)`` on a temporary text file beside ``path`` (mode 0644), fsync it, then
+    ``os.replace`` it onto ``path``: readers see the old file or the whole new one, never a part;
+    a failed ``write`` leaves no temporary file. The folder is created if needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -180,10 +181,17 @@ def _replace_atomically(path: str | os.PathLike, write: Any, newline: str | None
         os.fchmod(fd, 0o644)  # mkstemp creates 0600; results are meant to be shared
         with os.fdopen(fd, "w", newline=newline) as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON (indent 1, NaN allowed) to ``path`` atomically (:func:`write_atomic`)."""
+    write_atomic(path, lambda f: json.dump(obj, f, indent=1, allow_nan=True))
 
 
 def write_csv_atomic(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
@@ -192,12 +200,12 @@ def write_csv_atomic(path: str | os.PathLike, header: Sequence[str], rows: Itera
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
-    _replace_atomically(path, write, newline="")
+    write_atomic(path, write, newline="")
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (a markdown table, …) to ``path`` atomically."""
-    _replace_atomically(path, lambda f: f.write(text))
+    write_atomic(path, lambda f: f.write(text))
 
 
 def write_models_csv(path: str | os.PathLike, summary: Mapping[str, Any]) -> None:

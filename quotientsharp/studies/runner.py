@@ -12,32 +12,16 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from .report import write_json_atomic  # one atomic writer for units and reports
+
 INTERRUPTED_EXIT_STATUS = 130
 """Exit status of a study stopped by Ctrl-C (128 + SIGINT, as the shell reports it)."""
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class UnitStore:
@@ -63,7 +47,8 @@ class UnitStore:
         return record["result"]
 
     def save(self, key: str, config: Mapping[str, Any], result: Mapping[str, Any]) -> None:
-        """Write ``{"key", "config", "result"}`` for ``key`` atomically (:func:`write_json_atomic`);
+        """Write ``{"key", "config", "result"}`` for ``key`` atomically
+        (:func:`~quotientsharp.studies.report.write_json_atomic`);
         a later :meth:`load` with another ``config`` raises.
         """
         write_json_atomic(self.path(key), {"key": key, "config": _normalise(config), "result": result})
