@@ -19,7 +19,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def default_quotient(model: nn.Module, metric: str | None = None, rest: str | None = None,
                      eps_rel: float = 0.0, eps: float = 0.0, owner: str = "") -> Quotient:
     """``find_symmetries(model, metric, rest, eps_rel, eps)`` on the unwrapped model, with the
-    arguments checked: ``metric`` in :data:`~quotientsharp.groups.gl_math.METRICS` (default
+    arguments checked: ``metric`` in ``("inv", "mix")`` (default
     ``"mix"``), ``rest`` in ``"adaptive"``/``"euclidean"`` (default ``"adaptive"``), relaxations
     finite and ``>= 0`` (default 0: exactly invariant). ``owner`` prefixes error messages."""
     if not isinstance(model, nn.Module):
