@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..data.synthetic import diagonal_regression
-from ..groups.diagonal import DiagonalRescaling, DiagonalRescalingInv
+from ..groups.diagonal import DiagonalRescaling, DiagonalRescalingInv, DiagonalRescalingMix
 from ..measures import adaptive_sharpness, euclidean_sharpness, geodesic_sharpness, sum_squared_error
 from ..models.diagonal import DiagonalNet
 from ..quotient import Quotient
@@ -104,21 +104,17 @@ class MixedGeodesicBNorm(DiagonalRescalingInv):
     mixed metric's.
     """
 
+    # the mixed metric's connection on the inverse metric's ball: methods of the mixed group,
+    # which read only u, v, mixed_domain and the shared b coordinates
+    christoffel = DiagonalRescalingMix.christoffel
+    geodesic_exact = DiagonalRescalingMix.geodesic_exact
+    restrict_to_domain = DiagonalRescalingMix.restrict_to_domain
+
     def __init__(self, u: str = "u", v: str = "v"):
-        super().__init__(u, v, metric="inv")
-        self.mixed = DiagonalRescaling(u, v, metric="mix", mixed_domain="restrict")
+        super().__init__(u, v, metric="inv", mixed_domain="restrict")
 
     def __repr__(self) -> str:
         return f"MixedGeodesicBNorm({self.u!r}, {self.v!r})"
-
-    def christoffel(self, w, xi):
-        return self.mixed.christoffel(w, xi)
-
-    def geodesic_exact(self, w, xi, t: float = 1.0, **_):
-        return self.mixed.geodesic_exact(w, xi, t)
-
-    def restrict_to_domain(self, w, xi):
-        return self.mixed.restrict_to_domain(w, xi)
 
 
 def _geodesic(group_factory: Callable[[], DiagonalRescaling], geodesic: str = "exact"):
