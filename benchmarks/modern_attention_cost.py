@@ -15,11 +15,11 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import timed
 
 from quotientsharp.adapters import find_symmetries
 from quotientsharp.measures import adaptive_sharpness, geodesic_sharpness
@@ -57,20 +57,6 @@ def measures(model, rho: float, n_iter: int):
     }, q_mix
 
 
-def timed(fn, device: str) -> float:
-    """Seconds of ``fn()``: wall time on CUDA, this process's CPU time on CPU (one torch thread;
-    unlike wall time it does not count the time other jobs hold the shared cores)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
-    t = time.process_time()
-    fn()
-    return time.process_time() - t
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small run (< 1 min on 2 CPU cores)")
@@ -95,7 +81,7 @@ def main(argv=None):
     times = {name: [] for name in fns}
     for _ in range(cfg["repeats"]):  # round-robin, so drifts hit every measure alike
         for name, fn in fns.items():
-            times[name].append(timed(lambda: fn(batches), a.device))
+            times[name].append(timed(lambda: fn(batches), a.device, clock="process"))
     median = {name: statistics.median(ts) for name, ts in times.items()}
     ratios = {name: median[name] / median["adaptive"] for name in fns if name != "adaptive"}
     targets = {"geodesic_mix": 1.10, "geodesic_inv": 1.25}

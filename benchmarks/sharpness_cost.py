@@ -17,11 +17,11 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import timed
 
 from quotientsharp.adapters import find_symmetries
 from quotientsharp.measures import adaptive_sharpness, euclidean_sharpness, geodesic_sharpness
@@ -70,16 +70,6 @@ def peak_bytes(fn, device: str) -> int:
         live += e.self_cpu_memory_usage
         peak = max(peak, live)
     return peak
-
-
-def timed(fn, device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
 
 
 def main(argv=None):
