@@ -101,6 +101,108 @@ def lanczos_tridiagonal(
     return Q[:, :steps], alpha[:steps], beta[: steps - 1]
 
 
+class ColumnInner:
+    """Column-wise inner products of an operator, batched over ``P`` columns.
+
+    With :meth:`LinearOperator.metric_matmat` (``M W`` for a block ``W``) every product is one
+    metric application and a batched contraction; an operator that only defines :meth:`inner`
+    (e.g. a :class:`FunctionOperator` with ``inner=``) is served column by column.
+    """
+
+    def __init__(self, op: LinearOperator):
+        self.op = op
+        self.batched = supports_metric_matmat(op)
+
+    def metric(self, W: torch.Tensor) -> torch.Tensor | None:
+        """``M W`` ``(n, P)``, or ``None`` without a batched metric."""
+        return self.op.metric_matmat(W) if self.batched else None
+
+    def pairs(self, U: torch.Tensor, W: torch.Tensor, MW: torch.Tensor | None = None) -> torch.Tensor:
+        """``(⟨u_p, w_p⟩)_p`` ``(P,)`` for ``U, W`` ``(n, P)``; ``MW = M W`` if already known."""
+        if not self.batched:
+            return torch.stack([self.op.inner(U[:, p], W[:, p]) for p in range(W.shape[1])])
+        return (U * (self.op.metric_matmat(W) if MW is None else MW)).sum(0)
+
+    def norms(self, W: torch.Tensor) -> torch.Tensor:
+        """Column norms ``sqrt(⟨w_p, w_p⟩)`` ``(P,)``."""
+        return torch.sqrt(torch.clamp(self.pairs(W, W), min=0.0))
+
+    def project_out(self, basis: torch.Tensor, W: torch.Tensor, MW: torch.Tensor | None = None) -> torch.Tensor:
+        """Per column ``p``: ``w_p − B_p ⟨B_p, w_p⟩`` twice (classical Gram–Schmidt with
+        reorthogonalisation against that column's own basis). ``basis`` ``(P, j, n)`` (row ``i``
+        of ``basis[p]`` is the i-th basis vector of column p), ``W`` ``(n, P)``; ``MW = M W``
+        may be passed for the first pass."""
+        for _ in range(2):
+            if self.batched:
+                MW = self.op.metric_matmat(W) if MW is None else MW
+                coef = torch.bmm(basis, MW.T[:, :, None])  # (P, j, 1) = ⟨B_p, w_p⟩
+            else:
+                coef = torch.stack([self.op.inner(basis[p].T, W[:, p]) for p in range(W.shape[1])])[:, :, None]
+            W = W - torch.bmm(basis.transpose(1, 2), coef)[:, :, 0].T
+            MW = None
+        return W
+
+
+def supports_metric_matmat(op: LinearOperator) -> bool:
+    """Whether ``op.metric_matmat`` gives ``M V`` (else only ``op.inner`` is known)."""
+    try:
+        op.metric_matmat(torch.zeros(op.shape[0], 0, dtype=torch.float64, device=op.device))
+    except NotImplementedError:
+        return False
+    return True
+
+
+def lanczos_tridiagonal_lockstep(
+    op: LinearOperator,
+    V0: torch.Tensor,
+    m: int,
+    generator: torch.Generator,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``m`` Lanczos steps from each column of ``V0`` ``(n, P)``, all ``P`` runs in lockstep.
+
+    Every step applies the operator once to a block of ``P`` columns (:meth:`LinearOperator.matmat`:
+    one gradient graph per batch serves all columns) and does each run's full
+    reorthogonalisation batched over the runs (``bmm`` over ``(P, j, n)`` bases, inner products
+    through :meth:`LinearOperator.metric_matmat`). Run ``p`` is the same recurrence as
+    :func:`lanczos_tridiagonal` from ``V0[:, p]`` (equal to rounding): Gram–Schmidt twice against
+    its own basis, and on breakdown (β_j ≤ 1e-10·‖T_p‖) a restart from a random vector
+    orthogonal to its basis with β_j = 0. Restart vectors are drawn from ``generator`` in step
+    order, then column order (the sequential runs draw them probe by probe, so the two agree
+    exactly unless more than one run restarts).
+
+    Returns ``α`` ``(P, m)``, ``β`` ``(P, m−1)`` (each run's tridiagonal) and the bases ``(P, m, n)``.
+    """
+    n, P = V0.shape
+    m = min(m, n)
+    columns = ColumnInner(op)
+    Q = torch.zeros(P, m, n, dtype=torch.float64, device=op.device)
+    alpha = torch.zeros(P, m, dtype=torch.float64, device=op.device)
+    beta = torch.zeros(P, max(m - 1, 0), dtype=torch.float64, device=op.device)
+    V = V0.to(device=op.device, dtype=torch.float64)
+    V = V / columns.norms(V)
+    for j in tqdm(range(m), desc="Lanczos (lockstep)", disable=not progress, leave=False):
+        Q[:, j] = V.T
+        W = op.matmat(V)
+        MW = columns.metric(W)
+        alpha[:, j] = columns.pairs(V, W, MW)  # ⟨q_j, A q_j⟩
+        if j == m - 1:
+            break
+        basis = Q[:, : j + 1]
+        W = columns.project_out(basis, W, MW)
+        b = columns.norms(W)
+        scale = alpha[:, : j + 1].abs().amax(1)
+        if j:
+            scale = torch.maximum(scale, beta[:, :j].amax(1))
+        broken = (b <= 1e-10 * scale).tolist()
+        V = W / torch.where(b > 0, b, torch.ones_like(b))
+        beta[:, j] = b
+        for p in [p for p, is_broken in enumerate(broken) if is_broken]:  # invariant subspace: restart
+            V[:, p] = random_unit_vector(op, generator, basis[p].T)
+            beta[p, j] = 0.0
+    return alpha.cpu(), beta.cpu(), Q
+
+
 def tridiagonal(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """The symmetric tridiagonal matrix T with diagonal ``α`` and off-diagonal ``β``."""
     return torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)

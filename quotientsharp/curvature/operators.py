@@ -99,6 +99,16 @@ class LinearOperator:
         """
         return (u.mT if u.ndim == 2 else u) @ v
 
+    def metric_matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``M V`` for ``V`` ``(n, k)``: the metric of :meth:`inner` (``⟨u, v⟩ = uᵀ M v``) applied to
+        every column, so that batched estimators (lockstep SLQ) take all column-wise inner
+        products at once. Default: ``V`` itself (Euclidean). A subclass that overrides
+        :meth:`inner` overrides this too; if it does not, this raises ``NotImplementedError`` and
+        the estimators fall back to :meth:`inner` column by column."""
+        if type(self).inner is not LinearOperator.inner:
+            raise NotImplementedError(f"{type(self).__name__} overrides inner() but not metric_matmat()")
+        return V
+
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         return self.matvec(x) if x.ndim == 1 else self.matmat(x)
 
@@ -145,7 +155,9 @@ class MatrixOperator(LinearOperator):
 
 
 class FunctionOperator(LinearOperator):
-    """An operator from callables: ``matvec`` and optionally ``matmat`` and ``inner``."""
+    """An operator from callables: ``matvec`` and optionally ``matmat``, ``inner`` and
+    ``metric_matmat`` (``V ↦ M V`` for the metric of ``inner``; without it, a custom ``inner``
+    is used column by column)."""
 
     def __init__(
         self,
@@ -154,9 +166,10 @@ class FunctionOperator(LinearOperator):
         matmat: Callable[[torch.Tensor], torch.Tensor] | None = None,
         inner: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         device: torch.device | str = "cpu",
+        metric_matmat: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.shape, self.device = (n, n), torch.device(device)
-        self._matvec, self._matmat, self._inner = matvec, matmat, inner
+        self._matvec, self._matmat, self._inner, self._metric_matmat = matvec, matmat, inner, metric_matmat
 
     def matvec(self, v):
         return self._matvec(v)
@@ -165,12 +178,23 @@ class FunctionOperator(LinearOperator):
         return self._matmat(V) if self._matmat is not None else super().matmat(V)
 
     def inner(self, u, v):
-        return self._inner(u, v) if self._inner is not None else super().inner(u, v)
+        if self._inner is not None:
+            return self._inner(u, v)
+        if self._metric_matmat is not None:
+            return (u.mT if u.ndim == 2 else u) @ self._metric_matmat(v[:, None])[:, 0]
+        return super().inner(u, v)
+
+    def metric_matmat(self, V):
+        if self._metric_matmat is not None:
+            return self._metric_matmat(V)
+        if self._inner is not None:
+            raise NotImplementedError("FunctionOperator with inner= but no metric_matmat=")
+        return V
 
 
 def as_operator(obj: Any) -> LinearOperator:
     """A :class:`LinearOperator` from an operator, a square tensor, or any object with
-    ``shape`` and ``matvec`` (optionally ``matmat``/``inner``/``device``)."""
+    ``shape`` and ``matvec`` (optionally ``matmat``/``inner``/``device``/``metric_matmat``)."""
     if isinstance(obj, LinearOperator):
         return obj
     if isinstance(obj, torch.Tensor):
@@ -178,7 +202,7 @@ def as_operator(obj: Any) -> LinearOperator:
     if hasattr(obj, "matvec") and hasattr(obj, "shape"):
         return FunctionOperator(
             int(obj.shape[0]), obj.matvec, getattr(obj, "matmat", None),
-            getattr(obj, "inner", None), getattr(obj, "device", "cpu"),
+            getattr(obj, "inner", None), getattr(obj, "device", "cpu"), getattr(obj, "metric_matmat", None),
         )
     raise TypeError(f"cannot use {type(obj).__name__} as a linear operator (needs shape and matvec)")
 

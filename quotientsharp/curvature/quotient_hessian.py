@@ -42,6 +42,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.func import grad, vmap
 
 from quotientsharp.adapters.resolve import default_quotient
 from quotientsharp.curvature.lanczos import EigenResult, lanczos, power_iteration
@@ -115,6 +116,7 @@ class QuotientHessianOperator(LinearOperator):
         self._gradient = self.to_dict(self.gradient)
         self.kernel_dim = vertical_dimension(quotient, self.point)
         self.n_horizontal = self.n - self.kernel_dim
+        self.vmap_failures: dict[str, str] = {}
         if self.n_horizontal <= 0:
             raise ValueError("the horizontal space is trivial: every direction is vertical")
 
@@ -130,41 +132,74 @@ class QuotientHessianOperator(LinearOperator):
     # --- geometry on flat vectors ------------------------------------------------------------
     def project(self, v: torch.Tensor) -> torch.Tensor:
         """``Π v``."""
-        return self.to_flat(self.quotient.horizontal_projection(self.point, self.to_dict(v)))
+        return self.to_flat(self._project(self.to_dict(v)))
 
     def riemannian_gradient(self, g: torch.Tensor) -> torch.Tensor:
         """``Π M⁻¹ g`` for a covector ``g``."""
-        return self.to_flat(self.quotient.riemannian_gradient(self.point, self.to_dict(g)))
+        return self.to_flat(self._riemannian_gradient(self.to_dict(g)))
 
     def metric_matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``M v = ∇_ζ g_w(v, ζ)`` (the metric is linear in ζ; one reverse pass)."""
-        zeta = {n: torch.zeros_like(t, requires_grad=True) for n, t in self.point.items()}
-        with torch.enable_grad():
-            value = self.quotient.inner(self.point, self.to_dict(v), zeta)
-            out = torch.autograd.grad(value, list(zeta.values()), materialize_grads=True)
-        return self.to_flat(dict(zip(zeta, out)))
+        """``M v = ∇_ζ g_w(v, ζ)`` (the metric is linear in ζ; one reverse pass, ``torch.func.grad``)."""
+        return self.to_flat(self._metric(self.to_dict(v)))
 
     def christoffel_matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``C v = ∇_v[½⟨∇L, Γ(v, v)⟩]``, ``C_ij = Σ_k ∇L_k Γ^k_ij``."""
-        leaf = {n: t.detach().requires_grad_() for n, t in self.to_dict(v).items()}
+        """``C v = ∇_v[½⟨∇L, Γ(v, v)⟩]``, ``C_ij = Σ_k ∇L_k Γ^k_ij`` (``torch.func.grad``)."""
+        return self.to_flat(self._christoffel(self.to_dict(v)))
+
+    # the same maps on float64 dicts, written with torch.func so that they vmap over columns
+    def _project(self, xi: dict) -> dict:
+        return self.quotient.horizontal_projection(self.point, xi)
+
+    def _riemannian_gradient(self, g: dict) -> dict:
+        return self.quotient.riemannian_gradient(self.point, g)
+
+    def _whiten(self, zeta: dict) -> dict:
+        return self.quotient.whiten(self.point, zeta)
+
+    def _metric(self, v: dict) -> dict:
+        zeros = {n: torch.zeros_like(t) for n, t in self.point.items()}
         with torch.enable_grad():
-            gamma = self.quotient.christoffel(self.point, leaf)
-            value = 0.5 * sum((self._gradient[n] * gamma[n]).sum() for n in self.param_names)
-            if not value.requires_grad:  # flat metric: Γ = 0
-                return torch.zeros_like(v, dtype=torch.float64)
-            out = torch.autograd.grad(value, list(leaf.values()), materialize_grads=True)
-        return self.to_flat(dict(zip(leaf, out)))
+            return grad(lambda zeta: self.quotient.inner(self.point, v, zeta))(zeros)
+
+    def _christoffel(self, v: dict) -> dict:
+        def half_contracted(xi):
+            gamma = self.quotient.christoffel(self.point, xi)
+            return 0.5 * sum((self._gradient[n] * gamma[n]).sum() for n in self.param_names)
+
+        with torch.enable_grad():
+            return grad(half_contracted)(v)
+
+    def map_columns(self, fn, V: torch.Tensor) -> torch.Tensor:
+        """``(n, k)`` → ``(n, k)``: the dict map ``fn`` applied to every column of ``V``, batched
+        with ``torch.func.vmap`` over the columns; column by column for a map whose geometry
+        does not vmap (remembered per map, in ``vmap_failures``)."""
+        if V.ndim != 2 or V.shape[0] != self.n:
+            raise ValueError(f"{type(self).__name__}: expected columns of shape ({self.n}, k), got {tuple(V.shape)}")
+        if V.shape[1] == 0:
+            return torch.zeros_like(V, dtype=torch.float64)
+        key = fn.__name__
+        D = self.layout.unflatten_columns(V, torch.float64)
+        if key not in self.vmap_failures:
+            try:
+                return self.layout.flatten_columns(vmap(fn)(D), torch.float64)
+            except (RuntimeError, NotImplementedError, TypeError, ValueError) as error:
+                self.vmap_failures[key] = f"{type(error).__name__}: {error}"
+        return torch.stack([self.to_flat(fn({n: t[j] for n, t in D.items()})) for j in range(V.shape[1])], 1)
+
+    def metric_matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``M V`` column by column, vmapped (see :meth:`map_columns`)."""
+        return self.map_columns(self._metric, V)
 
     # --- operator ----------------------------------------------------------------------------
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self.matmat(v[:, None])[:, 0]
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """``Π M⁻¹ (H − C) Π V``; the HVPs of all columns share one graph per batch."""
-        U = torch.stack([self.project(V[:, j]) for j in range(V.shape[1])], 1)
+        """``Π M⁻¹ (H − C) Π V``: the HVPs of all columns share one graph per batch; the
+        projection, Christoffel form and gradient conversion are vmapped over the columns."""
+        U = self.map_columns(self._project, V)
         HU = self.hessian.matmat(U)
-        return torch.stack([self.riemannian_gradient(HU[:, j] - self.christoffel_matvec(U[:, j]))
-                            for j in range(V.shape[1])], 1)
+        return self.map_columns(self._riemannian_gradient, HU - self.map_columns(self._christoffel, U))
 
     def inner(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``uᵀ M v``; ``u`` is ``(n,)`` or ``(n, j)``, ``v`` is ``(n,)``."""
@@ -192,11 +227,8 @@ class QuotientHessianOperator(LinearOperator):
                              f"distribution={distribution!r} cannot be used")
         generator = generator if generator is not None else torch.Generator().manual_seed(seed)
         zeta = torch.randn(self.n, count, generator=generator, dtype=torch.float64).to(self.device)
-        columns = []
-        for j in range(count):
-            z = self.project(self.to_flat(self.quotient.whiten(self.point, self.to_dict(zeta[:, j]))))
-            columns.append(z * (self.n_horizontal / self.inner(z, z)).sqrt())
-        return torch.stack(columns, 1)
+        Z = self.map_columns(self._project, self.map_columns(self._whiten, zeta))
+        return Z * (self.n_horizontal / (Z * self.metric_matmat(Z)).sum(0)).sqrt()
 
     def top_eigenvalues(self, k: int = 1, which: str = "LA", method: str = "lanczos", m: int | None = None,
                         tol: float | None = None, seed: int = 0, progress: bool = True) -> EigenResult:
@@ -218,14 +250,15 @@ class QuotientHessianOperator(LinearOperator):
         horizontal space; variance that of spherical probes on the M-symmetric operator)."""
         Z = self.sample_probes(n_probes, seed)
         AZ = self.matmat(Z)
-        samples = torch.stack([self.inner(Z[:, j], AZ[:, j]) for j in range(n_probes)]).cpu()
+        samples = (Z * self.metric_matmat(AZ)).sum(0).cpu()
         estimate, stderr = mean_and_stderr(samples)
         return Estimate(estimate, stderr, samples, self._config(method="hutchinson", n_probes=n_probes, seed=seed))
 
-    def slq(self, m: int = 15, n_probes: int = 100, seed: int = 0, progress: bool = True) -> SLQResult:
+    def slq(self, m: int = 15, n_probes: int = 100, seed: int = 0, progress: bool = True, **slq_kwargs) -> SLQResult:
         """SLQ over the horizontal space (``m ≤ n_h`` steps per probe); ``result.n = n_h``
-        (:func:`~quotientsharp.curvature.slq.slq` with this operator's probes)."""
-        return slq(self, m, n_probes, seed=seed, progress=progress)
+        (:func:`~quotientsharp.curvature.slq.slq` with this operator's probes; ``slq_kwargs``:
+        ``lockstep``, ``probe_block``)."""
+        return slq(self, m, n_probes, seed=seed, progress=progress, **slq_kwargs)
 
     def _config(self, **extra) -> dict:
         return {"operator": "quotient_hessian", "quotient": repr(self.quotient), "n": self.n_horizontal,
@@ -265,13 +298,15 @@ def quotient_hessian_trace(
 
 def quotient_hessian_slq(
     model, loader, loss_fn, m: int = 15, n_probes: int = 100, seed: int = 0, progress: bool = True,
-    **operator_kwargs,
+    lockstep: bool = True, **operator_kwargs,
 ) -> SLQResult:
-    """One horizontal SLQ run of the quotient Hessian (``n = n_h``), for any spectral sum."""
+    """One horizontal SLQ run of the quotient Hessian (``n = n_h``), for any spectral sum
+    (``lockstep``: probes in lockstep, see :func:`~quotientsharp.curvature.slq.slq`)."""
     check_model_loader_loss("quotient_hessian_slq", model, loader, loss_fn)
     check_count("m", m, 1, "quotient_hessian_slq")
     check_count("n_probes", n_probes, 1, "quotient_hessian_slq")
-    return QuotientHessianOperator(model, loader, loss_fn, **operator_kwargs).slq(m, n_probes, seed, progress)
+    return QuotientHessianOperator(model, loader, loss_fn, **operator_kwargs).slq(m, n_probes, seed, progress,
+                                                                                  lockstep=lockstep)
 
 
 def quotient_hessian_spectral_density(

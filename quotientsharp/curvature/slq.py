@@ -14,7 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from quotientsharp.curvature.lanczos import (
+    ColumnInner,
     lanczos_tridiagonal,
+    lanczos_tridiagonal_lockstep,
     metric_norm,
     tridiagonal,
 )
@@ -101,6 +103,10 @@ class SLQResult:
         return SpectralDensity(grid, phi / mass, s2, mass, {**self.config, "n_grid": n_grid, "padding": padding})
 
 
+PROBE_BLOCK_BYTES = 2**30
+"""Default memory cap of one lockstep block's Lanczos bases (``P_block · m · n`` float64 values)."""
+
+
 def slq(
     op,
     m: int = 15,
@@ -109,6 +115,8 @@ def slq(
     seed: int = 0,
     probes: torch.Tensor | None = None,
     progress: bool = True,
+    lockstep: bool = True,
+    probe_block: int | None = None,
 ) -> SLQResult:
     """Run SLQ with ``m`` Lanczos steps (full reorthogonalisation) per probe.
 
@@ -118,10 +126,21 @@ def slq(
     The rule sums over ``op.effective_dimension`` eigenvalues (``result.n``; ``m`` is capped at
     it). Norms and orthogonality use the operator's inner product, so the rule integrates
     ``⟨z, f(A) z⟩``. ``g`` also seeds Lanczos restarts after a breakdown.
+
+    ``lockstep=True`` (default): the probes advance together, ``probe_block`` at a time (default:
+    all of them, or as many as keep the block's bases ``P_block·m·n`` float64 under
+    :data:`PROBE_BLOCK_BYTES`): each Lanczos step is one ``op.matmat`` over the block's columns
+    (one gradient graph per data batch for all of them) and the reorthogonalisation is batched
+    (:func:`~quotientsharp.curvature.lanczos.lanczos_tridiagonal_lockstep`). ``lockstep=False``
+    runs the probes one after another, one matvec per step. Both compute the same recurrences
+    from the same probes; results agree to rounding (restart vectors after a breakdown come from
+    ``g`` in another order when more than one probe breaks down).
     """
     check_count("m", m, 1, "slq")
     if probes is None:
         check_count("n_probes", n_probes, 1, "slq")
+    if probe_block is not None:
+        check_count("probe_block", probe_block, 1, "slq")
     op = as_operator(op)
     n = op.effective_dimension
     m = min(m, n)
@@ -129,6 +148,21 @@ def slq(
     if probes is None:
         distribution = distribution or op.probe_distribution
         probes = op.sample_probes(n_probes, seed, distribution, generator)
+    if probes.ndim != 2 or probes.shape[0] != op.shape[0] or probes.shape[1] < 1:
+        raise ValueError(f"slq: probes must have shape ({op.shape[0]}, P) with P ≥ 1, got {tuple(probes.shape)}")
+    if lockstep:
+        nodes, weights, norms_sq = _lockstep_rules(op, probes, m, generator, probe_block, progress)
+    else:
+        nodes, weights, norms_sq = _sequential_rules(op, probes, m, generator, progress)
+    return SLQResult(
+        nodes, weights, norms_sq, n,
+        {"method": "slq", "m": m, "n_probes": probes.shape[1], "distribution": distribution or "given",
+         "seed": seed, "n": n, **op.describe()},
+    )
+
+
+def _sequential_rules(op, probes: torch.Tensor, m: int, generator: torch.Generator, progress: bool):
+    """Quadrature rules probe by probe (one matvec per Lanczos step): nodes, weights ``(P, m)``, ‖z‖² ``(P,)``."""
     nodes, weights, norms_sq = [], [], []
     for p in tqdm(range(probes.shape[1]), desc="SLQ", disable=not progress, leave=False):
         z = probes[:, p].to(op.device)
@@ -137,8 +171,22 @@ def slq(
         nodes.append(theta)
         weights.append(U[0] ** 2)
         norms_sq.append(float(metric_norm(op, z)) ** 2)
-    return SLQResult(
-        torch.stack(nodes), torch.stack(weights), torch.tensor(norms_sq, dtype=torch.float64), n,
-        {"method": "slq", "m": m, "n_probes": probes.shape[1], "distribution": distribution or "given",
-         "seed": seed, "n": n, **op.describe()},
-    )
+    return torch.stack(nodes), torch.stack(weights), torch.tensor(norms_sq, dtype=torch.float64)
+
+
+def _lockstep_rules(op, probes: torch.Tensor, m: int, generator: torch.Generator, probe_block: int | None,
+                    progress: bool):
+    """Quadrature rules with the probes in lockstep, ``probe_block`` columns at a time."""
+    P = probes.shape[1]
+    block = probe_block or max(1, min(P, PROBE_BLOCK_BYTES // (8 * m * op.shape[0])))
+    columns = ColumnInner(op)
+    nodes, weights, norms_sq = [], [], []
+    for start in tqdm(range(0, P, block), desc="SLQ", disable=not progress or P <= block, leave=False):
+        Z = probes[:, start : start + block].to(device=op.device, dtype=torch.float64)
+        alpha, beta, _ = lanczos_tridiagonal_lockstep(op, Z, m, generator, progress)
+        T = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
+        theta, U = torch.linalg.eigh(T)
+        nodes.append(theta)
+        weights.append(U[:, 0, :] ** 2)
+        norms_sq.append(columns.pairs(Z, Z).cpu())
+    return torch.cat(nodes), torch.cat(weights), torch.cat(norms_sq)
