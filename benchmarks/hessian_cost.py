@@ -14,7 +14,15 @@ in the same process, and reported as ratios to one gradient (forward + backward)
 - Top eigenvalue: our Lanczos (tol 1e-4) vs curvlinops ``to_scipy()`` + ``scipy.sparse.linalg.eigsh``
   (k=1, which="LA", tol 1e-4), wall time and relative error against a tight Lanczos reference.
 
-Usage: ``python benchmarks/hessian_cost.py [--quick]``; writes benchmarks/results/hessian_cost.json.
+SLQ section (``slq_comparison``, issue 17): 8-probe SLQ (m = 15) on the study-sized transformer
+(28×28 images, 7×7 patches → 16 tokens, d_model 64, two batches of 256), today's sequential
+algorithm (``lockstep=False``: probe after probe, one matvec per Lanczos step) vs lockstep
+(``lockstep=True``: one 8-column matmat per step), for the plain Hessian and the quotient Hessian
+(mix metric): process CPU time, one torch thread, interleaved round-robin repeats, medians, ratios
+lockstep/sequential, and the agreement of the two results (quadrature nodes, trace, Rényi α = 0.5, 1.5).
+
+Usage: ``python benchmarks/hessian_cost.py [--quick] [--section all|slq]``; writes
+benchmarks/results/hessian_cost.json (``--section slq`` updates only its ``"slq"`` entry).
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +42,7 @@ from quotientsharp.curvature import DEFAULT_HVP_MODE, HessianOperator, lanczos
 from quotientsharp.models.attention import MultiHeadSelfAttention
 
 RESULTS = Path(__file__).parent / "results" / "hessian_cost.json"
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/timing.py
 
 
 class TinyTransformer(nn.Module):
@@ -125,6 +135,7 @@ def main(quick: bool) -> dict:
 
     default = DEFAULT_HVP_MODE
     eig = top_eigenvalue_comparison(ops[default], curvlinops_op)
+    slq_result = slq_comparison(quick)
     result = {
         "model": {"name": "TinyTransformer(d_model=64, 4 heads, 16 tokens)", "n_params": n, "batch": batch,
                   "dtype": "float32", "device": "cpu", "threads": torch.get_num_threads(),
@@ -146,11 +157,71 @@ def main(quick: bool) -> dict:
         "default_mode": default,
         "quick": quick,
         "top_eigenvalue": eig,
+        "slq": slq_result,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
     print_table(result)
     return result
+
+
+def slq_comparison(quick: bool) -> dict:
+    """Sequential vs lockstep 8-probe SLQ on the study-sized transformer (see module docstring)."""
+    from timing import timed
+
+    from quotientsharp.curvature import QuotientHessianOperator, renyi_entropy, slq
+
+    torch.manual_seed(0)
+    batch, repeats, m, n_probes = (64, 1, 15, 8) if quick else (256, 3, 15, 8)
+    model = TinyTransformer(image_size=28, patch_size=7, d_model=64)
+    data = [(torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))) for _ in range(2)]
+    operators = {
+        "hessian": HessianOperator(model, data, F.cross_entropy),
+        "quotient_hessian": QuotientHessianOperator(model, data, F.cross_entropy, metric="mix", eps_rel=1e-6),
+    }
+    variants = {"sequential": False, "lockstep": True}
+    seconds = {(name, v): [] for name in operators for v in variants}
+    results = {}
+
+    def run(op, lockstep, key):
+        results[key] = slq(op, m, n_probes, seed=0, progress=False, lockstep=lockstep)
+
+    for name, op in operators.items():  # warm-up (lazy imports, allocator) outside the timings
+        for lockstep in variants.values():
+            slq(op, 2, 2, seed=0, progress=False, lockstep=lockstep)
+    for _ in range(repeats):  # round robin: every variant once per repeat
+        for name, op in operators.items():
+            for v, lockstep in variants.items():
+                seconds[(name, v)].append(timed(lambda: run(op, lockstep, (name, v)), "cpu", clock="process"))
+    out = {"model": {"name": "TinyTransformer(image 28, patch 7, d_model 64, 4 heads, 16 tokens)",
+                     "n_params": operators["hessian"].n, "batches": [batch, batch], "dtype": "float32",
+                     "threads": torch.get_num_threads()},
+           "m": m, "n_probes": n_probes, "repeats": repeats, "clock": "process CPU time (time.process_time)",
+           "seconds": {}, "ratio_lockstep_vs_sequential": {}, "agreement": {}}
+    for name in operators:
+        t_seq, t_lock = (statistics.median(seconds[(name, v)]) for v in variants)
+        out["seconds"][name] = {"sequential": t_seq, "lockstep": t_lock,
+                                "all": {v: seconds[(name, v)] for v in variants}}
+        out["ratio_lockstep_vs_sequential"][name] = t_lock / t_seq
+        a, b = results[(name, "sequential")], results[(name, "lockstep")]
+        out["agreement"][name] = {
+            "max_node_difference_relative": float((a.nodes - b.nodes).abs().max() / a.nodes.abs().max()),
+            "max_weight_difference": float((a.weights - b.weights).abs().max()),
+            "trace": [a.trace().value, b.trace().value],
+            **{f"renyi_{alpha}": [renyi_entropy(a, alpha).estimate, renyi_entropy(b, alpha).estimate]
+               for alpha in (0.5, 1.5)},
+        }
+    return out
+
+
+def print_slq(r: dict) -> None:
+    print(f"SLQ m={r['m']}, {r['n_probes']} probes, {r['model']['n_params']} params, batches {r['model']['batches']}, "
+          f"{r['clock']}, median of {r['repeats']}:")
+    for name, t in r["seconds"].items():
+        agree = r["agreement"][name]
+        print(f"  {name:<18} sequential {t['sequential']:7.2f} s  lockstep {t['lockstep']:7.2f} s  "
+              f"ratio {r['ratio_lockstep_vs_sequential'][name]:.2f}  max rel. node diff "
+              f"{agree['max_node_difference_relative']:.1e}")
 
 
 def top_eigenvalue_comparison(op, curvlinops_op) -> dict:
@@ -187,6 +258,7 @@ def print_table(r: dict) -> None:
     print(f"default mode {r['default_mode']}: HVP time / curvlinops = {r['hvp_ratio_vs_curvlinops']:.2f}, "
           f"matmat8 / curvlinops = {r['matmat8_ratio_vs_curvlinops']:.2f}")
     e = r["top_eigenvalue"]
+    print_slq(r["slq"])
     print(f"top eigenvalue {e['reference']:.6g}: Lanczos {e['quotientsharp_lanczos']['seconds']:.3f} s "
           f"({e['quotientsharp_lanczos']['matvecs']} matvecs, rel.err {e['quotientsharp_lanczos']['rel_error']:.1e}) vs "
           f"curvlinops+eigsh {e['curvlinops_eigsh']['seconds']:.3f} s (rel.err {e['curvlinops_eigsh']['rel_error']:.1e})")
@@ -196,7 +268,17 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small batch, few repeats (< 1 minute)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--section", choices=("all", "slq"), default="all",
+                        help="slq: only the SLQ comparison (one thread), merged into the existing JSON")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    main(args.quick)
+    if args.section == "slq":
+        torch.set_num_threads(args.threads or 1)
+        existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        existing["slq"] = slq_comparison(args.quick)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(existing, indent=2))
+        print_slq(existing["slq"])
+    else:
+        main(args.quick)

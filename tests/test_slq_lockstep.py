@@ -217,3 +217,26 @@ def test_bad_inputs():
         slq(A, m=3, n_probes=2, probe_block=0, progress=False)
     with pytest.raises(ValueError, match="probes must have shape"):
         slq(A, m=3, probes=torch.ones(9, 2, dtype=DT), progress=False)
+
+
+def test_reused_batch_products_give_identical_products_within_the_memory_cap():
+    model = small_mlp()
+    X, y = classification_data(20, (4,))
+    op = HessianOperator(model, [(X[:7].to(DT), y[:7]), (X[7:].to(DT), y[7:])], F.cross_entropy)
+    built = []
+    original = op.batch_product
+    op.batch_product = lambda batch: built.append(1) or original(batch)
+    V = torch.randn(op.n, 3, generator=torch.Generator().manual_seed(0), dtype=DT)
+    reference = op.matmat(V)
+    assert len(built) == 2
+    with op.reuse_batch_products():
+        with op.reuse_batch_products():  # nested: shares the outer cache
+            first = op.matmat(V)
+        second = op.matmat(V)
+        assert len(built) == 4 and sorted(op._product_cache) == [0, 1]  # built once per batch
+    assert torch.equal(first, reference) and torch.equal(second, reference)
+    assert op._product_cache is None  # released
+    with op.reuse_batch_products(max_bytes=0):  # cap too small: rebuilt every call
+        op.matmat(V)
+        op.matmat(V)
+    assert len(built) == 8

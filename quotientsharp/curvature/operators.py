@@ -49,6 +49,9 @@ HVP_MODES = ("reverse_over_reverse", "forward_over_reverse", "finite_difference"
 # curvlinops), at ~3.7x vs ~21x the gradient's peak memory. Lanczos/SLQ apply one vector at a
 # time, so the single-HVP cost decides. Re-measure on GPU before changing it there.
 DEFAULT_HVP_MODE = "reverse_over_reverse"
+PRODUCT_CACHE_BYTES = 2**30
+"""Default memory the per-batch products (gradient graphs) kept by
+:meth:`ModelOperator.reuse_batch_products` may hold (1 GiB, counted as the storage they save)."""
 
 
 class LinearOperator:
@@ -397,13 +400,53 @@ class ModelOperator(LinearOperator):
         if V.ndim != 2 or V.shape[0] != self.n:
             raise ValueError(f"{type(self).__name__}.matmat: expected shape ({self.n}, k), got {tuple(V.shape)}")
 
-        def per_batch(_: int, batch: Any) -> torch.Tensor:
-            apply = self.batch_product(batch)
+        def per_batch(i: int, batch: Any) -> torch.Tensor:
+            apply = self._batch_product(i, batch)
             chunks = [self._apply_columns(apply, V[:, i : i + self.chunk_size])
                       for i in range(0, V.shape[1], self.chunk_size)]
             return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
 
         return self.sum_over_batches(per_batch, tuple(V.shape))
+
+    @contextlib.contextmanager
+    def reuse_batch_products(self, max_bytes: int | None = None) -> Iterator[None]:
+        """Inside this block, :meth:`matmat` keeps every batch's product (for
+        ``"reverse_over_reverse"`` the gradient graph built with ``create_graph=True``) and reuses
+        it in later calls instead of rebuilding it, as long as the tensors the kept products save
+        (counted with ``torch.autograd.graph.saved_tensors_hooks``) stay within ``max_bytes``
+        (default :data:`PRODUCT_CACHE_BYTES`); the batches beyond that are rebuilt per call as
+        usual. Results are unchanged. Released on exit; nested blocks share the outer cache."""
+        if self._product_cache is not None:
+            yield
+            return
+        self._product_cache, self._product_cache_room = {}, PRODUCT_CACHE_BYTES if max_bytes is None else max_bytes
+        try:
+            yield
+        finally:
+            self._product_cache = None
+
+    _product_cache: dict | None = None
+
+    def _batch_product(self, i: int, batch: Any) -> Callable:
+        """``batch_product(batch)``, from the cache of :meth:`reuse_batch_products` when active."""
+        cache = self._product_cache
+        if cache is None:
+            return self.batch_product(batch)
+        if i in cache:
+            return cache[i]
+        saved: dict[tuple, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.device.type != "meta":
+                saved[(t.data_ptr(), t.device.type)] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            apply = self.batch_product(batch)
+        size = sum(saved.values())
+        if size <= self._product_cache_room:
+            cache[i], self._product_cache_room = apply, self._product_cache_room - size
+        return apply
 
     def _apply_columns(self, apply: Callable, V: torch.Tensor) -> torch.Tensor:
         """``(n, k)`` float64 → per-batch product → ``(n, k)`` float64, through the layout."""

@@ -201,6 +201,11 @@ class QuotientHessianOperator(LinearOperator):
         HU = self.hessian.matmat(U)
         return self.map_columns(self._riemannian_gradient, HU - self.map_columns(self._christoffel, U))
 
+    def reuse_batch_products(self, max_bytes: int | None = None):
+        """Keep the Hessian's per-batch gradient graphs across products inside the block
+        (:meth:`~quotientsharp.curvature.operators.ModelOperator.reuse_batch_products`)."""
+        return self.hessian.reuse_batch_products(max_bytes)
+
     def inner(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``uᵀ M v``; ``u`` is ``(n,)`` or ``(n, j)``, ``v`` is ``(n,)``."""
         return (u.mT if u.ndim == 2 else u) @ self.metric_matvec(v)

@@ -6,6 +6,7 @@ has nodes ``θ_k = Θ_kk`` and weights ``w_k = U_{1k}²`` (``Σ_k w_k = 1``), an
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -132,7 +133,9 @@ def slq(
     :data:`PROBE_BLOCK_BYTES`): each Lanczos step is one ``op.matmat`` over the block's columns
     (one gradient graph per data batch for all of them) and the reorthogonalisation is batched
     (:func:`~quotientsharp.curvature.lanczos.lanczos_tridiagonal_lockstep`). ``lockstep=False``
-    runs the probes one after another, one matvec per step. Both compute the same recurrences
+    runs the probes one after another, one matvec per step. With lockstep, a model operator
+    keeps its per-batch gradient graphs for the whole run (``op.reuse_batch_products()``, within
+    its memory cap). Both compute the same recurrences
     from the same probes; results agree to rounding (restart vectors after a breakdown come from
     ``g`` in another order when more than one probe breaks down).
     """
@@ -151,7 +154,9 @@ def slq(
     if probes.ndim != 2 or probes.shape[0] != op.shape[0] or probes.shape[1] < 1:
         raise ValueError(f"slq: probes must have shape ({op.shape[0]}, P) with P ≥ 1, got {tuple(probes.shape)}")
     if lockstep:
-        nodes, weights, norms_sq = _lockstep_rules(op, probes, m, generator, probe_block, progress)
+        reuse = getattr(op, "reuse_batch_products", None)  # keep the per-batch gradient graphs
+        with reuse() if reuse is not None else contextlib.nullcontext():
+            nodes, weights, norms_sq = _lockstep_rules(op, probes, m, generator, probe_block, progress)
     else:
         nodes, weights, norms_sq = _sequential_rules(op, probes, m, generator, progress)
     return SLQResult(
