@@ -128,6 +128,32 @@ def _extract(w: Mapping[str, torch.Tensor], pieces: Sequence[Piece], heads: int,
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+def _piece_views(p: torch.Tensor, item: tuple, heads: int, h: int) -> list[torch.Tensor]:
+    """Views ``(heads, rows, h)`` into ``p`` of one item of :func:`_runs` (no copy): the parts
+    :func:`_extract` concatenates (a run of ``r`` weight pieces gives ``r`` views)."""
+    if item[0] == "strided":
+        pc = item[1]
+        if pc.kind == "rows":
+            return [p[pc.offset:].unfold(0, h, pc.stride)[:heads]]
+        if pc.kind == "cols":
+            return [p[:, pc.offset:].unfold(1, h, pc.stride)[:, :heads].transpose(0, 1)]
+        return [p[pc.offset:].unfold(0, h, pc.stride)[:heads, None, :]]
+    _, _, kind, lo, r = item
+    hi = lo + heads * r * h
+    if kind == "rows":
+        q = p[lo:hi].reshape(heads, r, h, p.shape[1])
+        return [q[:, j].transpose(1, 2) for j in range(r)]
+    if kind == "cols":
+        q = p[:, lo:hi].reshape(p.shape[0], heads, r, h)
+        return [q[:, :, j].transpose(0, 1) for j in range(r)]
+    return [p[lo:hi].reshape(heads, r, h)]
+
+
+def _traced(t: torch.Tensor) -> bool:
+    """Whether ``t`` requires grad or lives inside a ``torch.func`` transform."""
+    return t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def _insert(out: dict, pieces: Sequence[Piece], X: torch.Tensor, heads: int, h: int) -> None:
     """Write block factor ``X`` (heads, n, h) back into the tensors of ``out`` (in place in the
     dict, functionally on the tensors)."""
@@ -345,26 +371,81 @@ class AttentionGL(SymmetryGroup):
         self._sub_cache = (fs, val)  # keyed by the identity of the cached base factors
         return val
 
+    def _layout(self, w: Params) -> list[tuple[tuple, tuple]]:
+        """Per stack, per factor (G, H): ``((lo, hi, name, run item), ...)``, the head range
+        ``[lo, hi)`` of the stack that a run of pieces (:func:`_runs`) of one tensor fills."""
+        stacks = self._stacks(w)
+        if getattr(self, "_layout_cache", None) is not None and self._layout_cache[0] is stacks:
+            return self._layout_cache[1]
+        out = []
+        for stack in stacks:
+            sides: tuple[list, list] = ([], [])
+            lo = 0
+            for i in stack:
+                b = self.blocks[i]
+                for side, pieces in zip(sides, (b.G, b.H)):
+                    for item in _runs(tuple(pieces), b.head_dim):
+                        name = item[1].name if item[0] == "strided" else item[1]
+                        side.append((lo, lo + b.n_heads, name, item))
+                lo += b.n_heads
+            out.append((tuple(sides[0]), tuple(sides[1])))
+        self._layout_cache = (stacks, out)
+        return out
+
+    def _views(self, v: Params, s: int) -> tuple[M.Views, M.Views]:
+        """``(G, H)`` of stack ``s`` of the dict ``v`` as :class:`~quotientsharp.groups.gl_math.Views`
+        into its tensors (no copy)."""
+        layout = self._layout(v)[s]
+        h = self.blocks[self._stacks(v)[s][0]].head_dim
+        B = layout[0][-1][1]
+        return tuple(M.Views([(lo, hi, view) for lo, hi, name, item in side
+                              for view in _piece_views(v[name], item, hi - lo, h)], B, h, side)
+                     for side in layout)
+
+    def _blocks(self, v: Params, s: int) -> tuple[M.Blocks, M.Blocks]:
+        G, H = self._views(v, s)
+        return M.Blocks.of(G), M.Blocks.of(H)
+
+    def _fast(self, *dicts: Params) -> bool:
+        """Whether the views path applies: no tensor requires grad or lives in a ``torch.func``
+        transform (its in-place writes are not differentiable; the extract/insert path is)."""
+        return not any(_traced(d[n]) for d in dicts for n in self.names)
+
+    def _run(self, w: Params, vecs: Sequence[Params], fn, point: bool = False) -> dict:
+        """Apply ``fn(s, factors, (G, H), *[(xG, xH) per vec]) -> (yG, yH)`` to every stack ``s``
+        and assemble a dict over ``self.names`` (``point``: a point, which is ``w`` outside the
+        blocks; else a tangent vector, 0 there).
+
+        Fast path: the factors are :class:`~quotientsharp.groups.gl_math.Blocks` over views of the
+        dicts and each result is written straight into views of the output tensors. Under autograd
+        or ``torch.func``: the stacked tensors of :meth:`extract` and :meth:`insert`."""
+        fs, blocks_w = self._base(w)
+        like = w if point or not vecs else vecs[0]
+        if self._fast(w, *vecs):
+            if self.shares_tensors:
+                out = {n: like[n].clone() if point else torch.zeros_like(like[n]) for n in self.names}
+            else:
+                out = {n: torch.empty_like(like[n]) for n in self.names}
+            for s, f in enumerate(fs):
+                res = fn(s, f, self._blocks(w, s), *[self._blocks(v, s) for v in vecs])
+                for y, o in zip(res, self._views(out, s)):
+                    y.write(o)
+            return out
+        ext = [self.extract(v) for v in vecs]
+        res = [fn(s, f, blocks_w[s], *[e[s] for e in ext]) for s, f in enumerate(fs)]
+        return self.insert(w if point else {n: torch.zeros_like(like[n]) for n in self.names}, res)
+
     def _project_stacks(self, w: Params, vec: Params, pre=None) -> dict:
         """``Pi`` per stack (closed form on full-gl stacks, sub-algebra solve otherwise), after
-        the optional per-stack map ``pre(f, xG, xH)``."""
-        fs, blocks_w = self._base(w)
+        the optional per-stack map ``pre(f, xG, xH)`` (lazy on the fast path: ``Pi(g^{-1} d)``
+        costs what ``Pi`` alone does)."""
         subs = self._projection_factors(w)
-        res = []
-        for f, sf, (G, H), (xG, xH) in zip(fs, subs, blocks_w, self.extract(vec)):
-            if pre is not None:
-                xG, xH = pre(f, xG, xH)
-            res.append(M.gl_project(self.metric, f, G, H, xG, xH) if sf is None
-                       else subalgebra_project(sf, G, H, xG, xH))
-        return self.insert({n: torch.zeros_like(vec[n]) for n in self.names}, res)
 
-    def _map(self, w: Params, vecs: Sequence[Params], fn) -> dict:
-        """Apply ``fn(factors, G, H, *[(xG, xH) per vec]) -> (yG, yH)`` per stack; reassemble."""
-        fs, blocks_w = self._base(w)
-        blocks_v = [self.extract(v) for v in vecs]
-        res = [fn(f, G, H, *[bv[s] for bv in blocks_v]) for s, (f, (G, H)) in enumerate(zip(fs, blocks_w))]
-        like = vecs[0] if vecs else w
-        return self.insert({n: torch.zeros_like(like[n]) for n in self.names}, res)
+        def project(s, f, W, x):
+            xG, xH = x if pre is None else pre(f, *x)
+            return (M.gl_project(self.metric, f, *W, xG, xH) if subs[s] is None
+                    else subalgebra_project(subs[s], *W, xG, xH))
+        return self._run(w, [vec], project)
 
     # ------------------------------------------------------------------ group
     def action(self, w: Params, g) -> dict:
@@ -412,6 +493,8 @@ class AttentionGL(SymmetryGroup):
     def inner_per_block(self, w: Params, xi: Params, zeta: Params) -> list[torch.Tensor]:
         """Metric contributions per stack, each ``(B_s,)`` (float64)."""
         fs = self._factors(w)
+        if self._fast(w, xi, zeta):
+            return [M.gl_inner(self.metric, f, *self._blocks(xi, s), *self._blocks(zeta, s)) for s, f in enumerate(fs)]
         return [M.gl_inner(self.metric, f, xG, xH, zG, zH)
                 for f, (xG, xH), (zG, zH) in zip(fs, self.extract(xi), self.extract(zeta))]
 
@@ -420,32 +503,31 @@ class AttentionGL(SymmetryGroup):
         return sum(v.sum() for v in self.inner_per_block(w, xi, zeta)).to(dt)
 
     def norm_sq(self, w: Params, xi: Params) -> torch.Tensor:
-        """``g_w(xi, xi)``, extracting the blocks of ``xi`` once."""
+        """``g_w(xi, xi)``, reading the blocks of ``xi`` once."""
         dt = next(iter(xi.values())).dtype
-        return sum(M.gl_inner(self.metric, f, xG, xH, xG, xH).sum()
-                   for f, (xG, xH) in zip(self._factors(w), self.extract(xi))).to(dt)
+        fs = self._factors(w)
+        blocks = ([self._blocks(xi, s) for s in range(len(fs))] if self._fast(w, xi) else self.extract(xi))
+        return sum(M.gl_inner(self.metric, f, xG, xH, xG, xH).sum() for f, (xG, xH) in zip(fs, blocks)).to(dt)
 
     def horizontal_projection(self, w: Params, xi: Params) -> dict:
         return self._project_stacks(w, xi)
 
     def egrad_to_rgrad(self, w: Params, egrad: Params) -> dict:
-        return self._map(w, [egrad], lambda f, G, H, d: M.gl_rgrad(self.metric, f, *d))
+        return self._run(w, [egrad], lambda s, f, W, d: M.gl_rgrad(self.metric, f, *d))
 
     def riemannian_gradient(self, w: Params, egrad: Params) -> dict:
         """``Pi(g^{-1} egrad)`` in one pass over the blocks."""
         return self._project_stacks(w, egrad, lambda f, dG, dH: M.gl_rgrad(self.metric, f, dG, dH))
 
     def christoffel(self, w: Params, xi: Params) -> dict:
-        return self._map(w, [xi], lambda f, G, H, x: M.gl_christoffel(self.metric, f, G, H, *x))
+        return self._run(w, [xi], lambda s, f, W, x: M.gl_christoffel(self.metric, f, *W, *x))
 
     def geodesic_2nd(self, w: Params, xi: Params, t: float = 1.0) -> dict:
-        """``w + t xi - t^2/2 Gamma_w(xi, xi)`` computed on the blocks and written into ``w`` once."""
-        fs, blocks_w = self._base(w)
-        res = []
-        for f, (G, H), (xG, xH) in zip(fs, blocks_w, self.extract(xi)):
-            gG, gH = M.gl_christoffel(self.metric, f, G, H, xG, xH)
-            res.append((G + t * xG - 0.5 * t * t * gG, H + t * xH - 0.5 * t * t * gH))
-        return self.insert(w, res)
+        """``w + t xi - t^2/2 Gamma_w(xi, xi)`` computed on the blocks and written once."""
+        def step(s, f, W, x):
+            gG, gH = M.gl_christoffel(self.metric, f, *W, *x)
+            return W[0] + t * x[0] - 0.5 * t * t * gG, W[1] + t * x[1] - 0.5 * t * t * gH
+        return self._run(w, [xi], step, point=True)
 
     def geodesic_vjp(self, w: Params, xi: Params, cotangent: Params, order: int | str = 2, **ode_kw) -> dict:
         """Order 2: ``J^T c = c - 1/2 (D Gamma_w(xi, xi))^T c`` in closed form on the blocks
@@ -453,13 +535,13 @@ class AttentionGL(SymmetryGroup):
         if order != 2:
             return super().geodesic_vjp(w, xi, cotangent, order, **ode_kw)
 
-        def vjp(f, G, H, x, c):
-            dG, dH = M.gl_christoffel_vjp(self.metric, f, G, H, *x, *c)
+        def vjp(s, f, W, x, c):
+            dG, dH = M.gl_christoffel_vjp(self.metric, f, *W, *x, *c)
             return c[0] - 0.5 * dG, c[1] - 0.5 * dH
-        return self._map(w, [xi, cotangent], vjp)
+        return self._run(w, [xi, cotangent], vjp)
 
     def whiten(self, w: Params, zeta: Params) -> dict:
-        return self._map(w, [zeta], lambda f, G, H, z: M.gl_whiten(self.metric, f, *z))
+        return self._run(w, [zeta], lambda s, f, W, z: M.gl_whiten(self.metric, f, *z))
 
     def geodesic_ode(self, w: Params, xi: Params, t: float = 1.0, n_steps: int = 64,
                      tol: float | None = 1e-10) -> dict:

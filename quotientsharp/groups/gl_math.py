@@ -4,6 +4,21 @@ Pure functions on batched blocks: ``G`` is ``(B, n, h)``, ``H`` is ``(B, m, h)``
 components have the same shapes and Lie-algebra elements / group elements are ``(B, h, h)``.
 ``P = G^T G + eps_P I`` and ``Q = H^T H + eps_Q I`` (regularised everywhere, §4.3). Base-point
 factors are computed once by :func:`gl_factors` in float64.
+
+Every formula is written as ``h x h`` algebra on Gram matrices (``X^T Y``, ``(B, h, h)``) plus
+"tall" products ``X C`` of a factor by an ``h x h`` coefficient, and runs on two kinds of input:
+
+* plain tensors ``(B, n, h)``: promoted to float64, the result cast back (the reference path,
+  and the one autograd and ``torch.func`` transforms go through);
+* :class:`Blocks`: lazy linear combinations ``sum_k X_k C_k`` of factors held as views into the
+  parameter tensors (:class:`Views`, never copied). A Gram matrix of two such combinations is
+  ``sum C_i^T (X_i^T Y_j) D_j``, with ``X_i^T Y_j`` accumulated in the weights' dtype (float32
+  or float64, at least float32) and everything ``h x h`` in float64; :meth:`Blocks.write`
+  evaluates a combination straight into views of the output tensors (one batched matmul per
+  view and distinct factor, coefficients cast to the weights' dtype). This is the fast path of
+  :class:`~quotientsharp.groups.attention.AttentionGL`: no float64 copy of a weight matrix, no
+  extraction or insertion copies, and a chain such as ``Pi(g^{-1} d)`` costs two Gram matrices and
+  two tall products per factor whatever the number of steps.
 """
 from __future__ import annotations
 
@@ -116,11 +131,330 @@ def gl_factors(G: torch.Tensor, H: torch.Tensor, metric: str, eps_rel: float = 0
     return f
 
 
+# ----------------------------------------------------------------------------- lazy blocks
+def _promote(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dt = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dt), b.to(dt)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = _promote(a, b)
+    return a @ b
+
+
+class Views:
+    """One factor (all ``G`` or all ``H``) of a stack of ``B`` GL blocks, as views into parameter
+    tensors, never copied.
+
+    ``parts``: ``(lo, hi, view)`` triples, ``view`` of shape ``(hi - lo, rows, h)`` holding rows of
+    the factors of heads ``lo..hi-1`` (e.g. a weight matrix and its bias row for the heads of one
+    layer); a head's factor is the row-wise concatenation of the views that hold it, so Gram
+    matrices add over the parts. ``layout``: a hashable description of the parts; Gram matrices
+    and writes need two ``Views`` of the same layout (the same slices of different dicts).
+    """
+
+    __slots__ = ("parts", "B", "h", "layout", "dtype", "device")
+
+    def __init__(self, parts: list[tuple[int, int, torch.Tensor]], B: int, h: int, layout):
+        self.parts, self.B, self.h, self.layout = parts, B, h, layout
+        self.dtype, self.device = parts[0][2].dtype, parts[0][2].device
+
+    @property
+    def rows(self) -> int:
+        return sum(v.shape[1] for lo, _, v in self.parts if lo == 0)
+
+    def check_layout(self, other: Views) -> None:
+        if other.layout != self.layout or len(other.parts) != len(self.parts):
+            raise ValueError("GL block views of different layouts (not the same slices of the same tensors)")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the tall products: the weights' own, at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def views_gram(X: Views, Y: Views) -> torch.Tensor:
+    """``X^T Y``, ``(B, h, h)`` in float64 (accumulated per view in :func:`compute_dtype`)."""
+    X.check_layout(Y)
+    cdt = compute_dtype(X.dtype)
+    out = torch.zeros(X.B, X.h, X.h, dtype=cdt, device=X.device)
+    for (lo, hi, vx), (_, _, vy) in zip(X.parts, Y.parts):
+        out[lo:hi].baddbmm_(_t(vx.to(cdt)), vy.to(cdt))
+    return out.double()
+
+
+class Blocks:
+    """A lazy linear combination ``sum_k X_k C_k`` of GL factors ``X_k`` (:class:`Views`) with
+    ``(B, h, h)`` coefficients ``C_k`` (``None``: a scalar ``alpha_k`` times the identity).
+
+    Supports what the formulas of this module use: ``X @ C``, ``X + Y``, ``X - Y``, ``s * X``,
+    ``-X``, ``X.transpose(-1, -2) @ Y`` / ``X.mT @ Y`` (a float64 Gram matrix ``(B, h, h)``), and
+    ``.double()`` / ``.to(dtype)`` (no-ops: a combination is evaluated in its factors' dtype by
+    :meth:`write`)."""
+
+    __slots__ = ("terms",)
+
+    def __init__(self, terms: tuple):
+        self.terms = terms  # ((Views, coef | None, alpha), ...)
+
+    @staticmethod
+    def of(v: Views) -> Blocks:
+        return Blocks(((v, None, 1.0),))
+
+    @property
+    def _first(self) -> Views:
+        return self.terms[0][0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._first.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._first.device
+
+    @property
+    def shape(self) -> torch.Size:
+        v = self._first
+        return torch.Size((v.B, v.rows, v.h))
+
+    def double(self) -> Blocks:
+        return self
+
+    def to(self, *args, **kwargs) -> Blocks:
+        return self
+
+    def transpose(self, a: int, b: int) -> _BlocksT:
+        if {a % 3, b % 3} != {1, 2}:
+            raise ValueError("Blocks only transpose their last two dimensions")
+        return _BlocksT(self)
+
+    @property
+    def mT(self) -> _BlocksT:  # noqa: N802  (torch's name)
+        return _BlocksT(self)
+
+    def __matmul__(self, C: torch.Tensor) -> Blocks:
+        if not isinstance(C, torch.Tensor):
+            return NotImplemented
+        return Blocks(tuple((v, a * C if c is None else _matmul(c, C), 1.0) for v, c, a in self.terms))
+
+    def __mul__(self, s) -> Blocks:
+        if isinstance(s, torch.Tensor) and s.ndim > 0:
+            return NotImplemented
+        return Blocks(tuple((v, None if c is None else s * c, a * s if c is None else 1.0) for v, c, a in self.terms))
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> Blocks:
+        return self * -1.0
+
+    def __add__(self, other: Blocks) -> Blocks:
+        if not isinstance(other, Blocks):
+            return NotImplemented
+        return Blocks(self.terms + other.terms)
+
+    def __sub__(self, other: Blocks) -> Blocks:
+        if not isinstance(other, Blocks):
+            return NotImplemented
+        return Blocks(self.terms + (-other).terms)
+
+    def _merged(self) -> tuple[list, list]:
+        """``(identity terms [(Views, alpha)], coefficient terms [(Views, C)])``, one entry per
+        distinct factor (coefficients of one factor summed)."""
+        ident: dict[int, list] = {}
+        coef: dict[int, list] = {}
+        for v, c, a in self.terms:
+            if c is None:
+                if id(v) in ident:
+                    ident[id(v)][1] += a
+                else:
+                    ident[id(v)] = [v, a]
+            elif id(v) in coef:
+                coef[id(v)][1] = sum(_promote(coef[id(v)][1], c))
+            else:
+                coef[id(v)] = [v, c]
+        return list(ident.values()), list(coef.values())
+
+    def write(self, out: Views) -> None:
+        """Evaluate the combination into ``out`` (views of freshly allocated tensors, aliasing
+        no factor), one batched matmul per view and distinct factor with a coefficient.
+
+        The first identity term ``alpha X`` enters exactly (``baddbmm``'s ``beta`` input); a further
+        identity term ``alpha Y`` is folded into ``Y``'s coefficient, ``Y (C + alpha I)``, when ``Y``
+        has one (rounding as in ``Y C + alpha Y``: one float per output entry), else added."""
+        ident, coef = self._merged()
+        for v, _ in ident + coef:
+            out.check_layout(v)
+        cdt = compute_dtype(out.dtype)
+        base = ident[0] if ident else None
+        extra = []
+        coef = {id(v): [v, c] for v, c in coef}
+        for v, a in ident[1:]:
+            if id(v) in coef:
+                c = coef[id(v)][1]
+                coef[id(v)][1] = c + a * torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
+            else:
+                extra.append((v, a))
+        cast = [(v, c.to(device=out.device, dtype=cdt)) for v, c in coef.values()]
+        for k, (lo, hi, ov) in enumerate(out.parts):
+            acc = ov if ov.dtype == cdt else torch.empty(ov.shape, dtype=cdt, device=ov.device)
+            started = False
+            for v, c in cast:
+                x = v.parts[k][2].to(cdt)
+                if started:
+                    acc.baddbmm_(x, c[lo:hi])
+                elif base is not None:
+                    torch.baddbmm(base[0].parts[k][2].to(cdt), x, c[lo:hi], beta=base[1], out=acc)
+                else:
+                    torch.bmm(x, c[lo:hi], out=acc)
+                started = True
+            if not started:
+                if base is not None:
+                    x = base[0].parts[k][2]
+                    acc.copy_(x) if base[1] == 1 else torch.mul(x.to(cdt), base[1], out=acc)
+                else:
+                    acc.zero_()
+            for v, a in extra:
+                acc.add_(v.parts[k][2].to(cdt), alpha=a)
+            if acc is not ov:
+                ov.copy_(acc)
+
+
+class _BlocksT:
+    """The transpose of a :class:`Blocks` combination; only ``@ Blocks`` (a Gram matrix)."""
+
+    __slots__ = ("blocks",)
+
+    def __init__(self, blocks: Blocks):
+        self.blocks = blocks
+
+    def __matmul__(self, other: Blocks) -> torch.Tensor:
+        """``X^T Y = sum_ij L_i^T (X_i^T Y_j) R_j`` in float64, ``(B, h, h)``."""
+        if not isinstance(other, Blocks):
+            return NotImplemented
+        lhs, rhs = self.blocks._merged(), other._merged()
+        grams: dict = {}
+        total = None
+        for X, L in [(v, a) for v, a in lhs[0]] + lhs[1]:
+            for Y, R in [(v, a) for v, a in rhs[0]] + rhs[1]:
+                key = (id(X), id(Y))
+                if key not in grams:
+                    grams[key] = views_gram(X, Y)
+                g = grams[key]
+                g = L * g if not isinstance(L, torch.Tensor) else _matmul(_t(L), g)
+                g = R * g if not isinstance(R, torch.Tensor) else _matmul(g, R)
+                total = g if total is None else total + g
+        return total
+
+
+def _sym(X: torch.Tensor) -> torch.Tensor:
+    return X + _t(X)
+
+
+# ----------------------------------------------------------------------------- geometry
+def metric_weights(metric: str, f: GLFactors) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)`` with ``g(x, z) = tr(a xG^T zG) + tr(b xH^T zH)``: inv ``(P^{-1}, Q^{-1})``, mix ``(Q, P)``."""
+    return (f.P_inv, f.Q_inv) if metric == "inv" else (f.Q, f.P)
+
+
+def rgrad_weights(metric: str, f: GLFactors) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)`` with ``g^{-1}(dG, dH) = (dG a, dH b)``: inv ``(P, Q)``, mix ``(Q^{-1}, P^{-1})``."""
+    return (f.P, f.Q) if metric == "inv" else (f.Q_inv, f.P_inv)
+
+
 def gl_inner(metric: str, f: GLFactors, xG, xH, zG, zH) -> torch.Tensor:
-    """Per-block metric, shape ``(B,)``.
-    inv: ``tr(P^{-1} xG^T zG) + tr(Q^{-1} xH^T zH)``; mix: ``tr(Q xG^T zG) + tr(P xH^T zH)``."""
-    a, b = (f.P_inv, f.Q_inv) if metric == "inv" else (f.Q, f.P)
-    return ((xG.double() @ a) * zG.double()).sum((-1, -2)) + ((xH.double() @ b) * zH.double()).sum((-1, -2))
+    """Per-block metric, shape ``(B,)`` (float64).
+    inv: ``tr(P^{-1} xG^T zG) + tr(Q^{-1} xH^T zH)``; mix: ``tr(Q xG^T zG) + tr(P xH^T zH)``
+    (``a`` symmetric: ``tr(a M) = sum(a * M)``)."""
+    a, b = metric_weights(metric, f)
+    xG, xH, zG, zH = xG.double(), xH.double(), zG.double(), zH.double()
+    return (a * (_t(xG) @ zG)).sum((-1, -2)) + (b * (_t(xH) @ zH)).sum((-1, -2))
+
+
+def horizontal_lambda(metric: str, f: GLFactors, tG: torch.Tensor, tH: torch.Tensor) -> torch.Tensor:
+    """``Lam`` of the horizontal projection ``(xG + G Lam, xH - H Lam^T)`` from the Gram
+    matrices ``tG = G^T xG`` and ``tH = H^T xH`` (``(B, h, h)``, float64).
+
+    mix: ``Lam = 1/2 (tH^T Q^{-1} - P^{-1} tG)`` (closed form);
+    inv: ``Lam = X^T`` with ``A X + X A = B``, ``A = P Q``, ``B = P tH - tG^T Q``, solved by the
+    cached eigenbasis ``X = U [(U^{-1} B U) / (lam_i + lam_j)] U^{-1}`` (spec §4.1)."""
+    if metric == "mix":
+        return 0.5 * (_t(tH) @ f.Q_inv - f.P_inv @ tG)
+    B = f.P @ tH - _t(tG) @ f.Q
+    X = f.U @ ((f.U_inv @ B @ f.U) / f.lam_sum) @ f.U_inv
+    return _t(X)
+
+
+def gl_project(metric: str, f: GLFactors, G, H, xG, xH):
+    """Horizontal projection ``(xG + G Lam, xH - H Lam^T)``, ``Lam`` by :func:`horizontal_lambda`
+    from ``G^T xG`` and ``H^T xH``."""
+    dt = xG.dtype
+    G, H, xG, xH = G.double(), H.double(), xG.double(), xH.double()
+    lam = horizontal_lambda(metric, f, _t(G) @ xG, _t(H) @ xH)
+    return (xG + G @ lam).to(dt), (xH - H @ _t(lam)).to(dt)
+
+
+def gl_rgrad(metric: str, f: GLFactors, dG, dH):
+    """Riemannian gradient: inv ``(dG P, dH Q)``; mix ``(dG Q^{-1}, dH P^{-1})``."""
+    a, b = rgrad_weights(metric, f)
+    return (dG.double() @ a).to(dG.dtype), (dH.double() @ b).to(dH.dtype)
+
+
+def gl_christoffel(metric: str, f: GLFactors, G, H, xG, xH):
+    """``Gamma_w(xi, xi)`` (Eqs. 11 / 12 of the paper, checked forms of spec §6.2-6.3).
+
+    - inv: ``Gamma_G = -xG P^{-1}(xG^T G + G^T xG) + G P^{-1} xG^T xG`` (H alike with Q);
+    - mix: ``Gamma_G = xG (xH^T H + H^T xH) Q^{-1} - G (xH^T xH) Q^{-1}``,
+      ``Gamma_H = xH (xG^T G + G^T xG) P^{-1} - H (xG^T xG) P^{-1}``.
+
+    Shapes: ``G, xG`` ``(B, n, h)``, ``H, xH`` ``(B, m, h)``; returns ``(Gamma_G, Gamma_H)`` of
+    the same shapes and dtypes. Four Gram matrices ``xG^T G, xH^T H, xG^T xG, xH^T xH`` and two tall
+    products per factor."""
+    dt = xG.dtype
+    G, H, xG, xH = G.double(), H.double(), xG.double(), xH.double()
+    sG, sH = _t(xG) @ G, _t(xH) @ H
+    kG, kH = _t(xG) @ xG, _t(xH) @ xH
+    if metric == "inv":
+        gG = xG @ (-f.P_inv @ _sym(sG)) + G @ (f.P_inv @ kG)
+        gH = xH @ (-f.Q_inv @ _sym(sH)) + H @ (f.Q_inv @ kH)
+    else:
+        gG = xG @ (_sym(sH) @ f.Q_inv) - G @ (kH @ f.Q_inv)
+        gH = xH @ (_sym(sG) @ f.P_inv) - H @ (kG @ f.P_inv)
+    return gG.to(dt), gH.to(dt)
+
+
+def gl_christoffel_vjp(metric: str, f: GLFactors, G, H, xG, xH, cG, cH):
+    """``(D_xi Gamma_w(xi, xi))^T c``: the gradient of ``<cG, Gamma_G> + <cH, Gamma_H>`` w.r.t. ``(xG, xH)``.
+
+    With ``sym(X) = X + X^T``:
+
+    - inv: ``dG = -cG sym(xG^T G) P^{-1} - G sym(P^{-1} xG^T cG) + xG sym(P^{-1} G^T cG)`` (H alike, Q);
+    - mix: with ``aG = cG Q^{-1}``, ``aH = cH P^{-1}``,
+      ``dG = aG sym(xH^T H) + G sym(xH^T aH) - xG sym(H^T aH)``,
+      ``dH = aH sym(xG^T G) + H sym(xG^T aG) - xH sym(G^T aG)``.
+
+    Six Gram matrices and three tall products per factor (``aG, aH`` never formed: ``xH^T aH =
+    (xH^T cH) P^{-1}``)."""
+    dt = xG.dtype
+    G, H, xG, xH, cG, cH = (t.double() for t in (G, H, xG, xH, cG, cH))
+    if metric == "inv":
+        def part(X, xX, cX, inv):
+            s, u, v = _t(xX) @ X, _t(xX) @ cX, _t(X) @ cX
+            return cX @ (-_sym(s) @ inv) - X @ _sym(inv @ u) + xX @ _sym(inv @ v)
+        dG, dH = part(G, xG, cG, f.P_inv), part(H, xH, cH, f.Q_inv)
+    else:
+        sG, sH = _t(xG) @ G, _t(xH) @ H
+        uG, uH = _t(xG) @ cG, _t(xH) @ cH
+        vG, vH = _t(G) @ cG, _t(H) @ cH
+        dG = cG @ (f.Q_inv @ _sym(sH)) + G @ _sym(uH @ f.P_inv) - xG @ _sym(vH @ f.P_inv)
+        dH = cH @ (f.P_inv @ _sym(sG)) + H @ _sym(uG @ f.Q_inv) - xH @ _sym(vG @ f.Q_inv)
+    return dG.to(dt), dH.to(dt)
+
+
+def gl_whiten(metric: str, f: GLFactors, zG, zH):
+    """Covariance ``g^{-1}`` samples: inv ``(zG P^{1/2}, zH Q^{1/2})``; mix ``(zG Q^{-1/2}, zH P^{-1/2})``."""
+    a, b = (f.P_half, f.Q_half) if metric == "inv" else (f.Q_ihalf, f.P_ihalf)
+    return (zG.double() @ a).to(zG.dtype), (zH.double() @ b).to(zH.dtype)
 
 
 def gl_vertical(G, H, omega):
@@ -138,80 +472,3 @@ def gl_action(G, H, A):
 def gl_pushforward(A, xG, xH):
     """Tangent map of the action: ``(xG A^{-1}, xH A^T)`` (linear action, same as the action)."""
     return gl_action(xG, xH, A)
-
-
-def gl_project(metric: str, f: GLFactors, G, H, xG, xH):
-    """Horizontal projection ``(xG + G Lam, xH - H Lam^T)``.
-
-    mix: ``Lam = 1/2 (xH^T H Q^{-1} - P^{-1} G^T xG)`` (closed form);
-    inv: ``Lam = X^T`` with ``A X + X A = B``, ``A = P Q``, ``B = P H^T xH - xG^T G Q``, solved
-    by the cached eigenbasis ``X = U [(U^{-1} B U) / (lam_i + lam_j)] U^{-1}`` (spec §4.1)."""
-    dt = xG.dtype
-    G, H, xG, xH = G.double(), H.double(), xG.double(), xH.double()
-    if metric == "mix":
-        lam = 0.5 * (_t(xH) @ H @ f.Q_inv - f.P_inv @ _t(G) @ xG)
-    else:
-        B = f.P @ _t(H) @ xH - _t(xG) @ G @ f.Q
-        X = f.U @ ((f.U_inv @ B @ f.U) / f.lam_sum) @ f.U_inv
-        lam = _t(X)
-    return (xG + G @ lam).to(dt), (xH - H @ _t(lam)).to(dt)
-
-
-def gl_rgrad(metric: str, f: GLFactors, dG, dH):
-    """Riemannian gradient: inv ``(dG P, dH Q)``; mix ``(dG Q^{-1}, dH P^{-1})``."""
-    a, b = (f.P, f.Q) if metric == "inv" else (f.Q_inv, f.P_inv)
-    return (dG.double() @ a).to(dG.dtype), (dH.double() @ b).to(dH.dtype)
-
-
-def gl_christoffel(metric: str, f: GLFactors, G, H, xG, xH):
-    """``Gamma_w(xi, xi)`` (Eqs. 11 / 12 of the paper, checked forms of spec §6.2-6.3).
-
-    - inv: ``Gamma_G = -xG P^{-1}(xG^T G + G^T xG) + G P^{-1} xG^T xG`` (H alike with Q);
-    - mix: ``Gamma_G = xG (xH^T H + H^T xH) Q^{-1} - G (xH^T xH) Q^{-1}``,
-      ``Gamma_H = xH (xG^T G + G^T xG) P^{-1} - H (xG^T xG) P^{-1}``.
-
-    Shapes: ``G, xG`` ``(B, n, h)``, ``H, xH`` ``(B, m, h)``; returns ``(Gamma_G, Gamma_H)`` of
-    the same shapes and dtypes (computed in float64)."""
-    dt = xG.dtype
-    G, H, xG, xH = G.double(), H.double(), xG.double(), xH.double()
-    sG = _t(xG) @ G
-    sH = _t(xH) @ H
-    if metric == "inv":
-        gG = -xG @ f.P_inv @ (sG + _t(sG)) + G @ f.P_inv @ (_t(xG) @ xG)
-        gH = -xH @ f.Q_inv @ (sH + _t(sH)) + H @ f.Q_inv @ (_t(xH) @ xH)
-    else:
-        gG = (xG @ (sH + _t(sH)) - G @ (_t(xH) @ xH)) @ f.Q_inv
-        gH = (xH @ (sG + _t(sG)) - H @ (_t(xG) @ xG)) @ f.P_inv
-    return gG.to(dt), gH.to(dt)
-
-
-def gl_christoffel_vjp(metric: str, f: GLFactors, G, H, xG, xH, cG, cH):
-    """``(D_xi Gamma_w(xi, xi))^T c``: the gradient of ``<cG, Gamma_G> + <cH, Gamma_H>`` w.r.t. ``(xG, xH)``.
-
-    With ``sym(X) = X + X^T``:
-
-    - inv: ``dG = -cG sym(xG^T G) P^{-1} - G sym(P^{-1} xG^T cG) + xG sym(P^{-1} G^T cG)`` (H alike, Q);
-    - mix: with ``aG = cG Q^{-1}``, ``aH = cH P^{-1}``,
-      ``dG = aG sym(xH^T H) + G sym(xH^T aH) - xG sym(H^T aH)``,
-      ``dH = aH sym(xG^T G) + H sym(xG^T aG) - xH sym(G^T aG)``."""
-    dt = xG.dtype
-    G, H, xG, xH, cG, cH = (t.double() for t in (G, H, xG, xH, cG, cH))
-
-    def sym(X):
-        return X + _t(X)
-
-    if metric == "inv":
-        def part(X, xX, cX, inv):
-            return (-cX @ sym(_t(xX) @ X) @ inv - X @ sym(inv @ _t(xX) @ cX) + xX @ sym(inv @ _t(X) @ cX))
-        dG, dH = part(G, xG, cG, f.P_inv), part(H, xH, cH, f.Q_inv)
-    else:
-        aG, aH = cG @ f.Q_inv, cH @ f.P_inv
-        dG = aG @ sym(_t(xH) @ H) + G @ sym(_t(xH) @ aH) - xG @ sym(_t(H) @ aH)
-        dH = aH @ sym(_t(xG) @ G) + H @ sym(_t(xG) @ aG) - xH @ sym(_t(G) @ aG)
-    return dG.to(dt), dH.to(dt)
-
-
-def gl_whiten(metric: str, f: GLFactors, zG, zH):
-    """Covariance ``g^{-1}`` samples: inv ``(zG P^{1/2}, zH Q^{1/2})``; mix ``(zG Q^{-1/2}, zH P^{-1/2})``."""
-    a, b = (f.P_half, f.Q_half) if metric == "inv" else (f.Q_ihalf, f.P_ihalf)
-    return (zG.double() @ a).to(zG.dtype), (zH.double() @ b).to(zH.dtype)

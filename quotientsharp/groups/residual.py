@@ -325,7 +325,7 @@ def subalgebra_project(f: SubAlgebraFactors, G, H, xG, xH):
     dt = xG.dtype
     G, H, xG, xH = G.double(), H.double(), xG.double(), xH.double()
     h = G.shape[-1]
-    R = f.aH @ _t(xH) @ H - _t(G) @ xG @ f.aG
+    R = f.aH @ (_t(xH) @ H) - (_t(G) @ xG) @ f.aG  # Gram matrices first (also on gl_math.Blocks)
     lam = torch.zeros_like(R)
     s = f.free.numel()
     if s:
