@@ -186,6 +186,7 @@ def slq_comparison(quick: bool) -> dict:
     def run(op, lockstep, key):
         results[key] = slq(op, m, n_probes, seed=0, progress=False, lockstep=lockstep)
 
+    components = slq_components(operators["hessian"], data[0], n_probes, repeats=5)
     for name, op in operators.items():  # warm-up (lazy imports, allocator) outside the timings
         for lockstep in variants.values():
             slq(op, 2, 2, seed=0, progress=False, lockstep=lockstep)
@@ -198,6 +199,10 @@ def slq_comparison(quick: bool) -> dict:
                      "threads": torch.get_num_threads()},
            "m": m, "n_probes": n_probes, "repeats": repeats, "clock": "process CPU time (time.process_time)",
            "seconds": {}, "ratio_lockstep_vs_sequential": {}, "agreement": {}}
+    # what lockstep cannot save: m·P HVPs per batch on graphs built once per batch
+    floor = len(data) * (m * components["hvp_block_seconds"] + components["graph_build_seconds"])
+    out["components"] = {**components, "lockstep_floor_seconds": floor,
+                         "lockstep_floor_ratio_vs_sequential": floor / statistics.median(seconds[("hessian", "sequential")])}
     for name in operators:
         t_seq, t_lock = (statistics.median(seconds[(name, v)]) for v in variants)
         out["seconds"][name] = {"sequential": t_seq, "lockstep": t_lock,
@@ -214,6 +219,33 @@ def slq_comparison(quick: bool) -> dict:
     return out
 
 
+def slq_components(op: HessianOperator, batch, n_columns: int, repeats: int) -> dict:
+    """Process CPU time, one batch: a gradient, building the double-backward graph
+    (``create_graph=True`` gradient), and one ``n_columns``-column HVP block on the built graph."""
+    from timing import timed
+
+    params = list(op.target.values())
+    V = op.layout.unflatten_columns(torch.randn(op.n, n_columns, dtype=torch.float64), op.compute_dtype)
+
+    def gradient():
+        leaves = [p.detach().requires_grad_() for p in params]
+        loss = op.batch_loss(dict(zip(op.param_names, leaves)), batch)
+        return torch.autograd.grad(loss, leaves)
+
+    with op.context():
+        apply = op.batch_product(batch)
+        apply(V)
+        times = {"gradient_seconds": [], "graph_build_seconds": [], "hvp_block_seconds": []}
+        for _ in range(repeats):
+            times["gradient_seconds"].append(timed(gradient, "cpu", clock="process"))
+            times["graph_build_seconds"].append(timed(lambda: op.batch_product(batch), "cpu", clock="process"))
+            times["hvp_block_seconds"].append(timed(lambda: apply(V), "cpu", clock="process"))
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out["hvp_block_columns"] = n_columns
+    out["hvp_per_column_vs_gradient"] = out["hvp_block_seconds"] / n_columns / out["gradient_seconds"]
+    return out
+
+
 def print_slq(r: dict) -> None:
     print(f"SLQ m={r['m']}, {r['n_probes']} probes, {r['model']['n_params']} params, batches {r['model']['batches']}, "
           f"{r['clock']}, median of {r['repeats']}:")
@@ -222,6 +254,11 @@ def print_slq(r: dict) -> None:
         print(f"  {name:<18} sequential {t['sequential']:7.2f} s  lockstep {t['lockstep']:7.2f} s  "
               f"ratio {r['ratio_lockstep_vs_sequential'][name]:.2f}  max rel. node diff "
               f"{agree['max_node_difference_relative']:.1e}")
+    c = r["components"]
+    print(f"  per batch: gradient {c['gradient_seconds']:.3f} s, graph build {c['graph_build_seconds']:.3f} s, "
+          f"{c['hvp_block_columns']}-column HVP block {c['hvp_block_seconds']:.3f} s "
+          f"({c['hvp_per_column_vs_gradient']:.2f}x a gradient per column); lockstep floor (HVPs only) "
+          f"{c['lockstep_floor_seconds']:.2f} s = {c['lockstep_floor_ratio_vs_sequential']:.2f}x sequential")
 
 
 def top_eigenvalue_comparison(op, curvlinops_op) -> dict:
