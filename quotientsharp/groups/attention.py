@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from ..geodesic import integrate_geodesic
+from ..geodesic import GLBlockODE, differentiable_endpoint, geodesic_order, geodesic_trajectory
 from . import gl_math as M
 from .base import Params, SymmetryGroup
 from .gl_math import SingularHeadError  # noqa: F401  (re-exported: raised by AttentionGL)
@@ -531,7 +531,13 @@ class AttentionGL(SymmetryGroup):
 
     def geodesic_vjp(self, w: Params, xi: Params, cotangent: Params, order: int | str = 2, **ode_kw) -> dict:
         """Order 2: ``J^T c = c - 1/2 (D Gamma_w(xi, xi))^T c`` in closed form on the blocks
-        (:func:`gl_math.gl_christoffel_vjp`); other orders by autograd."""
+        (:func:`gl_math.gl_christoffel_vjp`); ``"exact"``/``"ode"``: the discrete adjoint of the RK4
+        integration (:meth:`GeodesicTrajectory.vjp <quotientsharp.geodesic.GeodesicTrajectory.vjp>`,
+        reusing the one :meth:`geodesic_ode` kept for the same ``w``, ``xi`` and options); order 1
+        by the base class."""
+        order = geodesic_order(order)
+        if order in ("exact", "ode"):
+            return self._geodesic_ode_vjp(w, xi, cotangent, **ode_kw)
         if order != 2:
             return super().geodesic_vjp(w, xi, cotangent, order, **ode_kw)
 
@@ -540,27 +546,94 @@ class AttentionGL(SymmetryGroup):
             return c[0] - 0.5 * dG, c[1] - 0.5 * dH
         return self._run(w, [xi, cotangent], vjp)
 
+    def _geodesic_ode_vjp(self, w: Params, xi: Params, cotangent: Params, n_steps: int = 64,
+                          tol: float | None = 1e-10) -> dict:
+        """``J^T c`` of ``xi -> geodesic_ode(w, xi, 1, n_steps, tol)`` by the discrete adjoint of
+        the run :meth:`geodesic_ode` kept for the same inputs (else a new run)."""
+        pins = tuple(w[n] for n in self.names) + tuple(xi[n] for n in self.names)
+        key = (tuple((id(x), x._version) for x in pins), 1.0, n_steps, tol)
+        cached = getattr(self, "_ode_cache", None)
+        run = cached[2] if cached is not None and cached[0] == key else self._geodesic_ode_run(w, xi, 1.0, n_steps, tol)
+        return run.vjp_xi(cotangent)
+
     def whiten(self, w: Params, zeta: Params) -> dict:
         return self._run(w, [zeta], lambda s, f, W, z: M.gl_whiten(self.metric, f, *z))
 
     def geodesic_ode(self, w: Params, xi: Params, t: float = 1.0, n_steps: int = 64,
                      tol: float | None = 1e-10) -> dict:
-        """RK4 on the stacked blocks ``(G, H)`` themselves (spec §6.5): P(t), Q(t) and the
-        relaxation are recomputed at every stage; a Gram matrix turning singular (eps = 0)
-        raises ``ValueError``."""
-        labels = self.labels(w)
-        pack = lambda blocks: {f"{k}{s}": X for s, GH in enumerate(blocks) for k, X in zip("GH", GH)}  # noqa: E731
+        """RK4 on the stacked blocks ``(G, H)`` (spec §6.5), in the exact compressed coordinates
+        of :class:`~quotientsharp.geodesic.GLBlockODE` (rows ``[G, xG] = U Y``, all stacks of one
+        head dimension in one batch): P(t), Q(t) and the relaxation are recomputed at every
+        stage; a Gram matrix turning singular (eps = 0: not positive definite at a stage, or
+        singular at either end) raises :class:`SingularHeadError`. The
+        integration is kept for :meth:`geodesic_vjp` (its discrete adjoint); under autograd the
+        endpoint is differentiable through the same adjoint."""
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (*w.values(), *xi.values())):
+            return differentiable_endpoint(lambda w_, xi_: self._geodesic_ode_run(w_, xi_, t, n_steps, tol),
+                                           self.restrict(w), {n: xi[n] for n in self.names})
+        return self._geodesic_ode_run(w, xi, t, n_steps, tol).end
 
-        def christoffel(wd, vd):
-            out = {}
-            for s, lab in enumerate(labels):
-                G, H = wd[f"G{s}"], wd[f"H{s}"]
-                f = M.gl_factors(G, H, self.metric, self.eps_rel, self.eps, lab, for_projection=False)
-                out[f"G{s}"], out[f"H{s}"] = M.gl_christoffel(self.metric, f, G, H, vd[f"G{s}"], vd[f"H{s}"])
-            return out
+    def _geodesic_ode_run(self, w: Params, xi: Params, t: float, n_steps: int, tol: float | None):
+        """Integrate (no graph) and keep the run for :meth:`geodesic_vjp`; returns an object with
+        ``end`` (the endpoint dict) and ``vjp(cot) -> (dL/dw, dL/dxi)``."""
+        self._stacks(w)
+        wb, xb = self.extract(w), self.extract(xi)
+        shapes = [(tuple(G.shape), tuple(H.shape)) for G, H in wb]
+        ode = getattr(self, "_block_ode_cache", None)
+        if ode is None or ode.shapes != shapes:
+            ode = self._block_ode_cache = GLBlockODE(self.metric, shapes, self.eps_rel, self.eps)
+        ode._labels = lambda: self.labels(w)
+        pins = tuple(w[n] for n in self.names) + tuple(xi[n] for n in self.names)
+        key = (tuple((id(x), x._version) for x in pins), float(t), n_steps, tol)
+        group = self
+        with torch.no_grad():
+            wc, vc, bases = ode.compress(wb, xb)
+            checked = getattr(self, "_ode_checked", None)
+            if checked is None or checked[0] != key[0][:len(self.names)]:
+                ode.check(wc)  # the geodesic starts on the full-rank manifold (once per base point)
+                self._ode_checked = (key[0][:len(self.names)], pins[:len(self.names)])
+            if not bool(torch.stack([x.abs().amax() for _, x in vc.items()]).amax() > 0):
+                # xi = 0: the geodesic stays at w and the RK4 map's Jacobian there is exactly I
+                # (Gamma is quadratic in the velocity), so the endpoint is w and J^T c = c
 
-        end = integrate_geodesic(christoffel, pack(self.extract(w)), pack(self.extract(xi)), t, n_steps, tol)
-        return self.insert(w, [(end[f"G{s}"], end[f"H{s}"]) for s in range(len(labels))])
+                class Still:
+                    end = self.insert(w, wb)
+
+                    def vjp(self, cot):
+                        return {n: cot[n] for n in group.names}, {n: cot[n] for n in group.names}
+
+                    def vjp_xi(self, cot):
+                        return {n: cot[n] for n in group.names}
+                self._ode_cache = (key, pins, Still())
+                return self._ode_cache[2]
+            ode.start()  # and stays there: Cholesky of every stage, eigenvalues at the end
+            traj = geodesic_trajectory(ode.christoffel, wc, vc, t, n_steps, tol, linearize=ode.linearize)
+            ode.finish(traj.end)
+            end = self.insert(w, ode.expand(traj.end, bases, [x.dtype for x, _ in wb]))
+
+        class Run:
+            def vjp(self, cot: Params) -> tuple[dict, dict]:
+                with torch.no_grad():
+                    cb = group.extract(cot)
+                    cc, perps = ode.compress_cotangent(cb, bases)
+                    dw, dv = traj.vjp(cc)
+                    dws = ode.expand_cotangent(dw, bases, perps, [x.dtype for x, _ in wb])
+                    dvs = ode.expand_cotangent(dv, bases, perps, [x.dtype for x, _ in xb])
+                    # entries of w outside the blocks pass through the endpoint unchanged
+                    return (group.insert({n: cot[n] for n in group.names}, dws),
+                            group.insert({n: torch.zeros_like(xi[n]) for n in group.names}, dvs))
+
+            def vjp_xi(self, cot: Params) -> dict:
+                with torch.no_grad():
+                    cc, perps = ode.compress_cotangent(group.extract(cot), bases)
+                    _, dv = traj.vjp(cc)
+                    dvs = ode.expand_cotangent(dv, bases, perps, [x.dtype for x, _ in xb])
+                    return group.insert({n: torch.zeros_like(xi[n]) for n in group.names}, dvs)
+
+        run = Run()
+        run.end, run.traj = end, traj
+        self._ode_cache = (key, pins, run)  # pins keep the ids of the key from being reused
+        return run
 
     def kernel_dimension(self, w: Params) -> int:
         """``sum over heads of h^2 - (h - rk G)(h - rk H)`` (``h^2`` per head at full rank)."""
