@@ -9,15 +9,27 @@ two steps; "resident" memory is exact: the live tensors (weights, grads, optimiz
 state) after those steps. Writes
 ``benchmarks/results/optim_step.json`` and prints a table.
 
+Clock: on CPU this process's CPU time (``benchmarks/timing.py``, ``clock="process"``: other jobs on
+shared cores do not count; one torch thread), on CUDA synchronised wall time. Allocator: on CPU
+with glibc, ``--malloc no-trim`` (default) fixes glibc's trim and mmap thresholds (``mallopt``, as
+``MALLOC_TRIM_THRESHOLD_``/``MALLOC_MMAP_THRESHOLD_`` would) so that freed activation memory stays in
+the heap, as with jemalloc/tcmalloc or a GPU caching allocator. With glibc's default dynamic
+thresholds, whether a step's short-lived tensors (MESA's no-grad teacher forward on top of the
+student's saved activations) are handed back to the OS and page-faulted in again on the next step
+depends on the heap layout left by everything else in the process: it added 0–16% of an SGD step
+to MESA from run to run. ``minor_page_faults_per_step`` records it; ``--malloc default`` keeps
+glibc's behaviour.
+
     python benchmarks/optim_step.py --quick      # < 1 minute on 2 CPU cores
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import statistics
-import time
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +41,16 @@ from torch.profiler import ProfilerActivity, profile
 from quotientsharp.models.vit import TinyViT
 from quotientsharp.optim import ASAM, MESA, RSAM, SAF, SAM, GeodesicSAM
 
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/timing.py
+from timing import timed  # noqa: E402
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
 METHODS = ("SGD", "SAM", "ASAM", "RSAM", "SAF", "MESA", "GeodesicSAM")
+TEACHER_FORWARD = "MESA teacher forward"
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (indices, images, labels)
 SGD_KWARGS = dict(lr=0.05, momentum=0.9)
 
@@ -106,18 +127,32 @@ def warm_up(step: Callable[[Batch], None], batches: list[Batch]) -> None:
         step(b)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def time_steps(step: Callable[[Batch], None], batches: list[Batch], n_steps: int,
+               device: torch.device) -> tuple[float, float]:
+    """(seconds per step, minor page faults per step) over ``n_steps`` steps."""
+    def run() -> None:
+        for i in range(n_steps):
+            step(batches[i % len(batches)])
+
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+    seconds = timed(run, str(device), clock="process")
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) if resource else float("nan")
+    return seconds / n_steps, faults / n_steps
 
 
-def time_steps(step: Callable[[Batch], None], batches: list[Batch], n_steps: int, device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    for i in range(n_steps):
-        step(batches[i % len(batches)])
-    synchronize(device)
-    return (time.perf_counter() - start) / n_steps
+def set_malloc(mode: str) -> str:
+    """``"no-trim"``: glibc keeps freed memory (trim threshold 1 GiB, mmap threshold 32 MiB, no
+    dynamic adjustment); ``"default"``: glibc's dynamic thresholds. Returns what was done."""
+    if mode == "default":
+        return "glibc default (dynamic trim/mmap thresholds)"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return "not glibc: allocator left as is"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 32 << 20)):
+        return "mallopt refused: glibc default"
+    return "glibc mallopt: M_TRIM_THRESHOLD=1 GiB, M_MMAP_THRESHOLD=32 MiB (no trimming)"
 
 
 def live_tensor_bytes(exclude: set[int]) -> int:
@@ -175,12 +210,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=31, help="timed rounds (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--malloc", choices=("no-trim", "default"), default="no-trim",
+                        help="CPU glibc allocator thresholds (see the module docstring)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "optim_step.json")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.rounds = 4, 15
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    malloc = set_malloc(args.malloc) if device.type == "cpu" else "CUDA caching allocator"
     batches = make_batches(args.batches, args.batch_size, device)
     num_samples = args.batches * args.batch_size
 
@@ -191,12 +229,20 @@ def main() -> None:
     steps = {m: build(m, num_samples, device) for m in METHODS}
     for step in steps.values():
         warm_up(step, batches)
-    rounds: dict[str, list[float]] = {m: [] for m in METHODS}
+    mesa_opt = steps["MESA"].optimizer  # type: ignore[attr-defined]
+    # MESA's floor: its teacher's no-grad forward alone, timed like a step (not a method).
+    steps[TEACHER_FORWARD] = lambda batch: mesa_opt.teacher_logits(batch[1])
+    timed_names = (*METHODS, TEACHER_FORWARD)
+    rounds: dict[str, list[float]] = {m: [] for m in timed_names}
+    faults: dict[str, list[float]] = {m: [] for m in timed_names}
     for r in range(args.rounds):
-        order = METHODS[r % len(METHODS):] + METHODS[: r % len(METHODS)]  # rotate to spread drift
+        order = timed_names[r % len(timed_names):] + timed_names[: r % len(timed_names)]  # spread drift
         for m in order:
-            rounds[m].append(time_steps(steps[m], batches, args.steps, device))
+            seconds_per_step, faults_per_step = time_steps(steps[m], batches, args.steps, device)
+            rounds[m].append(seconds_per_step)
+            faults[m].append(faults_per_step)
     seconds = {m: statistics.median(ts) for m, ts in rounds.items()}
+    teacher_forward = seconds.pop(TEACHER_FORWARD)
 
     saf_opt = steps["SAF"].optimizer  # type: ignore[attr-defined]
     result = {
@@ -205,8 +251,11 @@ def main() -> None:
         "memory_ratio_vs_sgd": {m: peak[m] / peak["SGD"] for m in METHODS},
         "memory_ratio_vs_sam": {m: peak[m] / peak["SAM"] for m in METHODS},
         "resident_memory_ratio_vs_sgd": {m: resident[m] / resident["SGD"] for m in METHODS},
+        "mesa_teacher_forward_vs_sgd": teacher_forward / seconds["SGD"],
+        "mesa_floor_vs_sgd": "1 + mesa_teacher_forward_vs_sgd: MESA's one extra (no-grad) forward per step",
         "step_seconds_median": seconds,
         "step_seconds_rounds": rounds,
+        "minor_page_faults_per_step": {m: statistics.median(f) for m, f in faults.items()},
         "peak_memory_bytes": peak,
         "resident_memory_bytes": resident,
         "extra_resident_bytes_vs_sgd": {m: resident[m] - resident["SGD"] for m in METHODS},
@@ -218,6 +267,8 @@ def main() -> None:
             "batch_size": args.batch_size, "batches": args.batches, "steps_per_round": args.steps,
             "rounds": args.rounds, "threads": args.threads, "device": str(device),
             "torch": torch.__version__, "quick": args.quick,
+            "clock": "CUDA-synchronised wall time" if device.type == "cuda" else "process CPU time",
+            "malloc": malloc,
             "memory_method": ("peak: cuda max_memory_allocated" if device.type == "cuda"
                               else "peak: profiler allocation trace (op granularity)")
             + "; resident: live tensor storages after build + 2 steps",
@@ -233,6 +284,8 @@ def main() -> None:
               f"{result['time_ratio_vs_sam'][m]:9.2f} {peak[m] / 2**20:9.2f} "
               f"{result['memory_ratio_vs_sgd'][m]:9.2f} {result['memory_ratio_vs_sam'][m]:9.2f} "
               f"{resident[m] / 2**20:13.3f} {result['resident_memory_ratio_vs_sgd'][m]:13.2f}")
+    print(f"MESA's teacher forward alone: {result['mesa_teacher_forward_vs_sgd']:.2f}x an SGD step "
+          f"(MESA's floor: {1 + result['mesa_teacher_forward_vs_sgd']:.2f}x)")
     print(f"wrote {args.out}")
 
 

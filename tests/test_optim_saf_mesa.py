@@ -177,3 +177,86 @@ def test_mesa_ema_horizon_and_state_dict_round_trip():
     assert opt2.epoch == 0
     for a, b in zip(opt.teacher.state_dict().values(), opt2.teacher.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_mesa_steps_equal_a_reference_implementation_of_the_spec():
+    """Spec §5 written out: z_T from a no-grad eval-mode deep copy, loss = CE + λ·τ²·KL when
+    E_start < e, base step, then v ← β·v + (1−β)·θ on floating state (integer buffers copied)."""
+    import copy
+
+    decay, lam, tau, start = 0.7, 0.8, 2.0, 0
+    model = bn_model().double()
+    ref_model = copy.deepcopy(model)
+    ref_teacher = copy.deepcopy(ref_model).eval()
+    sgd = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
+    opt = MESA(model.parameters(), torch.optim.SGD, model=model, decay=decay, lam=lam, tau=tau, start_epoch=start, **sgd)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), **sgd)
+    gen = torch.Generator().manual_seed(1)
+    kls = []
+    for epoch in range(3):  # epoch 0: CE only; epochs 1, 2: CE + λ·KL
+        opt.set_epoch(epoch)
+        for i in range(2):
+            x = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+            y = torch.randint(0, 2, (8,), generator=gen)
+            z_ref = ref_model(x)
+            ref_loss = F.cross_entropy(z_ref, y)
+            if start < epoch:
+                with torch.no_grad():
+                    z_teacher = ref_teacher(x)
+                kl = kl_by_hand(z_ref, z_teacher, tau)
+                kls.append(kl.item())
+                ref_loss = ref_loss + lam * kl
+            ref_opt.zero_grad()
+            ref_loss.backward()
+            ref_opt.step()
+            with torch.no_grad():
+                student_state = ref_model.state_dict()
+                for k, v in ref_teacher.state_dict().items():
+                    v.copy_(decay * v + (1 - decay) * student_state[k] if v.is_floating_point() else student_state[k])
+
+            if i == 0:
+                loss = opt.loss(model(x), y, x)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            else:
+                loss = opt.step(lambda: _backward(opt.loss(model(x), y, x)))
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-13, atol=0)
+    assert min(kls) > 1e-6  # the KL is on and its gradient reached the student
+    for (k, v), ref in zip(model.state_dict().items(), ref_model.state_dict().values()):
+        torch.testing.assert_close(v, ref, rtol=1e-12, atol=1e-14, msg=k)
+    for (k, v), ref in zip(opt.teacher.state_dict().items(), ref_teacher.state_dict().values()):
+        torch.testing.assert_close(v, ref, rtol=1e-12, atol=1e-14, msg=k)
+    assert opt.teacher.state_dict()["1.num_batches_tracked"].item() == 6
+
+
+class _KeywordModel(nn.Module):
+    """Keyword inputs, output with a ``.logits`` attribute (HuggingFace style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+
+    def forward(self, features, shift):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.linear(features) + shift)
+
+
+def test_mesa_teacher_logits_take_tensor_tuple_and_dict_inputs_and_join_autograd():
+    torch.manual_seed(0)
+    model = _KeywordModel()
+    opt = MESA(model.parameters(), torch.optim.SGD, model=model, start_epoch=0, lr=0.1)
+    x, shift = torch.randn(4, 3), torch.randn(4, 2)
+    expected = opt.teacher.linear(x).detach() + shift
+    for inputs in ({"features": x, "shift": shift}, (x, shift)):
+        z_teacher = opt.teacher_logits(inputs)
+        torch.testing.assert_close(z_teacher, expected)
+        assert not z_teacher.is_inference() and not z_teacher.requires_grad
+    linear = nn.Linear(3, 2)
+    opt = MESA(linear.parameters(), torch.optim.SGD, model=linear, start_epoch=0, lr=0.1)
+    torch.testing.assert_close(opt.teacher_logits(x), linear(x).detach())
+    opt.set_epoch(1)
+    loss = opt.loss(linear(x) * 2, torch.tensor([0, 1, 0, 1]), x)  # KL ≠ 0: its graph backpropagates
+    loss.backward()
+    assert linear.weight.grad is not None and torch.isfinite(linear.weight.grad).all()
