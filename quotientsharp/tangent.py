@@ -5,7 +5,7 @@ tangent vector has the shape, dtype and device of the parameter it perturbs.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
@@ -53,8 +53,8 @@ def zeros_like(xi: Mapping[str, torch.Tensor]) -> Tangent:
 
 
 def add(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], alpha: float = 1.0) -> Tangent:
-    """``a + alpha * b`` over the names of ``a``."""
-    return {n: a[n] + alpha * b[n] for n in a}
+    """``a + alpha * b`` over the names of ``a`` (one fused pass per tensor)."""
+    return {n: torch.add(a[n], b[n], alpha=alpha) for n in a}
 
 
 def sub(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> Tangent:
@@ -68,14 +68,63 @@ def scale(a: Mapping[str, torch.Tensor], c) -> Tangent:
 
 
 def lincomb(*terms: tuple[float, Mapping[str, torch.Tensor]]) -> Tangent:
-    """``sum_i c_i * a_i`` for ``terms = ((c_1, a_1), (c_2, a_2), ...)``."""
-    names = terms[0][1].keys()
-    return {n: sum(c * a[n] for c, a in terms) for n in names}
+    """``sum_i c_i * a_i`` for ``terms = ((c_1, a_1), (c_2, a_2), ...)``: one new tensor per
+    name, accumulated in place (no temporary per term)."""
+    (c0, a0), rest = terms[0], terms[1:]
+    out = {n: c0 * t for n, t in a0.items()}
+    for c, a in rest:
+        for n, t in out.items():
+            t.add_(a[n], alpha=c)
+    return out
+
+
+def lincomb_(c0, a0: dict[str, torch.Tensor], *terms: tuple[float, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``a0 <- c0 * a0 + sum_i c_i * a_i`` in place (``a0``'s tensors are the caller's own
+    temporaries); returns ``a0``."""
+    for n, t in a0.items():
+        t.mul_(c0)
+        for c, a in terms:
+            t.add_(a[n], alpha=c)
+    return a0
+
+
+def scale_(a: dict[str, torch.Tensor], c) -> dict[str, torch.Tensor]:
+    """``a *= c`` in place (for tensors the caller owns); returns ``a``."""
+    for t in a.values():
+        t.mul_(c)
+    return a
+
+
+CHUNK = 1 << 20
+"""Elements per chunk of :func:`chunked_sum`: its temporaries (4-8 MB) come from the allocator's
+heap, while a temporary of a whole embedding matrix (~100 MB) is a fresh ``mmap`` whose page
+faults cost ~10x the arithmetic on CPU."""
+
+
+def chunked_sum(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor,
+                masked_fn: Callable[..., torch.Tensor] | None = None, masked_chunks: Iterable[int] = ()) -> torch.Tensor:
+    """``fn(*tensors).sum()`` for an elementwise ``fn`` of same-shaped tensors, evaluated on
+    chunks of :data:`CHUNK` elements (contiguous tensors) so that no full-size temporary is made;
+    each chunk is summed pairwise as ``Tensor.sum`` does (accurate in float32, unlike a BLAS dot).
+    Chunks whose index is in ``masked_chunks`` use ``masked_fn`` instead (a small tensor, or a
+    non-contiguous one, is one chunk: index 0)."""
+    masked_chunks = frozenset(masked_chunks)
+    first = tensors[0]
+    if first.numel() <= CHUNK or not all(t.is_contiguous() for t in tensors):
+        return (masked_fn if masked_chunks else fn)(*tensors).sum()
+    flat = [t.view(-1) for t in tensors]
+    return sum((masked_fn if i // CHUNK in masked_chunks else fn)(*(f[i : i + CHUNK] for f in flat)).sum()
+               for i in range(0, first.numel(), CHUNK))
+
+
+def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a * b
 
 
 def dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Euclidean (Frobenius) inner product ``sum_n <a_n, b_n>``, a 0-d tensor."""
-    return sum((a[n] * b[n]).sum() for n in a)
+    """Euclidean (Frobenius) inner product ``sum_n <a_n, b_n>``, a 0-d tensor (no full-size
+    temporaries: :func:`chunked_sum`)."""
+    return sum(chunked_sum(_product, a[n], b[n]) for n in a)
 
 
 def restrict(a: Mapping[str, torch.Tensor], names: Iterable[str]) -> Tangent:

@@ -297,7 +297,7 @@ class SymmetryGroup(abc.ABC):
         order = geodesic_order(order)
         if order == 1:
             wr = self.restrict(w)
-            return {n: wr[n] + t * xi[n] for n in self.names}
+            return {n: torch.add(wr[n], xi[n], alpha=t) for n in self.names}
         if order == 2:
             return self.geodesic_2nd(w, xi, t)
         if order == "exact":

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import tangent as T
 from .base import Params, SymmetryGroup
 
 
@@ -38,6 +39,16 @@ class _Trivial(SymmetryGroup):
         return self.masked_count(w)
 
 
+def _adaptive_product(xi: torch.Tensor, zeta: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``xi zeta / w^2`` elementwise for ``w`` without zeros (``w^2`` clamped to the dtype's tiny)."""
+    return (xi * zeta).div_((w * w).clamp_min_(torch.finfo(w.dtype).tiny))
+
+
+def _masked_adaptive_product(xi: torch.Tensor, zeta: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """:func:`_adaptive_product` with 0 where ``w = 0`` (``0/0 := 0``: masked coordinates)."""
+    return torch.where(w != 0, _adaptive_product(xi, zeta, w), 0.0)
+
+
 class PositiveRescaling(_Trivial):
     """Adaptive metric on the named parameters. Group element: ``{name: a}`` with ``a > 0``."""
 
@@ -56,28 +67,52 @@ class PositiveRescaling(_Trivial):
                                                  device=dev)).to(w[n])
                 for n in self.names}
 
-    def _mask(self, w: Params) -> dict:
-        return {n: w[n] != 0 for n in self.names}
-
     def masked_count(self, w: Params) -> int:
         """Number of zero entries, whose perturbation is forced to 0."""
         return int(sum((w[n] == 0).sum() for n in self.names))
 
-    def _inv_sq(self, w: Params) -> dict:
+    def _zeros(self, w: Params) -> dict[str, tuple[torch.Tensor, frozenset]]:
+        """For each tensor holding exact zeros: their flat indices and the :func:`~quotientsharp.tangent.chunked_sum`
+        chunks containing them (cached per base point; usually a few biases and an embedding's padding row)."""
         def build(wr):
-            return {n: torch.where(t != 0, 1.0 / (t * t).clamp_min(torch.finfo(t.dtype).tiny), 0.0)
-                    for n, t in wr.items()}
+            out = {}
+            for n, t in wr.items():
+                index = torch.nonzero(t.reshape(-1) == 0).view(-1)
+                if index.numel():
+                    chunks = frozenset((index // T.CHUNK).tolist()) if t.numel() > T.CHUNK else frozenset({0})
+                    out[n] = (index, chunks)
+            return out
         return self._cached(w, build)
 
     def inner(self, w: Params, xi: Params, zeta: Params) -> torch.Tensor:
-        s = self._inv_sq(w)
-        return sum((xi[n] * zeta[n] * s[n]).sum() for n in self.names)
+        """``sum xi zeta / w^2`` (0 where ``w = 0``), without full-size temporaries."""
+        zeros = self._zeros(w)
+        return sum(T.chunked_sum(_adaptive_product, xi[n], zeta[n], w[n], masked_fn=_masked_adaptive_product,
+                                 masked_chunks=zeros[n][1] if n in zeros else ())
+                   for n in self.names)
 
     def horizontal_projection(self, w: Params, xi: Params) -> dict:
-        return {n: torch.where(w[n] != 0, xi[n], 0.0) for n in self.names}
+        """``xi`` with its masked coordinates (``w = 0``) set to 0; tensors already 0 there are
+        returned as they are."""
+        zeros, out = self._zeros(w), {}
+        for n in self.names:
+            if n in zeros and bool(xi[n].reshape(-1)[zeros[n][0]].any()):
+                out[n] = xi[n].clone(memory_format=torch.contiguous_format)
+                out[n].view(-1).index_fill_(0, zeros[n][0], 0.0)
+            else:
+                out[n] = xi[n]
+        return out
 
     def egrad_to_rgrad(self, w: Params, egrad: Params) -> dict:
-        return {n: egrad[n] * w[n] * w[n] for n in self.names}
+        return {n: (egrad[n] * w[n]).mul_(w[n]) for n in self.names}
+
+    def riemannian_gradient(self, w: Params, egrad: Params) -> dict:
+        """``Pi(egrad * w^2)``: one new tensor per name, masked in place."""
+        zeros, out = self._zeros(w), self.egrad_to_rgrad(w, egrad)
+        for n, (index, _) in zeros.items():
+            out[n] = out[n].contiguous()
+            out[n].view(-1).index_fill_(0, index, 0.0)
+        return out
 
     def christoffel(self, w: Params, xi: Params) -> dict:
         """``-xi^2 / w`` (0 where ``w = 0``)."""

@@ -25,7 +25,12 @@ class HorizontalBall:
         self.quotient, self.w0, self.rho = quotient, {n: w0[n] for n in quotient.names}, float(rho)
 
     def zeros(self) -> dict:
-        return T.zeros_like(self.w0)
+        """The zero perturbation (one shared dict: the ascent never writes into it)."""
+        if self._zeros is None:
+            self._zeros = T.zeros_like(self.w0)
+        return self._zeros
+
+    _zeros: dict | None = None
 
     def norm(self, xi: Params) -> float:
         return float(self.quotient.norm(self.w0, xi))
@@ -34,12 +39,13 @@ class HorizontalBall:
         """``P_S(xi)``."""
         return self.shrink(self.quotient.horizontal_projection(self.w0, xi))
 
-    def shrink(self, xi: Params) -> dict:
+    def shrink(self, xi: Params, owned: bool = False) -> dict:
         """``P_S(xi)`` for a horizontal ``xi`` (``Pi xi = xi``): rescale into the ball, restrict to
-        the domain. Every combination of the ascent's iterates and directions is horizontal."""
+        the domain. Every combination of the ascent's iterates and directions is horizontal.
+        ``owned``: ``xi``'s tensors are fresh temporaries of the caller, rescaled in place."""
         n = self.norm(xi)
         if n > self.rho:
-            xi = T.scale(xi, self.rho / n)
+            xi = T.scale_(xi, self.rho / n) if owned else T.scale(xi, self.rho / n)
         return self.quotient.restrict_to_domain(self.w0, xi)
 
     def gaussian(self, generator: torch.Generator) -> dict:
@@ -83,7 +89,11 @@ class HorizontalBall:
         n = float(self.quotient.norm(w0, d))
         if not math.isfinite(n):
             return None
-        return T.scale(d, 1.0 / n) if n > 0 else {}
+        if n == 0:
+            return {}
+        aliased = {k: v for k, v in d.items() if v is egrad.get(k)}  # never rescale egrad in place
+        out = {**T.scale_({k: v for k, v in d.items() if k not in aliased}, 1.0 / n), **T.scale(aliased, 1.0 / n)}
+        return {k: out[k] for k in d}
 
 
 def _power_of_two_normalized(g: Params) -> dict | None:
