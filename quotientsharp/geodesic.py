@@ -36,8 +36,9 @@ GEODESIC_ORDERS: dict[object, int | str] = {
 }
 
 #: memory (bytes) a trajectory may keep for its vector-Jacobian product: the per-stage pullbacks
-#: if they fit, else every step state, else ``~sqrt(n)`` checkpoints (a segment is recomputed)
-TRAJECTORY_MEMORY_BUDGET = 256 * 2**20
+#: if they fit (estimated at 8 states per step), else every step state (each step's stages are
+#: recomputed in the adjoint), else ``~sqrt(n)`` checkpoints (a segment is recomputed)
+TRAJECTORY_MEMORY_BUDGET = 512 * 2**20
 
 
 def geodesic_order(value: object, what: str = "geodesic order") -> int | str:
@@ -141,42 +142,57 @@ _STAGE_WEIGHTS = (1 / 6, 1 / 3, 1 / 3, 1 / 6)
 _STAGE_SHIFTS = (0.0, 0.5, 0.5, 1.0)  # stage i starts at y + shift_i h k_{i-1}
 
 
-def _rk4_step(gamma: Callable, w: dict, v: dict, h: float, record: bool):
+def _rk4_step(gamma: Callable, w: dict, v: dict, h: float, record: bool, velocity: bool = True):
     """One RK4 step ``(w, v) -> (w', v')``; ``gamma(w, v)`` returns ``(Gamma, pullback or None)``.
-    Returns ``(w', v', pullbacks)`` (the 4 stage pullbacks when ``record``)."""
+    Returns ``(w', v', pullbacks)`` (the 4 stage pullbacks when ``record``). With ``velocity``
+    False the last stage's Gamma, which only ``v'`` needs, is skipped (``v'`` and its pullback
+    are ``None``)."""
     g1, b1 = gamma(w, v)
     w2, v2 = _axpy(w, v, h / 2), _axpy(v, g1, -h / 2)
     g2, b2 = gamma(w2, v2)
     w3, v3 = _axpy(w, v2, h / 2), _axpy(v, g2, -h / 2)
     g3, b3 = gamma(w3, v3)
     w4, v4 = _axpy(w, v3, h), _axpy(v, g3, -h)
-    g4, b4 = gamma(w4, v4)
     w_next = _lincomb(w, [(h / 6, v), (h / 3, v2), (h / 3, v3), (h / 6, v4)])
+    if not velocity:
+        return w_next, None, ((b1, b2, b3, None) if record else None)
+    g4, b4 = gamma(w4, v4)
     v_next = _lincomb(v, [(-h / 6, g1), (-h / 3, g2), (-h / 3, g3), (-h / 6, g4)])
     return w_next, v_next, ((b1, b2, b3, b4) if record else None)
 
 
-def _rk4_step_vjp(h: float, aw: dict, av: dict, pullbacks) -> tuple[dict, dict]:
-    """Adjoint of one RK4 step: the cotangent of ``(w, v)`` from that of ``(w', v')``.
+def _rk4_step_vjp(h: float, aw: dict, av: dict | None, pullbacks) -> tuple[dict, dict]:
+    """Adjoint of one RK4 step: the cotangent of ``(w, v)`` from that of ``(w', v')`` (``av``
+    None: zero, as when the step skipped its last Gamma).
 
     With stages ``y_i = y + s_i h k_{i-1}``, ``k_i = f(y_i) = (v_i, -Gamma(w_i, v_i))`` and
     ``y' = y + h sum_i b_i k_i``: ``kbar_i = h b_i abar + s_{i+1} h ybar_{i+1}``,
-    ``ybar_i = J_f(y_i)^T kbar_i``, ``ybar = abar + sum_i ybar_i``."""
-    out_w = {n: x.clone() for n, x in aw.items()}
-    out_v = {n: x.clone() for n, x in av.items()}
-    nxt = None
+    ``ybar_i = J_f(y_i)^T kbar_i = (-p_w, kbar_i^w - p_v)`` with ``(p_w, p_v)`` the pullback of
+    ``Gamma`` at stage i applied to ``kbar_i^v``, and ``ybar = abar + sum_i ybar_i``."""
+    names = list(aw)
+    A_w = [aw[n] for n in names]
+    A_v = [torch.zeros_like(x) for x in A_w] if av is None else [av[n] for n in names]
+    out_w = [x.clone() for x in A_w]
+    out_v = [x.clone() for x in A_v]
+    nxt = None  # (ybar_{i+1}^w, ybar_{i+1}^v)
     for i in (3, 2, 1, 0):
-        if nxt is None:
-            kw, kv = _scaled(aw, h * _STAGE_WEIGHTS[i]), _scaled(av, h * _STAGE_WEIGHTS[i])
+        bh = h * _STAGE_WEIGHTS[i]
+        kw = torch._foreach_mul(A_w, bh)
+        kv = None if av is None and nxt is None else torch._foreach_mul(A_v, bh)
+        if nxt is not None:
+            sh = h * _STAGE_SHIFTS[i + 1]
+            torch._foreach_add_(kw, nxt[0], alpha=sh)
+            torch._foreach_add_(kv, nxt[1], alpha=sh)
+        if pullbacks[i] is None or kv is None:  # zero cotangent on Gamma: ybar_i = (0, kbar_i^w)
+            yw = [torch.zeros_like(x) for x in kw]
         else:
-            kw = _lincomb(_scaled(aw, h * _STAGE_WEIGHTS[i]), [(h * _STAGE_SHIFTS[i + 1], nxt[0])])
-            kv = _lincomb(_scaled(av, h * _STAGE_WEIGHTS[i]), [(h * _STAGE_SHIFTS[i + 1], nxt[1])])
-        dw, dv = pullbacks[i](_scaled(kv, -1.0))
-        yv = _axpy(kw, dv, 1.0)
-        _acc_(out_w, dw)
-        _acc_(out_v, yv)
-        nxt = (dw, yv)
-    return out_w, out_v
+            pw, pv = pullbacks[i](dict(zip(names, kv)))
+            yw = torch._foreach_neg([pw[n] for n in names])
+            torch._foreach_sub_(kw, [pv[n] for n in names])
+            torch._foreach_add_(out_w, yw)
+        torch._foreach_add_(out_v, kw)
+        nxt = (yw, kw)
+    return dict(zip(names, out_w)), dict(zip(names, out_v))
 
 
 def _nbytes(d: Mapping[str, torch.Tensor]) -> int:
@@ -194,7 +210,7 @@ class GeodesicTrajectory:
     t: float
     n_steps: int
     end: dict
-    end_velocity: dict
+    end_velocity: dict | None
     checkpoints: list
     stride: int
     stages: list | None
@@ -207,15 +223,16 @@ class GeodesicTrajectory:
         the discrete RK4 map (discrete adjoint), in float64."""
         n, h = self.n_steps, self.t / self.n_steps
         w0 = self.checkpoints[0][0]
+        if cot_velocity is not None and self.end_velocity is None:
+            raise ValueError("this trajectory was integrated without its end velocity (velocity=False)")
         aw = {k: cot_end[k].to(w0[k].dtype) for k in self.end}
-        av = ({k: torch.zeros_like(x) for k, x in aw.items()} if cot_velocity is None
-              else {k: cot_velocity[k].to(w0[k].dtype) for k in self.end_velocity})
+        av = None if cot_velocity is None else {k: cot_velocity[k].to(w0[k].dtype) for k in self.end_velocity}
         if self.stages is not None:
             for k in reversed(range(n)):
                 aw, av = _rk4_step_vjp(h, aw, av, self.stages[k])
             return aw, av
         plain = lambda w_, v_: (self.christoffel(w_, v_), None)  # noqa: E731
-        lin = lambda w_, v_: self.linearize(w_, v_)  # noqa: E731
+        last_velocity = self.end_velocity is not None
         for j in reversed(range(len(self.checkpoints))):
             start, stop = j * self.stride, min((j + 1) * self.stride, n)
             states = [self.checkpoints[j]]
@@ -223,7 +240,8 @@ class GeodesicTrajectory:
                 w, v, _ = _rk4_step(plain, *states[-1], h, False)
                 states.append((w, v))
             for k in reversed(range(stop - start)):
-                _, _, pbs = _rk4_step(lin, *states[k], h, True)
+                last = start + k == n - 1
+                _, _, pbs = _rk4_step(self.linearize, *states[k], h, True, last_velocity or not last)
                 aw, av = _rk4_step_vjp(h, aw, av, pbs)
                 states[k] = None
         return aw, av
@@ -232,11 +250,13 @@ class GeodesicTrajectory:
 def rk4_trajectory(christoffel: Christoffel, w: Mapping[str, torch.Tensor], xi: Mapping[str, torch.Tensor],
                    t: float = 1.0, n_steps: int = 64, on_step: Callable | None = None,
                    linearize: Linearization | None = None, record: bool = True,
-                   memory_budget: int | None = None) -> GeodesicTrajectory:
+                   memory_budget: int | None = None, velocity: bool = True) -> GeodesicTrajectory:
     """RK4 with ``n_steps`` equal steps (as :func:`rk4_geodesic`, on the given dtype, no autograd
     graph), keeping what :meth:`GeodesicTrajectory.vjp` needs within ``memory_budget`` bytes
-    (default :data:`TRAJECTORY_MEMORY_BUDGET`): the stage pullbacks (about 12 states per step)
-    if they fit, else every step state, else every ``ceil(sqrt(n))``-th."""
+    (default :data:`TRAJECTORY_MEMORY_BUDGET`): the stage pullbacks (about 8 states per step)
+    if they fit, else every step state, else every ``ceil(sqrt(n))``-th. ``velocity=False``
+    skips the one Gamma evaluation only the end velocity needs (``end_velocity`` is then
+    ``None``)."""
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     linearize = linearize or autograd_linearization(christoffel)
@@ -244,13 +264,13 @@ def rk4_trajectory(christoffel: Christoffel, w: Mapping[str, torch.Tensor], xi: 
     h = t / n_steps
     w, v = dict(w), dict(xi)
     state = 2 * _nbytes(w)
-    keep_stages = record and n_steps * 12 * state <= budget
+    keep_stages = record and n_steps * 8 * state <= budget
     stride = 1 if n_steps * state <= budget else math.ceil(math.sqrt(n_steps))
     gamma = linearize if keep_stages else (lambda w_, v_: (christoffel(w_, v_), None))
     checkpoints, stages = [(w, v)], ([] if keep_stages else None)
     with torch.no_grad():
         for k in range(n_steps):
-            w, v, pbs = _rk4_step(gamma, w, v, h, keep_stages)
+            w, v, pbs = _rk4_step(gamma, w, v, h, keep_stages, velocity or k + 1 < n_steps)
             if keep_stages:
                 stages.append(pbs)
             if on_step is not None:
@@ -264,14 +284,14 @@ def rk4_trajectory(christoffel: Christoffel, w: Mapping[str, torch.Tensor], xi: 
 def geodesic_trajectory(christoffel: Christoffel, w: Mapping[str, torch.Tensor], xi: Mapping[str, torch.Tensor],
                         t: float = 1.0, n_steps: int = 64, tol: float | None = 1e-10, max_steps: int = 4096,
                         on_step: Callable | None = None, linearize: Linearization | None = None,
-                        memory_budget: int | None = None) -> GeodesicTrajectory:
+                        memory_budget: int | None = None, velocity: bool = True) -> GeodesicTrajectory:
     """The accepted RK4 integration of :func:`integrate_geodesic` (float64 states), kept for its
     vector-Jacobian product: ``n_steps`` steps when ``tol`` is None, else the first ``2n`` of the
     step doubling ``n = n_steps, 2 n_steps, ...`` whose endpoint is within ``tol * ||xi|| |t|`` of
     the ``n``-step one."""
     w64 = {n: p.detach().to(torch.float64) for n, p in w.items()}
     xi64 = {n: p.detach().to(torch.float64) for n, p in xi.items()}
-    kw = dict(on_step=on_step, linearize=linearize, memory_budget=memory_budget)
+    kw = dict(on_step=on_step, linearize=linearize, memory_budget=memory_budget, velocity=velocity)
     traj = rk4_trajectory(christoffel, w64, xi64, t, n_steps, record=tol is None, **kw)
     if tol is None:
         return traj

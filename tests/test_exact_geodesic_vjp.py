@@ -159,9 +159,10 @@ def test_checkpointed_adjoint_equals_stored_one(budget, monkeypatch):
     cot = _random_like(xi, 12)
     want, _ = _reference_vjp(gl, w, xi, cot, 10)
     monkeypatch.setattr(geo, "TRAJECTORY_MEMORY_BUDGET", budget)  # 0: sqrt(n) checkpoints
-    gl._ode_cache = None
-    assert _rel(gl.geodesic_vjp(w, xi, cot, order="ode", n_steps=10, tol=None), want) < 1e-10
+    gl.geodesic_ode(w, xi, n_steps=10, tol=None)
     stored = gl._ode_cache[2].traj
+    assert _rel(gl.geodesic_vjp(w, xi, cot, order="ode", n_steps=10, tol=None), want) < 1e-10
+    assert gl._ode_cache is None  # the kept integration is released once its VJP is served
     assert (stored.stages is None) == (budget == 0)
     assert len(stored.checkpoints) == (3 if budget == 0 else 1)  # stride ceil(sqrt(10)) = 4: steps 0, 4, 8
 
@@ -200,3 +201,13 @@ def test_a_gram_matrix_turning_singular_on_the_way_is_an_error():
     xi = {"G": torch.ones(3, 2, dtype=DT), "H": torch.ones(3, 2, dtype=DT)}
     with pytest.raises(SingularHeadError, match="singular Gram matrix"):
         gl.geodesic_ode({"G": torch.zeros(3, 2, dtype=DT), "H": G[0]}, xi, n_steps=2, tol=None)
+
+
+def test_zero_velocity_endpoint_and_vjp():
+    gl, w = _tinyvit_group("mix")
+    xi = {n: torch.zeros_like(w[n]) for n in gl.names}
+    cot = _random_like(xi, 16)
+    end = gl.geodesic(w, xi, order="exact", n_steps=4, tol=None)
+    assert all(torch.equal(end[n], w[n]) for n in gl.names)
+    want, _ = _reference_vjp(gl, w, xi, cot, 4)  # the RK4 map's Jacobian at xi = 0 is I
+    assert _rel(gl.geodesic_vjp(w, xi, cot, order="exact", n_steps=4, tol=None), want) < 1e-14

@@ -392,18 +392,26 @@ class AttentionGL(SymmetryGroup):
         self._layout_cache = (stacks, out)
         return out
 
-    def _views(self, v: Params, s: int) -> tuple[M.Views, M.Views]:
+    def _views(self, v: Params, s: int, cache: bool = False) -> tuple[M.Views, M.Views]:
         """``(G, H)`` of stack ``s`` of the dict ``v`` as :class:`~quotientsharp.groups.gl_math.Views`
-        into its tensors (no copy)."""
+        into its tensors (no copy); ``cache``: their Gram matrices go through the group's
+        :class:`~quotientsharp.groups.gl_math.GramCache` (inputs only, never outputs being written)."""
         layout = self._layout(v)[s]
         h = self.blocks[self._stacks(v)[s][0]].head_dim
         B = layout[0][-1][1]
+        grams = None
+        if cache:
+            grams = getattr(self, "_gram_cache", None)
+            if grams is None:
+                grams = self._gram_cache = M.GramCache(size=8 * len(self._stacks(v)))  # a few per stack
         return tuple(M.Views([(lo, hi, view) for lo, hi, name, item in side
-                              for view in _piece_views(v[name], item, hi - lo, h)], B, h, side)
+                              for view in _piece_views(v[name], item, hi - lo, h)], B, h, side,
+                             sources=tuple(dict.fromkeys(v[name] for _, _, name, _ in side)) if cache else (),
+                             cache=grams)
                      for side in layout)
 
     def _blocks(self, v: Params, s: int) -> tuple[M.Blocks, M.Blocks]:
-        G, H = self._views(v, s)
+        G, H = self._views(v, s, cache=True)
         return M.Blocks.of(G), M.Blocks.of(H)
 
     def _fast(self, *dicts: Params) -> bool:
@@ -554,6 +562,7 @@ class AttentionGL(SymmetryGroup):
         key = (tuple((id(x), x._version) for x in pins), 1.0, n_steps, tol)
         cached = getattr(self, "_ode_cache", None)
         run = cached[2] if cached is not None and cached[0] == key else self._geodesic_ode_run(w, xi, 1.0, n_steps, tol)
+        self._ode_cache = None  # served: release the kept integration
         return run.vjp_xi(cotangent)
 
     def whiten(self, w: Params, zeta: Params) -> dict:
@@ -607,7 +616,8 @@ class AttentionGL(SymmetryGroup):
                 self._ode_cache = (key, pins, Still())
                 return self._ode_cache[2]
             ode.start()  # and stays there: Cholesky of every stage, eigenvalues at the end
-            traj = geodesic_trajectory(ode.christoffel, wc, vc, t, n_steps, tol, linearize=ode.linearize)
+            traj = geodesic_trajectory(ode.christoffel, wc, vc, t, n_steps, tol, linearize=ode.linearize,
+                                       velocity=False)
             ode.finish(traj.end)
             end = self.insert(w, ode.expand(traj.end, bases, [x.dtype for x, _ in wb]))
 
