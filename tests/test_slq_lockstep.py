@@ -173,7 +173,6 @@ def test_quotient_geometry_batched_over_columns_equals_column_by_column(quotient
         assert torch.allclose(batched, looped, rtol=1e-11, atol=1e-11 * float(looped.abs().max()))
     assert op.vmap_failures == {}  # the attention GL geometry vmaps: no column loop was used
     # the torch.func metric and Christoffel maps against their definitions by double backward
-    point = {n: t.detach().requires_grad_() for n, t in op.point.items()}
     xi = op.to_dict(V[:, 0])
     with torch.enable_grad():
         zeta = {n: torch.zeros_like(t, requires_grad=True) for n, t in op.point.items()}
@@ -182,10 +181,16 @@ def test_quotient_geometry_batched_over_columns_equals_column_by_column(quotient
         gamma = op.quotient.christoffel(op.point, leaf)
         value = 0.5 * sum((op._gradient[n] * gamma[n]).sum() for n in op.param_names)
         christoffel = torch.autograd.grad(value, list(leaf.values()))
-    del point
     assert torch.allclose(op.metric_matvec(V[:, 0]), op.to_flat(dict(zip(op.param_names, metric))), rtol=1e-12, atol=0)
     assert torch.allclose(op.christoffel_matvec(V[:, 0]), op.to_flat(dict(zip(op.param_names, christoffel))),
                           rtol=1e-12, atol=1e-14)
+    # a map with data-dependent control flow does not vmap: served column by column, remembered
+    def scaled_by_sign_of_sum(xi):
+        return {n: t * (1.0 if float(t.sum()) > 0 else -1.0) for n, t in xi.items()}
+
+    looped = torch.stack([op.to_flat(scaled_by_sign_of_sum(op.to_dict(V[:, j]))) for j in range(5)], 1)
+    assert torch.equal(op.map_columns(scaled_by_sign_of_sum, V), looped)
+    assert "scaled_by_sign_of_sum" in op.vmap_failures
     # matmat equals the operator applied column by column
     AV = op.matmat(V)
     assert torch.allclose(AV[:, 2], op.matvec(V[:, 2]), rtol=1e-10, atol=1e-10 * float(AV.abs().max()))
