@@ -81,8 +81,9 @@ def test_finetune_config_uses_the_paper_measurement_protocol(tmp_path):
     assert vit["subset"] | {"seed": 0} == {"n_batches": 8, "batch_size": 256, "seed": 0}
     assert text["subset"] | {"seed": 0} == {"n_batches": 8, "batch_size": 128, "seed": 0}
     assert len(vit["models"]) == 72 and len(text["models"]) == 48
-    assert vit["plan"]["measures"] == study.default_measures() == text["plan"]["measures"]
+    assert vit["plan"]["measures"] == study.default_measures() + ["layer_renyi"] == text["plan"]["measures"]
     assert vit["plan"]["spectral_batches"] == 2 == text["plan"]["spectral_batches"]
+    assert {k: vit["plan"][k] for k in ft.FINETUNE_LAYER_RENYI} == ft.FINETUNE_LAYER_RENYI
 
     key = ft.config_key("vit", vit["pretrain"])
     assert all(hp["pretrained"] == key for hp in vit["models"])
@@ -90,6 +91,22 @@ def test_finetune_config_uses_the_paper_measurement_protocol(tmp_path):
     split = text["pretrain"]["corpus"]["tweets"]
     assert {k: text["data"]["kwargs"][k] for k in ("n_train", "n_test", "seed")} == \
         {k: split[k] for k in ("n_train", "n_test", "seed")}
+
+
+def test_measure_specific_settings_key_only_their_own_units():
+    """Adding per-layer Rényi (and its own plan entries) keeps every committed unit of the fine-tune
+    studies valid: the other measures' unit configs are those stored before it existed."""
+    from pathlib import Path
+
+    from quotientsharp.studies.transformer_measures import unit_settings
+
+    plan = {k: v for k, v in ft.finetune_config("vit", "unused")["plan"].items() if k != "measures"}
+    assert "layer_slq_probes" not in unit_settings(plan, "adaptive")
+    assert unit_settings(plan, "layer_renyi") == plan
+    stored = Path(__file__).parents[1] / "benchmarks/results/finetune/vit/measures/ftvit000"
+    for name in ("adaptive", "geodesic_mix_rel", "hessian_slq", "quotient_renyi"):
+        record = json.loads((stored / f"{name}.json").read_text())
+        assert record["config"]["plan"] == json.loads(json.dumps(unit_settings(plan, name)))
 
 
 # --------------------------------------------------------------------------- pieces

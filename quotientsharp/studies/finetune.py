@@ -389,6 +389,12 @@ def pretrain_config(kind: str, quick: bool = False, seed: int = 0) -> dict:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
+FINETUNE_LAYER_RENYI = {"layer_slq_probes": 2, "layer_batches": 1}
+"""Per-layer Rényi in the fine-tune studies (issue 13 §4): one SLQ run per weight tensor (14 on the
+ViT, 10 on the BERT) with the study's m but 2 probes on the first batch: ~1.2x the cost of the
+full-Hessian SLQ (8 probes on 2 batches) instead of ~14x; one α/layer choice per population."""
+
+
 def finetune_config(kind: str, out: str | Path, *, quick: bool = False, n_models: int | None = None,
                     seed: int = 0, pretrain_dir: str | Path | None = None, hparams: str = "seeds",
                     **plan_overrides) -> dict:
@@ -399,13 +405,14 @@ def finetune_config(kind: str, out: str | Path, *, quick: bool = False, n_models
     (:data:`~quotientsharp.studies.transformer_measures.SPECTRAL_MEASURES`) take the first 2 of them
     (``spectral_batches``; measured: SLQ alone took 217 CPU-s per ViT on all 2048 images, the
     worst-case sharpness measures 13–15 s each). The plan is otherwise the from-scratch studies'
-    (their default measures). Quick: 4 models, 2 batches of 32, the quick plan; text shrinks to
+    (their default measures) plus per-layer Rényi (:data:`FINETUNE_LAYER_RENYI`). Quick: 4 models, 2 batches of 32, the quick plan; text shrinks to
     2k/500 tweets, the ViT fine-tunes run 4 or 6 epochs."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     pre = pretrain_config(kind, quick, seed)
     key = config_key(kind, pre)
-    plan = study.study_config(kind, quick=quick, **({} if quick else {"spectral_batches": 2}) | plan_overrides)["plan"]
+    layer = {"measures": study.default_measures() + ["layer_renyi"], **FINETUNE_LAYER_RENYI}
+    plan = study.study_config(kind, quick=quick, **layer | ({} if quick else {"spectral_batches": 2}) | plan_overrides)["plan"]
     n = n_models or (4 if quick else (72 if kind == "vit" else 48))
     if kind == "vit":
         models = vit_population(n, seed, epochs=(4, 6) if quick else tuple(range(2, 9)))

@@ -56,10 +56,14 @@ def _quotient_renyi(model, batches, plan, seed):
 
 
 def _layer_renyi(model, batches, plan, seed):
-    """Rényi sharpness of every weight tensor's Hessian block (one SLQ run per layer, the study's
-    m, probes and α): values ``layer_renyi_<alpha>@<layer>``."""
-    r = layerwise_renyi(model, batches, F.cross_entropy, alphas=list(plan["alphas"]), m=plan["slq_m"],
-                        n_probes=plan["slq_probes"], seed=seed)
+    """Rényi sharpness of every weight tensor's Hessian block (one SLQ run per layer): values
+    ``layer_renyi_<alpha>@<layer>``. Lanczos steps, probes and batches are ``layer_slq_m``,
+    ``layer_slq_probes`` and ``layer_batches`` when the plan sets them (else the study's ``slq_m``,
+    ``slq_probes`` and spectral batches)."""
+    batches = batches[:plan["layer_batches"]] if plan.get("layer_batches") else batches
+    r = layerwise_renyi(model, batches, F.cross_entropy, alphas=list(plan["alphas"]),
+                        m=plan.get("layer_slq_m", plan["slq_m"]), n_probes=plan.get("layer_slq_probes", plan["slq_probes"]),
+                        seed=seed)
     return r.values(), r.to_dict()
 
 
@@ -82,6 +86,18 @@ MEASURES: dict[str, Callable] = {
 }
 """Measurement units: ``(model, batches, plan, seed) -> (value or {name: value}, details)``.
 Worst-case sharpness at ``plan["rho"]``, average-case at ``plan["rho_average"]``."""
+
+
+MEASURE_SETTINGS: dict[str, tuple[str, ...]] = {"layer_renyi": ("layer_slq_m", "layer_slq_probes", "layer_batches")}
+"""Plan entries that configure one measure only: they belong to that measure's unit key and to no
+other (adding them to a plan leaves every other measure's stored units valid)."""
+
+
+def unit_settings(settings: Mapping[str, Any], name: str) -> dict:
+    """The plan entries that key measure ``name``'s units: ``settings`` without the entries that
+    :data:`MEASURE_SETTINGS` reserves for other measures."""
+    foreign = {k for m, keys in MEASURE_SETTINGS.items() if m != name for k in keys}
+    return {k: v for k, v in settings.items() if k not in foreign}
 
 
 OPT_IN_MEASURES = ("layer_renyi",)

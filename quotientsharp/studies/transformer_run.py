@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..curvature.layerwise import parse_value_name, select_layer_alpha
 from .report import tau_block, tau_table, write_json_atomic, write_models_csv, write_text_atomic
 from .runner import Executor, UnitStore, run_units, sequential
-from .transformer_measures import default_measures, measure_unit
+from .transformer_measures import default_measures, measure_unit, unit_settings
 from .transformer_population import DEFAULT_DATASET, TASKS, population
 from .transformer_training import FROM_SCRATCH, Recipe, majority_rate, save_state_dict, sharpness_batches
 
@@ -125,7 +125,8 @@ def run_study(out: str | Path, config: Mapping[str, Any], progress: bool = True,
         train_unit = {hp["id"]: {"model": hp, "data": config["data"], "arch": arch}}
         trained = run_units(train_store, train_unit, train, progress=False)
         units = {f"{hp['id']}/{name}": {"model": hp["id"], "measure": name, "subset": config["subset"],
-                                        "plan": settings, "hparams": hp} for name in config["plan"]["measures"]}
+                                        "plan": unit_settings(settings, name), "hparams": hp}
+                 for name in config["plan"]["measures"]}
         return trained, run_units(measure_store, units, measure, progress=False)
 
     trained, measured = {}, {}
