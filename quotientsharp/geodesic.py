@@ -4,11 +4,12 @@ vector-Jacobian product.
 Works on any geometry through one callable ``christoffel(w, v) -> Gamma_w(v, v)`` on parameter
 dicts, so a new symmetry group gets exact geodesics for free. The gradient of the integrated
 endpoint is the **discrete adjoint** of RK4 (:meth:`GeodesicTrajectory.vjp`): the exact
-vector-Jacobian product of the RK4 map, computed step by step backward from the stored step states
-(or from checkpoints, recomputing a segment at a time), never through an autograd graph of the
-whole integration. A group supplies the pullback of one Christoffel evaluation through a
-``linearize(w, v) -> (Gamma_w(v, v), pullback)`` callable (closed form for the GL blocks:
-:func:`gl_christoffel_linearization`; autograd by default: :func:`autograd_linearization`).
+vector-Jacobian product of the RK4 map, computed step by step backward from the stored stage
+pullbacks (or from step states or checkpoints, recomputing what is missing), never through an
+autograd graph of the whole integration. A group supplies the pullback of one Christoffel
+evaluation through a ``linearize(w, v) -> (Gamma_w(v, v), pullback)`` callable (autograd by
+default: :func:`autograd_linearization`; closed form for the GL attention blocks, in exact
+compressed coordinates: :class:`GLBlockODE`, :func:`gl_stacked_christoffel`).
 """
 from __future__ import annotations
 
@@ -591,10 +592,12 @@ class GLBlockODE:
 
     # ------------------------------------------------------------------ the ODE
     def christoffel(self, w: Mapping[str, torch.Tensor], v: Mapping[str, torch.Tensor]) -> dict:
+        """``Gamma_w(v, v)`` on the packed coordinates (:func:`gl_stacked_christoffel` per batch)."""
         return {key: gl_stacked_christoffel(self.metric, w[key], v[key], self.eps_rel, self.eps_abs,
                                             infos=self._infos.setdefault(key, []))[0] for key in w}
 
     def linearize(self, w: Mapping[str, torch.Tensor], v: Mapping[str, torch.Tensor]):
+        """``(Gamma_w(v, v), pullback)`` on the packed coordinates (a :data:`Linearization`)."""
         out, pbs = {}, {}
         for key in w:
             out[key], pbs[key] = gl_stacked_christoffel(self.metric, w[key], v[key], self.eps_rel, self.eps_abs,
