@@ -269,3 +269,25 @@ def test_lazy_blocks_algebra_matches_dense_tensors(dtype):
     assert bool(torch.isnan(gaps).all())
     with pytest.raises(ValueError, match="layouts"):
         M.Blocks.of(M.Views(px, B, h, ("other",))).mT @ by
+
+
+@pytest.mark.parametrize("metric", ["mix", "inv"])
+def test_gram_cache_is_shared_and_follows_in_place_changes(metric):
+    """The Christoffel term and its vjp at the same ``xi`` share ``xi^T G`` and ``xi^T H`` (the vjp
+    computes only its new Gram matrices); an in-place change of ``xi`` is seen."""
+    _, group, w = _deep_case(metric)
+    xi, c, _ = vectors(w)
+    group.christoffel(w, xi)
+    computed = []
+    put = group._gram_cache.put
+    group._gram_cache.put = lambda X, Y, value: (computed.append(1), put(X, Y, value))
+    try:
+        out = group.geodesic_vjp(w, xi, c)
+    finally:
+        del group._gram_cache.put
+    n_stacks = len(group.extract(w))
+    assert len(computed) == 4 * n_stacks  # xi^T c and w^T c per factor; xi^T w from the Christoffel term
+    assert rel(out, reference(group, "geodesic_vjp", w, xi, c)) <= 1e-11
+    for t in xi.values():
+        t.mul_(3.0)
+    assert rel(group.geodesic_vjp(w, xi, c), reference(group, "geodesic_vjp", w, xi, c)) <= 1e-11

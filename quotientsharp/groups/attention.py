@@ -149,6 +149,28 @@ def _piece_views(p: torch.Tensor, item: tuple, heads: int, h: int) -> list[torch
     return [p[lo:hi].reshape(heads, r, h)]
 
 
+class _LazyStacks:
+    """``group.extract(w)``, computed on first use (only sub-algebra projections and the autograd
+    path need the stacked copies of the base point)."""
+
+    def __init__(self, group, w):
+        self.group, self.w, self.value = group, w, None
+
+    def _get(self) -> list:
+        if self.value is None:
+            self.value = self.group.extract(self.w)
+        return self.value
+
+    def __getitem__(self, i):
+        return self._get()[i]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
 def _traced(t: torch.Tensor) -> bool:
     """Whether ``t`` requires grad or lives inside a ``torch.func`` transform."""
     return t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t)
@@ -348,9 +370,16 @@ class AttentionGL(SymmetryGroup):
         def build(wr):
             self.validate(wr)
             labels = self.labels(wr)
-            blocks = self.extract(wr)
-            return [M.gl_factors(G, H, self.metric, self.eps_rel, self.eps, lab)
-                    for (G, H), lab in zip(blocks, labels)], blocks
+            if not self._fast(wr):  # differentiable: from the extracted stacks
+                blocks = self.extract(wr)
+                return [M.gl_factors(G, H, self.metric, self.eps_rel, self.eps, lab)
+                        for (G, H), lab in zip(blocks, labels)], blocks
+            fs = []
+            for s, lab in enumerate(labels):  # float64 Gram matrices from views, no copy of w
+                G, H = self._views(wr, s)
+                fs.append(M.gl_factors_from_grams(M.views_gram(G, G, torch.float64), M.views_gram(H, H, torch.float64),
+                                                  self.metric, self.eps_rel, self.eps, lab))
+            return fs, _LazyStacks(self, wr)
         return self._cached(w, build)
 
     def _factors(self, w: Params) -> list[M.GLFactors]:

@@ -22,6 +22,9 @@ Every formula is written as ``h x h`` algebra on Gram matrices (``X^T Y``, ``(B,
 """
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,17 +105,26 @@ def gl_factors(G: torch.Tensor, H: torch.Tensor, metric: str, eps_rel: float = 0
                eps_abs: float = 0.0, labels: list[str] | None = None,
                for_projection: bool = True) -> GLFactors:
     """Cache P, Q, their inverses and square roots (and, if ``for_projection``, the Sylvester
-    eigenbasis of the inverse metric).
+    eigenbasis of the inverse metric), from the blocks ``G``, ``H`` (float64).
 
     Raises :class:`SingularHeadError` naming the block when a Gram matrix is singular or
     numerically singular in float64 after the relaxation (always for an all-zero block unless
     ``eps_abs > 0``)."""
     G, H = G.double(), H.double()
-    h = G.shape[-1]
-    eye = torch.eye(h, dtype=torch.float64, device=G.device)
-    eps_p, eps_q = gram_eps(G, eps_rel, eps_abs), gram_eps(H, eps_rel, eps_abs)
-    P = _t(G) @ G + eps_p[:, None, None] * eye
-    Q = _t(H) @ H + eps_q[:, None, None] * eye
+    return gl_factors_from_grams(_t(G) @ G, _t(H) @ H, metric, eps_rel, eps_abs, labels, for_projection)
+
+
+def gl_factors_from_grams(GtG: torch.Tensor, HtH: torch.Tensor, metric: str, eps_rel: float = 0.0,
+                          eps_abs: float = 0.0, labels: list[str] | None = None,
+                          for_projection: bool = True) -> GLFactors:
+    """:func:`gl_factors` from the unrelaxed float64 Gram matrices ``G^T G`` and ``H^T H``
+    ``(B, h, h)`` (the relaxation ``eps_rel tr(G^T G) / h + eps_abs`` needs only their traces)."""
+    h = GtG.shape[-1]
+    eye = torch.eye(h, dtype=torch.float64, device=GtG.device)
+    eps_p = eps_rel * GtG.diagonal(dim1=-2, dim2=-1).sum(-1) / h + eps_abs
+    eps_q = eps_rel * HtH.diagonal(dim1=-2, dim2=-1).sum(-1) / h + eps_abs
+    P = GtG + eps_p[:, None, None] * eye
+    Q = HtH + eps_q[:, None, None] * eye
     p, Vp = torch.linalg.eigh(P)
     q, Vq = torch.linalg.eigh(Q)
     _check_gram(p, "G (W_Q / W_V side)", labels, eps_rel, eps_abs)
@@ -142,6 +154,29 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
+class GramCache:
+    """The last few Gram matrices ``X^T Y`` of :class:`Views`, keyed by their ``key`` (the
+    identity and version of the tensors they read); an entry is used only while those tensors
+    are alive (weak references), so a reused id never hits. Lets a Christoffel term and its
+    vector-Jacobian product at the same ``xi`` share ``xi^T G``."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self.entries: OrderedDict = OrderedDict()
+
+    def get(self, X: Views, Y: Views) -> torch.Tensor | None:
+        hit = self.entries.get((X.key, Y.key))
+        if hit is None or any(r() is None for r in hit[0]):
+            return None
+        self.entries.move_to_end((X.key, Y.key))
+        return hit[1]
+
+    def put(self, X: Views, Y: Views, value: torch.Tensor) -> None:
+        self.entries[(X.key, Y.key)] = (X.refs + Y.refs, value)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+
 class Views:
     """One factor (all ``G`` or all ``H``) of a stack of ``B`` GL blocks, as views into parameter
     tensors, never copied.
@@ -151,13 +186,19 @@ class Views:
     layer); a head's factor is the row-wise concatenation of the views that hold it, so Gram
     matrices add over the parts. ``layout``: a hashable description of the parts; Gram matrices
     and writes need two ``Views`` of the same layout (the same slices of different dicts).
+    ``sources`` (optional, with ``cache``): the tensors the views read, whose identity and version
+    key the views' Gram matrices in ``cache`` (:class:`GramCache`).
     """
 
-    __slots__ = ("parts", "B", "h", "layout", "dtype", "device")
+    __slots__ = ("parts", "B", "h", "layout", "dtype", "device", "cache", "key", "refs")
 
-    def __init__(self, parts: list[tuple[int, int, torch.Tensor]], B: int, h: int, layout):
+    def __init__(self, parts: list[tuple[int, int, torch.Tensor]], B: int, h: int, layout,
+                 sources: Sequence[torch.Tensor] = (), cache: GramCache | None = None):
         self.parts, self.B, self.h, self.layout = parts, B, h, layout
         self.dtype, self.device = parts[0][2].dtype, parts[0][2].device
+        self.cache = cache if sources else None
+        self.key = (layout, tuple((id(t), t._version) for t in sources))
+        self.refs = tuple(weakref.ref(t) for t in sources) if self.cache is not None else ()
 
     @property
     def rows(self) -> int:
@@ -173,29 +214,44 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def views_gram(X: Views, Y: Views) -> torch.Tensor:
-    """``X^T Y``, ``(B, h, h)`` in float64 (accumulated per view in :func:`compute_dtype`)."""
+def views_gram(X: Views, Y: Views, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``X^T Y``, ``(B, h, h)`` in float64, accumulated per view in ``dtype`` (default
+    :func:`compute_dtype`; taken from the views' :class:`GramCache` when both have one and it
+    holds the pair)."""
     X.check_layout(Y)
-    cdt = compute_dtype(X.dtype)
+    cache = X.cache if X.cache is not None and X.cache is Y.cache and dtype is None else None
+    if cache is not None:
+        hit = cache.get(X, Y)
+        if hit is not None:
+            return hit
+    cdt = dtype or compute_dtype(X.dtype)
     out = torch.zeros(X.B, X.h, X.h, dtype=cdt, device=X.device)
     for (lo, hi, vx), (_, _, vy) in zip(X.parts, Y.parts):
         out[lo:hi].baddbmm_(_t(vx.to(cdt)), vy.to(cdt))
-    return out.double()
+    out = out.double()
+    if cache is not None:
+        cache.put(X, Y, out)
+    return out
+
+
+def _scaled(c: torch.Tensor, a: float) -> torch.Tensor:
+    return c if a == 1 else a * c
 
 
 class Blocks:
-    """A lazy linear combination ``sum_k X_k C_k`` of GL factors ``X_k`` (:class:`Views`) with
-    ``(B, h, h)`` coefficients ``C_k`` (``None``: a scalar ``alpha_k`` times the identity).
+    """A lazy linear combination ``sum_k a_k X_k C_k`` of GL factors ``X_k`` (:class:`Views`) with
+    scalars ``a_k`` and ``(B, h, h)`` coefficients ``C_k`` (``None``: the identity).
 
     Supports what the formulas of this module use: ``X @ C``, ``X + Y``, ``X - Y``, ``s * X``,
     ``-X``, ``X.transpose(-1, -2) @ Y`` / ``X.mT @ Y`` (a float64 Gram matrix ``(B, h, h)``), and
     ``.double()`` / ``.to(dtype)`` (no-ops: a combination is evaluated in its factors' dtype by
-    :meth:`write`)."""
+    :meth:`write`). Scalars stay apart from the coefficients until a Gram matrix or a write needs
+    them (no ``h x h`` work for ``0.5 * t * t * Gamma``)."""
 
     __slots__ = ("terms",)
 
     def __init__(self, terms: tuple):
-        self.terms = terms  # ((Views, coef | None, alpha), ...)
+        self.terms = terms  # ((Views, coef | None, a), ...)
 
     @staticmethod
     def of(v: Views) -> Blocks:
@@ -236,12 +292,14 @@ class Blocks:
     def __matmul__(self, C: torch.Tensor) -> Blocks:
         if not isinstance(C, torch.Tensor):
             return NotImplemented
-        return Blocks(tuple((v, a * C if c is None else _matmul(c, C), 1.0) for v, c, a in self.terms))
+        return Blocks(tuple((v, C if c is None else _matmul(c, C), a) for v, c, a in self.terms))
 
     def __mul__(self, s) -> Blocks:
-        if isinstance(s, torch.Tensor) and s.ndim > 0:
-            return NotImplemented
-        return Blocks(tuple((v, None if c is None else s * c, a * s if c is None else 1.0) for v, c, a in self.terms))
+        if isinstance(s, torch.Tensor):
+            if s.ndim > 0:
+                return NotImplemented
+            s = float(s)
+        return Blocks(tuple((v, c, a * s) for v, c, a in self.terms))
 
     __rmul__ = __mul__
 
@@ -259,8 +317,8 @@ class Blocks:
         return Blocks(self.terms + (-other).terms)
 
     def _merged(self) -> tuple[list, list]:
-        """``(identity terms [(Views, alpha)], coefficient terms [(Views, C)])``, one entry per
-        distinct factor (coefficients of one factor summed)."""
+        """``(identity terms [(Views, a)], coefficient terms [(Views, a C)])``, one entry per
+        distinct factor."""
         ident: dict[int, list] = {}
         coef: dict[int, list] = {}
         for v, c, a in self.terms:
@@ -270,18 +328,18 @@ class Blocks:
                 else:
                     ident[id(v)] = [v, a]
             elif id(v) in coef:
-                coef[id(v)][1] = sum(_promote(coef[id(v)][1], c))
+                coef[id(v)][1] = sum(_promote(coef[id(v)][1], _scaled(c, a)))
             else:
-                coef[id(v)] = [v, c]
+                coef[id(v)] = [v, _scaled(c, a)]
         return list(ident.values()), list(coef.values())
 
     def write(self, out: Views) -> None:
         """Evaluate the combination into ``out`` (views of freshly allocated tensors, aliasing
         no factor), one batched matmul per view and distinct factor with a coefficient.
 
-        The first identity term ``alpha X`` enters exactly (``baddbmm``'s ``beta`` input); a further
-        identity term ``alpha Y`` is folded into ``Y``'s coefficient, ``Y (C + alpha I)``, when ``Y``
-        has one (rounding as in ``Y C + alpha Y``: one float per output entry), else added."""
+        The first identity term ``a X`` enters exactly (``baddbmm``'s ``beta`` input); a further
+        identity term ``a Y`` is folded into ``Y``'s coefficient, ``Y (C + a I)``, when ``Y`` has
+        one (rounding as in ``Y C + a Y``: one float per output entry), else added."""
         ident, coef = self._merged()
         for v, _ in ident + coef:
             out.check_layout(v)
@@ -333,16 +391,12 @@ class _BlocksT:
         if not isinstance(other, Blocks):
             return NotImplemented
         lhs, rhs = self.blocks._merged(), other._merged()
-        grams: dict = {}
         total = None
-        for X, L in [(v, a) for v, a in lhs[0]] + lhs[1]:
-            for Y, R in [(v, a) for v, a in rhs[0]] + rhs[1]:
-                key = (id(X), id(Y))
-                if key not in grams:
-                    grams[key] = views_gram(X, Y)
-                g = grams[key]
-                g = L * g if not isinstance(L, torch.Tensor) else _matmul(_t(L), g)
-                g = R * g if not isinstance(R, torch.Tensor) else _matmul(g, R)
+        for X, L in lhs[0] + lhs[1]:
+            for Y, R in rhs[0] + rhs[1]:
+                g = views_gram(X, Y)
+                g = _scaled(g, L) if not isinstance(L, torch.Tensor) else _matmul(_t(L), g)
+                g = _scaled(g, R) if not isinstance(R, torch.Tensor) else _matmul(g, R)
                 total = g if total is None else total + g
         return total
 
