@@ -16,7 +16,8 @@ in the same process, and reported as ratios to one gradient (forward + backward)
 
 SLQ section (``slq_comparison``, issue 17): 8-probe SLQ (m = 15) on the study-sized transformer
 (28×28 images, 7×7 patches → 16 tokens, d_model 64, two batches of 256), today's sequential
-algorithm (``lockstep=False``: probe after probe, one matvec per Lanczos step) vs lockstep
+algorithm (``lockstep=False``: probe after probe, one matvec per Lanczos step; for the quotient
+Hessian with the per-column geometry of before, :class:`PerColumnQuotientHessian`) vs lockstep
 (``lockstep=True``: one 8-column matmat per step), for the plain Hessian and the quotient Hessian
 (mix metric): process CPU time, one torch thread, interleaved round-robin repeats, medians, ratios
 lockstep/sequential, and the agreement of the two results (quadrature nodes, trace, Rényi α = 0.5, 1.5).
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quotientsharp.curvature import DEFAULT_HVP_MODE, HessianOperator, lanczos
+from quotientsharp.curvature import DEFAULT_HVP_MODE, HessianOperator, QuotientHessianOperator, lanczos
 from quotientsharp.models.attention import MultiHeadSelfAttention
 
 RESULTS = Path(__file__).parent / "results" / "hessian_cost.json"
@@ -165,37 +166,89 @@ def main(quick: bool) -> dict:
     return result
 
 
+class PerColumnQuotientHessian(QuotientHessianOperator):
+    """The quotient Hessian as it was before lockstep SLQ (commit debfdb5), kept as the baseline:
+    geometry one column at a time (projection, Christoffel form by ``autograd.grad``, gradient
+    conversion, metric, probe whitening), the HVPs of a block still sharing one graph per batch."""
+
+    def metric_matvec(self, v):
+        zeta = {n: torch.zeros_like(t, requires_grad=True) for n, t in self.point.items()}
+        with torch.enable_grad():
+            value = self.quotient.inner(self.point, self.to_dict(v), zeta)
+            out = torch.autograd.grad(value, list(zeta.values()), materialize_grads=True)
+        return self.to_flat(dict(zip(zeta, out)))
+
+    def christoffel_matvec(self, v):
+        leaf = {n: t.detach().requires_grad_() for n, t in self.to_dict(v).items()}
+        with torch.enable_grad():
+            gamma = self.quotient.christoffel(self.point, leaf)
+            value = 0.5 * sum((self._gradient[n] * gamma[n]).sum() for n in self.param_names)
+            if not value.requires_grad:
+                return torch.zeros_like(v, dtype=torch.float64)
+            out = torch.autograd.grad(value, list(leaf.values()), materialize_grads=True)
+        return self.to_flat(dict(zip(leaf, out)))
+
+    def project(self, v):
+        return self.to_flat(self.quotient.horizontal_projection(self.point, self.to_dict(v)))
+
+    def riemannian_gradient(self, g):
+        return self.to_flat(self.quotient.riemannian_gradient(self.point, self.to_dict(g)))
+
+    def matmat(self, V):
+        U = torch.stack([self.project(V[:, j]) for j in range(V.shape[1])], 1)
+        HU = self.hessian.matmat(U)
+        return torch.stack([self.riemannian_gradient(HU[:, j] - self.christoffel_matvec(U[:, j]))
+                            for j in range(V.shape[1])], 1)
+
+    def sample_probes(self, count, seed=0, distribution=None, generator=None):
+        generator = generator if generator is not None else torch.Generator().manual_seed(seed)
+        zeta = torch.randn(self.n, count, generator=generator, dtype=torch.float64).to(self.device)
+        columns = []
+        for j in range(count):
+            z = self.project(self.to_flat(self.quotient.whiten(self.point, self.to_dict(zeta[:, j]))))
+            columns.append(z * (self.n_horizontal / self.inner(z, z)).sqrt())
+        return torch.stack(columns, 1)
+
+
 def slq_comparison(quick: bool) -> dict:
-    """Sequential vs lockstep 8-probe SLQ on the study-sized transformer (see module docstring)."""
+    """Sequential (today) vs lockstep 8-probe SLQ on the study-sized transformer (module docstring).
+
+    Variants, timed round robin: the plain Hessian sequential/lockstep; the quotient Hessian
+    sequential with the per-column geometry of before (:class:`PerColumnQuotientHessian`, "today"),
+    sequential with the column-batched geometry, and lockstep."""
     from timing import timed
 
-    from quotientsharp.curvature import QuotientHessianOperator, renyi_entropy, slq
+    from quotientsharp.curvature import renyi_entropy, slq
 
     torch.manual_seed(0)
     batch, repeats, m, n_probes = (64, 1, 15, 8) if quick else (256, 3, 15, 8)
     model = TinyTransformer(image_size=28, patch_size=7, d_model=64)
     data = [(torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))) for _ in range(2)]
-    operators = {
-        "hessian": HessianOperator(model, data, F.cross_entropy),
-        "quotient_hessian": QuotientHessianOperator(model, data, F.cross_entropy, metric="mix", eps_rel=1e-6),
+    hessian = HessianOperator(model, data, F.cross_entropy)
+    quotient = QuotientHessianOperator(model, data, F.cross_entropy, metric="mix", eps_rel=1e-6)
+    today_quotient = PerColumnQuotientHessian(model, data, F.cross_entropy, metric="mix", eps_rel=1e-6)
+    variants = {  # (operator, variant): (op, lockstep)
+        ("hessian", "sequential"): (hessian, False),
+        ("hessian", "lockstep"): (hessian, True),
+        ("quotient_hessian", "sequential"): (today_quotient, False),
+        ("quotient_hessian", "sequential_batched_geometry"): (quotient, False),
+        ("quotient_hessian", "lockstep"): (quotient, True),
     }
-    variants = {"sequential": False, "lockstep": True}
-    seconds = {(name, v): [] for name in operators for v in variants}
+    seconds = {key: [] for key in variants}
     results = {}
 
-    def run(op, lockstep, key):
+    def run(key):
+        op, lockstep = variants[key]
         results[key] = slq(op, m, n_probes, seed=0, progress=False, lockstep=lockstep)
 
-    components = slq_components(operators["hessian"], data[0], n_probes, repeats=5)
-    for name, op in operators.items():  # warm-up (lazy imports, allocator) outside the timings
-        for lockstep in variants.values():
-            slq(op, 2, 2, seed=0, progress=False, lockstep=lockstep)
+    components = slq_components(hessian, data[0], n_probes, repeats=5)
+    for op, lockstep in variants.values():  # warm-up (lazy imports, allocator) outside the timings
+        slq(op, 2, 2, seed=0, progress=False, lockstep=lockstep)
     for _ in range(repeats):  # round robin: every variant once per repeat
-        for name, op in operators.items():
-            for v, lockstep in variants.items():
-                seconds[(name, v)].append(timed(lambda: run(op, lockstep, (name, v)), "cpu", clock="process"))
+        for key in variants:
+            seconds[key].append(timed(lambda: run(key), "cpu", clock="process"))
     out = {"model": {"name": "TinyTransformer(image 28, patch 7, d_model 64, 4 heads, 16 tokens)",
-                     "n_params": operators["hessian"].n, "batches": [batch, batch], "dtype": "float32",
+                     "n_params": hessian.n, "batches": [batch, batch], "dtype": "float32",
                      "threads": torch.get_num_threads()},
            "m": m, "n_probes": n_probes, "repeats": repeats, "clock": "process CPU time (time.process_time)",
            "seconds": {}, "ratio_lockstep_vs_sequential": {}, "agreement": {}}
@@ -203,11 +256,10 @@ def slq_comparison(quick: bool) -> dict:
     floor = len(data) * (m * components["hvp_block_seconds"] + components["graph_build_seconds"])
     out["components"] = {**components, "lockstep_floor_seconds": floor,
                          "lockstep_floor_ratio_vs_sequential": floor / statistics.median(seconds[("hessian", "sequential")])}
-    for name in operators:
-        t_seq, t_lock = (statistics.median(seconds[(name, v)]) for v in variants)
-        out["seconds"][name] = {"sequential": t_seq, "lockstep": t_lock,
-                                "all": {v: seconds[(name, v)] for v in variants}}
-        out["ratio_lockstep_vs_sequential"][name] = t_lock / t_seq
+    for name in ("hessian", "quotient_hessian"):
+        times = {v: statistics.median(t) for (o, v), t in seconds.items() if o == name}
+        out["seconds"][name] = {**times, "all": {v: t for (o, v), t in seconds.items() if o == name}}
+        out["ratio_lockstep_vs_sequential"][name] = times["lockstep"] / times["sequential"]
         a, b = results[(name, "sequential")], results[(name, "lockstep")]
         out["agreement"][name] = {
             "max_node_difference_relative": float((a.nodes - b.nodes).abs().max() / a.nodes.abs().max()),
@@ -251,9 +303,11 @@ def print_slq(r: dict) -> None:
           f"{r['clock']}, median of {r['repeats']}:")
     for name, t in r["seconds"].items():
         agree = r["agreement"][name]
+        batched = (f" (sequential, batched geometry {t['sequential_batched_geometry']:.2f} s)"
+                   if "sequential_batched_geometry" in t else "")
         print(f"  {name:<18} sequential {t['sequential']:7.2f} s  lockstep {t['lockstep']:7.2f} s  "
               f"ratio {r['ratio_lockstep_vs_sequential'][name]:.2f}  max rel. node diff "
-              f"{agree['max_node_difference_relative']:.1e}")
+              f"{agree['max_node_difference_relative']:.1e}{batched}")
     c = r["components"]
     print(f"  per batch: gradient {c['gradient_seconds']:.3f} s, graph build {c['graph_build_seconds']:.3f} s, "
           f"{c['hvp_block_columns']}-column HVP block {c['hvp_block_seconds']:.3f} s "

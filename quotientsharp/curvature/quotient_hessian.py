@@ -60,6 +60,11 @@ from quotientsharp.quotient import Quotient
 from quotientsharp.validation import check_choice, check_count, check_model_loader_loss
 
 
+def _transformed(tensors: dict) -> bool:
+    """Whether the tensors are wrapped by a ``torch.func`` transform (e.g. inside ``vmap``)."""
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors.values())
+
+
 def vertical_dimension(quotient: Quotient, w: dict[str, torch.Tensor]) -> int:
     """``dim ker Π_w``: the sum of every group's :meth:`~SymmetryGroup.kernel_dimension` (per GL
     head ``h² − (h − rk G)(h − rk H)``, the zero weights masked by the adaptive metric, ...)."""
@@ -139,11 +144,11 @@ class QuotientHessianOperator(LinearOperator):
         return self.to_flat(self._riemannian_gradient(self.to_dict(g)))
 
     def metric_matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``M v = ∇_ζ g_w(v, ζ)`` (the metric is linear in ζ; one reverse pass, ``torch.func.grad``)."""
+        """``M v = ∇_ζ g_w(v, ζ)`` (the metric is linear in ζ; one reverse pass)."""
         return self.to_flat(self._metric(self.to_dict(v)))
 
     def christoffel_matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``C v = ∇_v[½⟨∇L, Γ(v, v)⟩]``, ``C_ij = Σ_k ∇L_k Γ^k_ij`` (``torch.func.grad``)."""
+        """``C v = ∇_v[½⟨∇L, Γ(v, v)⟩]``, ``C_ij = Σ_k ∇L_k Γ^k_ij``."""
         return self.to_flat(self._christoffel(self.to_dict(v)))
 
     # the same maps on float64 dicts, written with torch.func so that they vmap over columns
@@ -157,17 +162,33 @@ class QuotientHessianOperator(LinearOperator):
         return self.quotient.whiten(self.point, zeta)
 
     def _metric(self, v: dict) -> dict:
+        """``M v`` = ∇_ζ g_w(v, ζ): ``torch.func.grad`` under a transform (vmap over columns),
+        ``autograd.grad`` for a plain vector (less overhead per call)."""
         zeros = {n: torch.zeros_like(t) for n, t in self.point.items()}
-        with torch.enable_grad():
+        if _transformed(v):
             return grad(lambda zeta: self.quotient.inner(self.point, v, zeta))(zeros)
+        zeta = {n: z.requires_grad_() for n, z in zeros.items()}
+        with torch.enable_grad():
+            value = self.quotient.inner(self.point, v, zeta)
+            out = torch.autograd.grad(value, list(zeta.values()), materialize_grads=True)
+        return dict(zip(zeta, out))
 
     def _christoffel(self, v: dict) -> dict:
+        """``C v`` = ∇_v[½⟨∇L, Γ(v, v)⟩] (zero for a flat metric): ``torch.func.grad`` under a
+        transform, ``autograd.grad`` for a plain vector."""
         def half_contracted(xi):
             gamma = self.quotient.christoffel(self.point, xi)
             return 0.5 * sum((self._gradient[n] * gamma[n]).sum() for n in self.param_names)
 
-        with torch.enable_grad():
+        if _transformed(v):
             return grad(half_contracted)(v)
+        leaf = {n: t.detach().requires_grad_() for n, t in v.items()}
+        with torch.enable_grad():
+            value = half_contracted(leaf)
+            if not value.requires_grad:  # flat metric: Γ = 0
+                return {n: torch.zeros_like(t) for n, t in v.items()}
+            out = torch.autograd.grad(value, list(leaf.values()), materialize_grads=True)
+        return dict(zip(leaf, out))
 
     def map_columns(self, fn, V: torch.Tensor) -> torch.Tensor:
         """``(n, k)`` → ``(n, k)``: the dict map ``fn`` applied to every column of ``V``, batched
