@@ -360,6 +360,8 @@ def integrate_geodesic(
     def make(w_, xi_):
         return geodesic_trajectory(christoffel, w_, xi_, t, n_steps, tol, max_steps, on_step, linearize)
 
+    if any(is_transformed(x) for x in (*w.values(), *xi.values())):
+        return _plain_integration(christoffel, w, xi, t, n_steps, tol, max_steps, on_step)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (*w.values(), *xi.values())):
         return differentiable_endpoint(make, w, xi)
     traj = make(w, xi)
@@ -651,3 +653,29 @@ class GLBlockODE:
             lab = [x for s in idx for x in labels[s]] if labels is not None else None
             _check_gram(ev[:B], "G (W_Q / W_V side)", lab, self.eps_rel, self.eps_abs)
             _check_gram(ev[B:], "H (W_K / W_O side)", lab, self.eps_rel, self.eps_abs)
+
+
+def is_transformed(x: torch.Tensor) -> bool:
+    """Whether ``x`` is wrapped by a ``torch.func`` transform (``grad``, ``jvp``, ``vmap``)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def _plain_integration(christoffel, w, xi, t, n_steps, tol, max_steps, on_step) -> dict:
+    """:func:`integrate_geodesic` as plain tensor code (every step traced), for inputs inside a
+    ``torch.func`` transform, which a custom autograd node does not support."""
+    w64 = {n: p.to(torch.float64) for n, p in w.items()}
+    xi64 = {n: p.to(torch.float64) for n, p in xi.items()}
+    end, _ = rk4_geodesic(christoffel, w64, xi64, t, n_steps, on_step)
+    if tol is not None:
+        scale = float(torch.sqrt(T.dot(xi64, xi64))) * abs(t) + 1e-300
+        n = n_steps
+        while True:
+            if 2 * n > max_steps:
+                raise RuntimeError(f"RK4 geodesic did not converge to tol={tol} within {max_steps} steps; "
+                                   "the velocity may be too large for the manifold's curvature")
+            finer, _ = rk4_geodesic(christoffel, w64, xi64, t, 2 * n, on_step)
+            d = T.sub(finer, end)
+            end, n = finer, 2 * n
+            if float(torch.sqrt(T.dot(d, d))) <= tol * scale:
+                break
+    return {n: end[n].to(w[n].dtype) for n in end}

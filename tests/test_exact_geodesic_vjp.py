@@ -211,3 +211,13 @@ def test_zero_velocity_endpoint_and_vjp():
     assert all(torch.equal(end[n], w[n]) for n in gl.names)
     want, _ = _reference_vjp(gl, w, xi, cot, 4)  # the RK4 map's Jacobian at xi = 0 is I
     assert _rel(gl.geodesic_vjp(w, xi, cot, order="exact", n_steps=4, tol=None), want) < 1e-14
+
+
+def test_inside_torch_func_transforms_the_plain_rk4_agrees_with_the_adjoint():
+    gl, w = _tinyvit_group("mix")
+    xi = _horizontal(gl, w, 17, 0.3)
+    cot, direction = _random_like(xi, 18), _random_like(xi, 19)
+    _, jd = torch.func.jvp(lambda x: gl.geodesic_ode(w, x, n_steps=4, tol=None), (xi,), (direction,))
+    jtc = gl.geodesic_vjp(w, xi, cot, order="ode", n_steps=4, tol=None)
+    a, b = float(T.dot(cot, jd)), float(T.dot(jtc, direction))
+    assert abs(a - b) < 1e-10 * abs(a)

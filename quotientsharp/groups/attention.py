@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from ..geodesic import GLBlockODE, differentiable_endpoint, geodesic_order, geodesic_trajectory
+from ..geodesic import GLBlockODE, differentiable_endpoint, geodesic_order, geodesic_trajectory, is_transformed
 from . import gl_math as M
 from .base import Params, SymmetryGroup
 from .gl_math import SingularHeadError  # noqa: F401  (re-exported: raised by AttentionGL)
@@ -605,7 +605,10 @@ class AttentionGL(SymmetryGroup):
         stage; a Gram matrix turning singular (eps = 0: not positive definite at a stage, or
         singular at either end) raises :class:`SingularHeadError`. The
         integration is kept for :meth:`geodesic_vjp` (its discrete adjoint); under autograd the
-        endpoint is differentiable through the same adjoint."""
+        endpoint is differentiable through the same adjoint (inside a ``torch.func`` transform: the
+        plain RK4 of the base class on :meth:`christoffel`)."""
+        if any(is_transformed(x) for x in (*self.restrict(w).values(), *xi.values())):
+            return SymmetryGroup.geodesic_ode(self, w, xi, t, n_steps, tol)
         if torch.is_grad_enabled() and any(x.requires_grad for x in (*w.values(), *xi.values())):
             return differentiable_endpoint(lambda w_, xi_: self._geodesic_ode_run(w_, xi_, t, n_steps, tol),
                                            self.restrict(w), {n: xi[n] for n in self.names})
