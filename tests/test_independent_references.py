@@ -23,6 +23,7 @@ import pytest
 import torch
 from torch import nn
 
+from quotientsharp import geodesic as geodesic_module
 from quotientsharp import tangent as T
 from quotientsharp.curvature import QuotientHessianOperator
 from quotientsharp.groups import gl_math
@@ -170,10 +171,29 @@ _ORIGINAL_GL_CHRISTOFFEL = gl_math.gl_christoffel
 
 @pytest.mark.parametrize("metric", ["inv", "mix"])
 def test_a_wrong_gl_christoffel_is_detected(metric, monkeypatch):
+    """The closed form of ``christoffel`` / ``geodesic_2nd`` (gl_math.gl_christoffel)."""
     group, w, xi = gl_problem(metric)
     monkeypatch.setattr(gl_math, "gl_christoffel", _flip_last_term_gl)
-    assert group_geodesic_discrepancy(group, w, xi) > 1e-3
     assert second_order_slope(group, w, xi) < 2.2
+    assert distance(group.christoffel(w, xi), generic_christoffel(group)(w, xi)) > 1e-3 * size(xi)
+
+
+_ORIGINAL_STACKED_CHRISTOFFEL = geodesic_module.gl_stacked_christoffel
+
+
+@pytest.mark.parametrize("metric", ["inv", "mix"])
+def test_a_wrong_integrated_gl_christoffel_is_detected(metric, monkeypatch):
+    """The closed form the integrated (``"ode"``/``"exact"``) geodesic runs on
+    (geodesic.gl_stacked_christoffel, in compressed coordinates), its H-side term dropped."""
+    group, w, xi = gl_problem(metric)
+    assert group_geodesic_discrepancy(group, w, xi) <= 1e-12
+
+    def wrong(m, X, xX, *args, **kwargs):
+        gam, pullback = _ORIGINAL_STACKED_CHRISTOFFEL(m, X, xX, *args, **kwargs)
+        return torch.cat([gam[: X.shape[0] // 2], torch.zeros_like(gam[X.shape[0] // 2:])]), pullback
+
+    monkeypatch.setattr(geodesic_module, "gl_stacked_christoffel", wrong)
+    assert group_geodesic_discrepancy(group, w, xi) > 1e-3
 
 
 def test_a_wrong_diagonal_christoffel_is_detected(monkeypatch):

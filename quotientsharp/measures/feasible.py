@@ -25,12 +25,9 @@ class HorizontalBall:
         self.quotient, self.w0, self.rho = quotient, {n: w0[n] for n in quotient.names}, float(rho)
 
     def zeros(self) -> dict:
-        """The zero perturbation (one shared dict: the ascent never writes into it)."""
-        if self._zeros is None:
-            self._zeros = T.zeros_like(self.w0)
-        return self._zeros
-
-    _zeros: dict | None = None
+        """The zero perturbation as broadcast views of one 0-d zero per tensor (no memory: the
+        ascent only reads it; a full-size zero dict would cost one model's worth of memory)."""
+        return {n: torch.zeros((), dtype=t.dtype, device=t.device).expand_as(t) for n, t in self.w0.items()}
 
     def norm(self, xi: Params) -> float:
         return float(self.quotient.norm(self.w0, xi))
