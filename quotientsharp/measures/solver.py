@@ -190,6 +190,7 @@ def _apgd_run(objective: Objective, endpoint, ball: HorizontalBall, xi0: dict, b
         d = ball.ascent_direction(grad, generator) if math.isfinite(loss) else None
         if d is None and math.isfinite(loss) and _is_zero(xi):
             raise ValueError(_base_gradient_message(grad, ball))
+        del grad  # not alive during the next forward/backward: the solver's memory stays ~3 models
         if d is None:  # non-finite loss or gradient: left the loss's domain, back off like a halving
             nonfinite += 1
             steps.halve()
@@ -204,6 +205,7 @@ def _apgd_run(objective: Objective, endpoint, ball: HorizontalBall, xi0: dict, b
         else:  # xi + a (z - xi) + (1 - a)(xi - xi_prev)
             xi_next = ball.shrink(T.lincomb_(a, z, (2 * (1 - a), xi), (a - 1, xi_prev)), owned=True)
         xi_prev, xi = xi, xi_next
+        del d, z, xi_next
         if steps.checkpoint(k, best.loss):
             xi = xi_prev = best.xi
     with torch.no_grad():
