@@ -246,3 +246,20 @@ def test_reused_batch_products_give_identical_products_within_the_memory_cap():
         op.matmat(V)
         op.matmat(V)
     assert len(built) == 8
+
+
+def test_products_built_by_torch_func_are_not_kept_but_still_right():
+    """The GGN builds its per-batch product with torch.func.vjp, which refuses saved-tensor hooks:
+    inside reuse_batch_products it is rebuilt per call, with unchanged results."""
+    from quotientsharp.curvature import GGNOperator
+
+    model = small_mlp()
+    X, y = classification_data(20, (4,))
+    op = GGNOperator(model, [(X[:7].to(DT), y[:7]), (X[7:].to(DT), y[7:])], F.cross_entropy)
+    V = torch.randn(op.n, 3, generator=torch.Generator().manual_seed(0), dtype=DT)
+    reference = op.matmat(V)
+    with op.reuse_batch_products():
+        assert torch.equal(op.matmat(V), reference) and torch.equal(op.matmat(V), reference)
+        assert op._product_cache == {}
+    assert_same_rules(slq(op, m=6, n_probes=3, seed=0, progress=False, lockstep=False),
+                      slq(op, m=6, n_probes=3, seed=0, progress=False), rtol=1e-9)

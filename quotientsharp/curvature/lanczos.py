@@ -111,7 +111,7 @@ class ColumnInner:
 
     def __init__(self, op: LinearOperator):
         self.op = op
-        self.batched = supports_metric_matmat(op)
+        self.batched = op.has_metric_matmat
 
     def metric(self, W: torch.Tensor) -> torch.Tensor | None:
         """``M W`` ``(n, P)``, or ``None`` without a batched metric."""
@@ -141,15 +141,6 @@ class ColumnInner:
             W = W - torch.bmm(basis.transpose(1, 2), coef)[:, :, 0].T
             MW = None
         return W
-
-
-def supports_metric_matmat(op: LinearOperator) -> bool:
-    """Whether ``op.metric_matmat`` gives ``M V`` (else only ``op.inner`` is known)."""
-    try:
-        op.metric_matmat(torch.zeros(op.shape[0], 0, dtype=torch.float64, device=op.device))
-    except NotImplementedError:
-        return False
-    return True
 
 
 def lanczos_tridiagonal_lockstep(

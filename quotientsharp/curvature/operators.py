@@ -106,11 +106,22 @@ class LinearOperator:
         """``M V`` for ``V`` ``(n, k)``: the metric of :meth:`inner` (``⟨u, v⟩ = uᵀ M v``) applied to
         every column, so that batched estimators (lockstep SLQ) take all column-wise inner
         products at once. Default: ``V`` itself (Euclidean). A subclass that overrides
-        :meth:`inner` overrides this too; if it does not, this raises ``NotImplementedError`` and
-        the estimators fall back to :meth:`inner` column by column."""
-        if type(self).inner is not LinearOperator.inner:
+        :meth:`inner` overrides this too; if it does not, :attr:`has_metric_matmat` is False,
+        this raises ``NotImplementedError`` and the estimators use :meth:`inner` column by column."""
+        if not self.has_metric_matmat:
             raise NotImplementedError(f"{type(self).__name__} overrides inner() but not metric_matmat()")
         return V
+
+    @property
+    def has_metric_matmat(self) -> bool:
+        """Whether :meth:`metric_matmat` applies the metric of :meth:`inner` (else only ``inner`` is known)."""
+        return type(self).inner is LinearOperator.inner or type(self).metric_matmat is not LinearOperator.metric_matmat
+
+    def reuse_batch_products(self, max_bytes: int | None = None) -> contextlib.AbstractContextManager:
+        """A block inside which repeated products may reuse per-batch work (the model operators
+        keep their gradient graphs, :meth:`ModelOperator.reuse_batch_products`); results are
+        unchanged. Default: nothing to reuse."""
+        return contextlib.nullcontext()
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         return self.matvec(x) if x.ndim == 1 else self.matmat(x)
@@ -193,6 +204,10 @@ class FunctionOperator(LinearOperator):
         if self._inner is not None:
             raise NotImplementedError("FunctionOperator with inner= but no metric_matmat=")
         return V
+
+    @property
+    def has_metric_matmat(self) -> bool:
+        return self._metric_matmat is not None or self._inner is None
 
 
 def as_operator(obj: Any) -> LinearOperator:
@@ -415,7 +430,9 @@ class ModelOperator(LinearOperator):
         it in later calls instead of rebuilding it, as long as the tensors the kept products save
         (counted with ``torch.autograd.graph.saved_tensors_hooks``) stay within ``max_bytes``
         (default :data:`PRODUCT_CACHE_BYTES`); the batches beyond that are rebuilt per call as
-        usual. Results are unchanged. Released on exit; nested blocks share the outer cache."""
+        usual, and so is every product built with ``torch.func.vjp`` (the GGN), whose saved
+        tensors cannot be counted. Results are unchanged. Released on exit; nested blocks share
+        the outer cache."""
         if self._product_cache is not None:
             yield
             return
@@ -426,11 +443,12 @@ class ModelOperator(LinearOperator):
             self._product_cache = None
 
     _product_cache: dict | None = None
+    _product_size_unknown: bool = False
 
     def _batch_product(self, i: int, batch: Any) -> Callable:
         """``batch_product(batch)``, from the cache of :meth:`reuse_batch_products` when active."""
         cache = self._product_cache
-        if cache is None:
+        if cache is None or self._product_size_unknown:
             return self.batch_product(batch)
         if i in cache:
             return cache[i]
@@ -441,8 +459,14 @@ class ModelOperator(LinearOperator):
                 saved[(t.data_ptr(), t.device.type)] = t.untyped_storage().nbytes()
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            apply = self.batch_product(batch)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                apply = self.batch_product(batch)
+        except RuntimeError as error:  # torch.func.vjp & co. refuse saved-tensor hooks
+            if "saved tensor hooks" not in str(error):
+                raise
+            self._product_size_unknown = True  # its size cannot be counted: rebuilt per call
+            return self.batch_product(batch)
         size = sum(saved.values())
         if size <= self._product_cache_room:
             cache[i], self._product_cache_room = apply, self._product_cache_room - size

@@ -6,7 +6,6 @@ has nodes ``θ_k = Θ_kk`` and weights ``w_k = U_{1k}²`` (``Σ_k w_k = 1``), an
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -154,8 +153,7 @@ def slq(
     if probes.ndim != 2 or probes.shape[0] != op.shape[0] or probes.shape[1] < 1:
         raise ValueError(f"slq: probes must have shape ({op.shape[0]}, P) with P ≥ 1, got {tuple(probes.shape)}")
     if lockstep:
-        reuse = getattr(op, "reuse_batch_products", None)  # keep the per-batch gradient graphs
-        with reuse() if reuse is not None else contextlib.nullcontext():
+        with op.reuse_batch_products():  # a model operator keeps its per-batch gradient graphs
             nodes, weights, norms_sq = _lockstep_rules(op, probes, m, generator, probe_block, progress)
     else:
         nodes, weights, norms_sq = _sequential_rules(op, probes, m, generator, progress)
