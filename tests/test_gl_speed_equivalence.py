@@ -288,6 +288,38 @@ def test_gram_cache_is_shared_and_follows_in_place_changes(metric):
     n_stacks = len(group.extract(w))
     assert len(computed) == 4 * n_stacks  # xi^T c and w^T c per factor; xi^T w from the Christoffel term
     assert rel(out, reference(group, "geodesic_vjp", w, xi, c)) <= 1e-11
+    # the Riemannian gradient of that output: G^T e from the vjp's own Gram matrices, none computed
+    computed.clear()
+    group._gram_cache.put = lambda X, Y, value: (computed.append(1), put(X, Y, value))
+    try:
+        d = group.riemannian_gradient(w, out)
+    finally:
+        del group._gram_cache.put
+    assert not computed
+    assert rel(d, reference(group, "riemannian_gradient", w, out)) <= 1e-11
     for t in xi.values():
         t.mul_(3.0)
-    assert rel(group.geodesic_vjp(w, xi, c), reference(group, "geodesic_vjp", w, xi, c)) <= 1e-11
+    out = group.geodesic_vjp(w, xi, c)
+    assert rel(out, reference(group, "geodesic_vjp", w, xi, c)) <= 1e-11
+    for t in out.values():  # an output changed in place is no longer the recorded combination
+        t.mul_(0.5)
+    assert rel(group.riemannian_gradient(w, out), reference(group, "riemannian_gradient", w, out)) <= 1e-11
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0].startswith(("deep3", "llama", "timm-vit-qknorm"))],
+                         ids=lambda c: c[0])
+def test_norm_of_the_riemannian_gradient(case):
+    """``norm_sq`` of the last ``riemannian_gradient`` output (taken as ``<egrad, d>_F``) equals the
+    metric's value; after an in-place change of ``d`` the metric is evaluated again."""
+    _, group, w = case
+    _, _, e = vectors(w, seed=2)
+    d = group.riemannian_gradient(w, e)
+    ref = reference(group, "inner", w, d, d)
+    assert float(group.norm_sq(w, d)) == pytest.approx(ref, rel=1e-11)
+    for t in d.values():
+        t.mul_(2.0)
+    assert float(group.norm_sq(w, d)) == pytest.approx(4 * ref, rel=1e-11)
+    d = group.riemannian_gradient(w, e)
+    for t in e.values():  # a changed egrad invalidates it too
+        t.mul_(5.0)
+    assert float(group.norm_sq(w, d)) == pytest.approx(ref, rel=1e-11)

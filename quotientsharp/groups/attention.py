@@ -12,6 +12,7 @@ through hand-written :class:`GLBlock` descriptions.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -169,6 +170,16 @@ class _LazyStacks:
 
     def __len__(self) -> int:
         return len(self._get())
+
+
+def _stamp(d: Mapping[str, torch.Tensor], names: Sequence[str]) -> tuple:
+    """Weak references to ``d``'s tensors and their versions (:func:`_same` compares)."""
+    return tuple((weakref.ref(d[n]), d[n]._version) for n in names)
+
+
+def _same(stamp: tuple, d: Mapping[str, torch.Tensor], names: Sequence[str]) -> bool:
+    """Whether ``d`` holds the very tensors of ``stamp``, unmodified since."""
+    return all(r() is d[n] and d[n]._version == v for (r, v), n in zip(stamp, names))
 
 
 def _traced(t: torch.Tensor) -> bool:
@@ -376,9 +387,11 @@ class AttentionGL(SymmetryGroup):
                         for (G, H), lab in zip(blocks, labels)], blocks
             fs = []
             for s, lab in enumerate(labels):  # float64 Gram matrices from views, no copy of w
-                G, H = self._views(wr, s)
-                fs.append(M.gl_factors_from_grams(M.views_gram(G, G, torch.float64), M.views_gram(H, H, torch.float64),
-                                                  self.metric, self.eps_rel, self.eps, lab))
+                grams = []
+                for X in self._views(wr, s, cache=True):
+                    grams.append(M.views_gram(X, X, torch.float64))
+                    X.cache.pin(X, grams[-1])
+                fs.append(M.gl_factors_from_grams(*grams, self.metric, self.eps_rel, self.eps, lab))
             return fs, _LazyStacks(self, wr)
         return self._cached(w, build)
 
@@ -463,10 +476,16 @@ class AttentionGL(SymmetryGroup):
                 out = {n: like[n].clone() if point else torch.zeros_like(like[n]) for n in self.names}
             else:
                 out = {n: torch.empty_like(like[n]) for n in self.names}
+            written = []
             for s, f in enumerate(fs):
-                res = fn(s, f, self._blocks(w, s), *[self._blocks(v, s) for v in vecs])
+                W = self._blocks(w, s)
+                res = fn(s, f, W, *[self._blocks(v, s) for v in vecs])
                 for y, o in zip(res, self._views(out, s)):
                     y.write(o)
+                written.append((W, res))
+            for s, (W, res) in enumerate(written):  # the outputs' Gram matrices with w, from the inputs'
+                for x, y, o in zip(W, res, self._views(out, s, cache=True)):
+                    o.cache.derive(x.terms[0][0], o, y)
             return out
         ext = [self.extract(v) for v in vecs]
         res = [fn(s, f, blocks_w[s], *[e[s] for e in ext]) for s, f in enumerate(fs)]
@@ -540,8 +559,15 @@ class AttentionGL(SymmetryGroup):
         return sum(v.sum() for v in self.inner_per_block(w, xi, zeta)).to(dt)
 
     def norm_sq(self, w: Params, xi: Params) -> torch.Tensor:
-        """``g_w(xi, xi)``, reading the blocks of ``xi`` once."""
+        """``g_w(xi, xi)``, reading the blocks of ``xi`` once; for the unchanged output ``d`` of the
+        last :meth:`riemannian_gradient` call at ``w``, ``<egrad, d>_F`` (``Pi`` is g-orthogonal, so
+        ``g(d, d) = g(g^{-1} egrad, d)``): one elementwise pass instead of two Gram matrices."""
         dt = next(iter(xi.values())).dtype
+        memo = getattr(self, "_rgrad_memo", None)
+        if memo is not None and _same(memo[0], w, self.names) and _same(memo[1], xi, self.names):
+            egrad = [r() for r, _ in memo[2]]
+            if all(e is not None and e._version == v for e, (_, v) in zip(egrad, memo[2])):
+                return sum((e * xi[n]).sum(dtype=torch.float64) for e, n in zip(egrad, self.names)).to(dt)
         fs = self._factors(w)
         blocks = ([self._blocks(xi, s) for s in range(len(fs))] if self._fast(w, xi) else self.extract(xi))
         return sum(M.gl_inner(self.metric, f, xG, xH, xG, xH).sum() for f, (xG, xH) in zip(fs, blocks)).to(dt)
@@ -553,8 +579,11 @@ class AttentionGL(SymmetryGroup):
         return self._run(w, [egrad], lambda s, f, W, d: M.gl_rgrad(self.metric, f, *d))
 
     def riemannian_gradient(self, w: Params, egrad: Params) -> dict:
-        """``Pi(g^{-1} egrad)`` in one pass over the blocks."""
-        return self._project_stacks(w, egrad, lambda f, dG, dH: M.gl_rgrad(self.metric, f, dG, dH))
+        """``Pi(g^{-1} egrad)`` in one pass over the blocks (remembered for :meth:`norm_sq`)."""
+        out = self._project_stacks(w, egrad, lambda f, dG, dH: M.gl_rgrad(self.metric, f, dG, dH))
+        self._rgrad_memo = ((_stamp(w, self.names), _stamp(out, self.names), _stamp(egrad, self.names))
+                            if self._fast(w, egrad) else None)
+        return out
 
     def christoffel(self, w: Params, xi: Params) -> dict:
         return self._run(w, [xi], lambda s, f, W, x: M.gl_christoffel(self.metric, f, *W, *x))

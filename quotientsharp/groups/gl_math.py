@@ -155,26 +155,73 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class GramCache:
-    """The last few Gram matrices ``X^T Y`` of :class:`Views`, keyed by their ``key`` (the
-    identity and version of the tensors they read); an entry is used only while those tensors
-    are alive (weak references), so a reused id never hits. Lets a Christoffel term and its
-    vector-Jacobian product at the same ``xi`` share ``xi^T G``."""
+    """The last few Gram matrices ``X^T Y`` of :class:`Views`, keyed by their ``key`` (the identity
+    and version of the tensors they read); an entry is used only while those tensors are alive
+    (weak references), so a reused id never hits.
+
+    * a pair is found in either order (``Y^T X = (X^T Y)^T``): a Christoffel term and its
+      vector-Jacobian product at the same ``xi`` share ``xi^T G``;
+    * :meth:`pin` keeps the base point's ``G^T G`` out of the LRU order;
+    * :meth:`derive` records that an output ``Y = sum_k a_k X_k C_k`` was written from inputs
+      whose Gram matrices with ``X`` are cached: ``X^T Y = sum_k a_k (X^T X_k) C_k`` is then a few
+      ``h x h`` products (``G^T egrad`` of the Riemannian gradient of a vector-Jacobian product's
+      output)."""
 
     def __init__(self, size: int = 8):
         self.size = size
         self.entries: OrderedDict = OrderedDict()
+        self.pinned: dict = {}
+        self.recipes: OrderedDict = OrderedDict()
+
+    @staticmethod
+    def _alive(refs) -> bool:
+        return all(r() is not None for r in refs)
+
+    def _lookup(self, kx, ky) -> torch.Tensor | None:
+        for store in (self.pinned, self.entries):
+            hit = store.get((kx, ky))
+            if hit is not None and self._alive(hit[0]):
+                return hit[1]
+            hit = store.get((ky, kx))
+            if hit is not None and self._alive(hit[0]):
+                return _t(hit[1])
+        return None
 
     def get(self, X: Views, Y: Views) -> torch.Tensor | None:
-        hit = self.entries.get((X.key, Y.key))
-        if hit is None or any(r() is None for r in hit[0]):
-            return None
-        self.entries.move_to_end((X.key, Y.key))
-        return hit[1]
+        hit = self._lookup(X.key, Y.key)
+        recipe = self.recipes.get((X.key, Y.key)) if hit is None else None
+        if recipe is None or not self._alive(recipe[0]):
+            return hit
+        total = None
+        for g, c, a in recipe[1]:
+            g = _scaled(g, a) if c is None else a * _matmul(g, c)
+            total = g if total is None else total + g
+        self.entries[(X.key, Y.key)] = (recipe[0], total)
+        return total
 
     def put(self, X: Views, Y: Views, value: torch.Tensor) -> None:
         self.entries[(X.key, Y.key)] = (X.refs + Y.refs, value)
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
+
+    def pin(self, X: Views, value: torch.Tensor) -> None:
+        """Keep ``X^T X`` (the base point's Gram matrix) until the next :meth:`pin` of the stack."""
+        self.pinned = {k: v for k, v in self.pinned.items() if k[0][0] != X.key[0] and self._alive(v[0])}
+        self.pinned[(X.key, X.key)] = (X.refs, value)
+
+    def derive(self, X: Views, Y: Views, combination: Blocks) -> None:
+        """Record that ``Y`` (cached views of a freshly written output) holds ``combination``, so
+        that ``X^T Y`` follows from the cached ``X^T X_k`` of its factors (resolved now, while
+        they are alive; nothing is recorded if one is missing)."""
+        terms = []
+        for v, c, a in combination.terms:
+            g = self._lookup(X.key, v.key) if v.cache is self else None
+            if g is None:
+                return
+            terms.append((g, c, a))
+        self.recipes[(X.key, Y.key)] = (X.refs + Y.refs, tuple(terms))
+        while len(self.recipes) > self.size // 2:
+            self.recipes.popitem(last=False)
 
 
 class Views:
