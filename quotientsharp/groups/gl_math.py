@@ -188,6 +188,7 @@ class GramCache:
         return None
 
     def get(self, X: Views, Y: Views) -> torch.Tensor | None:
+        """``X^T Y`` if cached (either order) or derivable from a recorded combination, else None."""
         hit = self._lookup(X.key, Y.key)
         recipe = self.recipes.get((X.key, Y.key)) if hit is None else None
         if recipe is None or not self._alive(recipe[0]):
@@ -200,6 +201,7 @@ class GramCache:
         return total
 
     def put(self, X: Views, Y: Views, value: torch.Tensor) -> None:
+        """Store ``X^T Y`` (the oldest entry goes beyond ``size``)."""
         self.entries[(X.key, Y.key)] = (X.refs + Y.refs, value)
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
@@ -249,9 +251,11 @@ class Views:
 
     @property
     def rows(self) -> int:
+        """Rows of one head's factor (``n`` of ``(B, n, h)``)."""
         return sum(v.shape[1] for lo, _, v in self.parts if lo == 0)
 
     def check_layout(self, other: Views) -> None:
+        """Raise ``ValueError`` unless ``other`` has this layout."""
         if other.layout != self.layout or len(other.parts) != len(self.parts):
             raise ValueError("GL block views of different layouts (not the same slices of the same tensors)")
 
@@ -302,6 +306,7 @@ class Blocks:
 
     @staticmethod
     def of(v: Views) -> Blocks:
+        """The factor ``v`` itself."""
         return Blocks(((v, None, 1.0),))
 
     @property
@@ -310,30 +315,37 @@ class Blocks:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The factors' dtype."""
         return self._first.dtype
 
     @property
     def device(self) -> torch.device:
+        """The factors' device."""
         return self._first.device
 
     @property
     def shape(self) -> torch.Size:
+        """``(B, n, h)``."""
         v = self._first
         return torch.Size((v.B, v.rows, v.h))
 
     def double(self) -> Blocks:
+        """Itself (evaluation dtype fixed by :meth:`write`)."""
         return self
 
     def to(self, *args, **kwargs) -> Blocks:
+        """Itself (evaluation dtype fixed by :meth:`write`)."""
         return self
 
     def transpose(self, a: int, b: int) -> _BlocksT:
+        """The transpose of the last two dimensions (only ``@ Blocks`` follows)."""
         if {a % 3, b % 3} != {1, 2}:
             raise ValueError("Blocks only transpose their last two dimensions")
         return _BlocksT(self)
 
     @property
     def mT(self) -> _BlocksT:  # noqa: N802  (torch's name)
+        """``transpose(-1, -2)``."""
         return _BlocksT(self)
 
     def __matmul__(self, C: torch.Tensor) -> Blocks:
