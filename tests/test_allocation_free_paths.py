@@ -77,3 +77,12 @@ def test_in_place_combinations_match_out_of_place():
     expected = T.lincomb((1.0, xi), (0.75, T.sub(z, xi)), (0.25, T.sub(xi, prev)))
     got = T.lincomb_(0.75, {"a": z["a"].clone()}, (0.5, xi), (-0.25, prev))
     assert torch.allclose(got["a"], expected["a"], rtol=1e-14, atol=1e-15)
+
+
+def test_adaptive_projection_with_zeros_runs_under_vmap():
+    """No data-dependent branch under torch.func (the quotient Hessian vmaps its geometry)."""
+    group = PositiveRescaling(["a"])
+    w = {"a": torch.tensor([[1.0, 0.0], [2.0, -3.0]], dtype=torch.float64)}
+    X = torch.randn(5, 2, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out = torch.func.vmap(lambda x: group.horizontal_projection(w, {"a": x})["a"])(X)
+    assert torch.equal(out, torch.where(w["a"] != 0, X, 0.0))

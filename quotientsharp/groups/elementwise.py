@@ -96,7 +96,9 @@ class PositiveRescaling(_Trivial):
         returned as they are."""
         zeros, out = self._zeros(w), {}
         for n in self.names:
-            if n in zeros and bool(xi[n].reshape(-1)[zeros[n][0]].any()):
+            if n in zeros and torch._C._functorch.is_functorch_wrapped_tensor(xi[n]):  # vmap/grad: no data-dependent branch
+                out[n] = xi[n].reshape(-1).index_fill(0, zeros[n][0], 0.0).reshape(xi[n].shape)
+            elif n in zeros and bool(xi[n].reshape(-1)[zeros[n][0]].any()):
                 out[n] = xi[n].clone(memory_format=torch.contiguous_format)
                 out[n].view(-1).index_fill_(0, zeros[n][0], 0.0)
             else:
