@@ -323,3 +323,18 @@ def test_norm_of_the_riemannian_gradient(case):
     for t in e.values():  # a changed egrad invalidates it too
         t.mul_(5.0)
     assert float(group.norm_sq(w, d)) == pytest.approx(ref, rel=1e-11)
+
+
+@pytest.mark.parametrize("metric", ["mix", "inv"])
+def test_non_contiguous_inputs(metric):
+    """Transposed (column-major) weights and vectors: read through views, written into fresh
+    contiguous outputs."""
+    _, group, w = _deep_case(metric)
+    flip = lambda d: {n: t.mT.contiguous().mT if t.ndim == 2 else t for n, t in d.items()}  # noqa: E731
+    wt = flip(w)
+    assert any(not t.is_contiguous() for t in wt.values())
+    xi, c, e = (flip(v) for v in vectors(w))
+    for method, args in (("geodesic_2nd", (xi,)), ("geodesic_vjp", (xi, c)), ("riemannian_gradient", (e,))):
+        out = call(group, method, wt, *args)
+        assert rel(out, reference(group, method, w, *args)) <= 1e-11, method
+        assert all(t.is_contiguous() for t in out.values()), method

@@ -472,10 +472,12 @@ class AttentionGL(SymmetryGroup):
         fs, blocks_w = self._base(w)
         like = w if point or not vecs else vecs[0]
         if self._fast(w, *vecs):
+            dense = torch.contiguous_format  # the output views are reshapes: they must not copy
             if self.shares_tensors:
-                out = {n: like[n].clone() if point else torch.zeros_like(like[n]) for n in self.names}
+                out = {n: like[n].clone(memory_format=dense) if point else torch.zeros_like(like[n], memory_format=dense)
+                       for n in self.names}
             else:
-                out = {n: torch.empty_like(like[n]) for n in self.names}
+                out = {n: torch.empty_like(like[n], memory_format=dense) for n in self.names}
             written = []
             for s, f in enumerate(fs):
                 W = self._blocks(w, s)
