@@ -641,7 +641,7 @@ class GLBlockODE:
 
     def check(self, w: Mapping[str, torch.Tensor]) -> None:
         """Raise if a Gram matrix of the packed state ``w`` is singular (spec part 1 §6.5)."""
-        from .groups.gl_math import SingularHeadError, _check_gram
+        from .groups.gl_math import SingularHeadError, check_gram
         labels = self._labels() if self._labels is not None else None
         for k, idx in enumerate(self.groups):
             X = w[f"X{k}"]
@@ -651,8 +651,8 @@ class GLBlockODE:
                                         "singular on the way (the geodesic left the full-rank manifold)")
             B = ev.shape[0] // 2
             lab = [x for s in idx for x in labels[s]] if labels is not None else None
-            _check_gram(ev[:B], "G (W_Q / W_V side)", lab, self.eps_rel, self.eps_abs)
-            _check_gram(ev[B:], "H (W_K / W_O side)", lab, self.eps_rel, self.eps_abs)
+            check_gram(ev[:B], "G (W_Q / W_V side)", lab, self.eps_rel, self.eps_abs)
+            check_gram(ev[B:], "H (W_K / W_O side)", lab, self.eps_rel, self.eps_abs)
 
 
 def is_transformed(x: torch.Tensor) -> bool:

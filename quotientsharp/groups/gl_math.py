@@ -75,7 +75,7 @@ class SingularHeadError(ValueError):
 SINGULAR_RTOL = 1e3 * torch.finfo(torch.float64).eps
 
 
-def _check_gram(ev: torch.Tensor, side: str, labels: list[str] | None, eps_rel: float, eps_abs: float) -> None:
+def check_gram(ev: torch.Tensor, side: str, labels: list[str] | None, eps_rel: float, eps_abs: float) -> None:
     """Raise :class:`SingularHeadError` for the first block whose Gram eigenvalues ``ev`` ``(B, h)``
     (ascending) are singular: ``lambda_max = 0`` or ``lambda_min <= SINGULAR_RTOL lambda_max``."""
     top = ev[:, -1]
@@ -127,8 +127,8 @@ def gl_factors_from_grams(GtG: torch.Tensor, HtH: torch.Tensor, metric: str, eps
     Q = HtH + eps_q[:, None, None] * eye
     p, Vp = torch.linalg.eigh(P)
     q, Vq = torch.linalg.eigh(Q)
-    _check_gram(p, "G (W_Q / W_V side)", labels, eps_rel, eps_abs)
-    _check_gram(q, "H (W_K / W_O side)", labels, eps_rel, eps_abs)
+    check_gram(p, "G (W_Q / W_V side)", labels, eps_rel, eps_abs)
+    check_gram(q, "H (W_K / W_O side)", labels, eps_rel, eps_abs)
     f = GLFactors(
         P=P, Q=Q,
         P_inv=_sym_fn(p, Vp, -1.0), Q_inv=_sym_fn(q, Vq, -1.0),
