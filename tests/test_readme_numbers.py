@@ -419,13 +419,15 @@ def test_sharpness_cost_row():
                                      + ", " + N + r" ascent iterations, median of " + N)
     check(params, b["config"]["n_parameters"] / 1e3, "TinyViT parameters, k")
     assert (int(bs), int(it), int(rep)) == (b["config"]["batch_size"], b["config"]["n_iter"], b["config"]["repeats"])
-    mix, inv, tmix, tinv, exact, eucl, mem = _row_claim(
+    mix, inv, tmix, tinv, exact, texact, eucl, mmix, minv, mexact = _row_claim(
         "sharpness_cost.py", r"geodesic mix \*\*" + N + r"×\*\*, inv \*\*" + N + r"×\*\* \(targets ≤ " + N + " / ≤ "
-        + N + r"\), exact RK4 geodesic \(8 steps\) " + N + r"×, Euclidean " + N + r"×; peak memory mix/inv " + N + "×")
-    r = b["ratios_vs_adaptive"]
+        + N + r"\), exact RK4 geodesic \(8 steps\) \*\*" + N + r"×\*\* \(target ≤ " + N + r"\), Euclidean " + N
+        + r"×; peak memory mix/inv " + N + "×/" + N + r"×, exact " + N + "×")
+    r, m = b["ratios_vs_adaptive"], b["memory_ratios_vs_adaptive"]
     for t, v in ((mix, r["geodesic_mix"]), (inv, r["geodesic_inv"]), (exact, r["geodesic_exact"]),
-                 (eucl, r["euclidean"]), (tmix, b["targets"]["geodesic_mix"]), (tinv, b["targets"]["geodesic_inv"]),
-                 (mem, b["memory_ratios_vs_adaptive"]["geodesic_mix"]), (mem, b["memory_ratios_vs_adaptive"]["geodesic_inv"])):
+                 (texact, b["targets"]["geodesic_exact"]), (eucl, r["euclidean"]), (tmix, b["targets"]["geodesic_mix"]),
+                 (tinv, b["targets"]["geodesic_inv"]), (mmix, m["geodesic_mix"]), (minv, m["geodesic_inv"]),
+                 (mexact, m["geodesic_exact"])):
         check(t, v, "sharpness_cost")
     assert b["config"]["exact_rk4_steps"] == 8
 
@@ -521,3 +523,81 @@ def test_printed_as_rejects_a_wrong_rounding():
     assert not printed_as("+0.33", -0.3262)
     assert not printed_as("3e-3", 0.0022)
     assert not printed_as("1180", 1180.745)
+
+
+def test_real_size_row_and_section():
+    b = load("real_size.json")
+    q = b["quick"]["models"]["bert_quick"]
+    assert b["ratios"] == q["ratios"] and all(q["meets_targets"].values())
+    params, tokens, it, rep = _row_claim("real_size.py", r"4-layer BERT of width 768 \(" + N + r"M params\), batch 8 × "
+                                         + N + r" tokens, " + N + r" ascent iterations, float32, median of " + N)
+    check(params, q["n_params"] / 1e6, "4-layer BERT parameters, M")
+    assert (int(tokens), int(it), int(rep)) == (128, b["quick"]["config"]["n_iter"], b["quick"]["config"]["repeats"])
+    got = _row_claim("real_size.py", r"adaptive \*\*" + N + r"×\*\* its passes, geodesic mix \*\*" + N + r"×\*\*, inv \*\*"
+                     + N + r"×\*\* adaptive \(targets ≤ " + N + " / ≤ " + N + " / ≤ " + N + r"\); peak memory mix/inv "
+                     + N + "×/" + N + r"× adaptive \(≤ " + N + r"\), adaptive " + N + "× its budget")
+    r, t = q["ratios"], b["quick"]["targets"]
+    expected = [r["adaptive_vs_passes"], r["geodesic_mix_vs_adaptive"], r["geodesic_inv_vs_adaptive"],
+                t["adaptive_vs_passes"], t["geodesic_mix_vs_adaptive"], t["geodesic_inv_vs_adaptive"],
+                r["memory_geodesic_mix_vs_adaptive"], r["memory_geodesic_inv_vs_adaptive"],
+                t["memory_geodesic_mix_vs_adaptive"], r["memory_adaptive_vs_budget"]]
+    for text, value in zip(got, expected, strict=True):
+        check(text, value, "real_size quick")
+    # the full run's table: one row per model, every number from the file
+    rows = {row[0]: row for row in table_after("### Cost at real size")[1:]}
+    for name, label in (("bert_base", "BERT-base"), ("vit_b16", "ViT-B/16")):
+        m, row = b["full"]["models"][name], rows[label]
+        s, mem = m["seconds"], m["memory_bytes"]
+        cells = [s["passes"], s["adaptive"], m["ratios"]["adaptive_vs_passes"], s["geodesic_mix"],
+                 m["ratios"]["geodesic_mix_vs_adaptive"], s["geodesic_inv"], m["ratios"]["geodesic_inv_vs_adaptive"],
+                 mem["train_step"] / 2**20, mem["adaptive"] / 2**20, mem["geodesic_mix"] / 2**20,
+                 mem["geodesic_inv"] / 2**20, m["ratios"]["memory_adaptive_vs_budget"]]
+        printed = re.findall(N, " | ".join(row[1:]))
+        assert len(printed) == len(cells), (label, printed)
+        for text, value in zip(printed, cells, strict=True):
+            check(text, value, f"real_size {label}")
+    slq = load("hessian_cost.json")["slq"]["ratio_lockstep_vs_sequential"]
+    hess, quot = claim(r"8-probe SLQ costs " + N + r"× \(Hessian\) and " + N + r"× \(quotient Hessian\)")
+    check(hess, slq["hessian"], "lockstep SLQ, Hessian")
+    check(quot, slq["quotient_hessian"], "lockstep SLQ, quotient Hessian")
+
+
+def test_real_size_profile_paragraph():
+    """The numbers of 'What the profile showed' come from real_size_profile.json / hessian_cost.json."""
+    p = load("real_size_profile.json")
+    a = p["allocation_probe"]
+    new, inplace = claim(r"page faults cost several times the multiplication itself \(" + N + " s vs " + N + " s in place")
+    check(new, a["new_tensor_multiply_s"], "new tensor multiply")
+    check(inplace, a["in_place_multiply_s"], "in-place multiply")
+    ours, blas = claim(r"relative error " + N + r" in float32; a BLAS `dot` would be as fast but has " + N)
+    check(ours, a["chunked_sum_relative_error_float32"], "chunked sum error")
+    check(blas, a["blas_dot_relative_error_float32"], "BLAS dot error")
+    steps = [s["ratio"] for s in p["adaptive_vs_passes_steps"]]
+    got = claim(r"Adaptive sharpness cost " + N + r"× its passes.*?: " + N + r"× → " + N + r"×\. \(2\).*?→ " + N
+                + r"×\. \(3\).*?→ " + N + r"×\. \(4\)")
+    for text, value in zip(got, [steps[0], steps[0], steps[1], steps[2], steps[3]], strict=True):
+        check(text, value, "adaptive vs passes steps")
+    before, after = claim(r"adaptive's peak " + N + " → " + N + " MB")
+    check(before, p["adaptive_peak_memory_mb"]["before"], "adaptive memory before")
+    check(after, p["adaptive_peak_memory_mb"]["after"], "adaptive memory after")
+    v0, v1 = claim(r"bit-identical \(" + N + " before and after")[0], p["adaptive_value"]
+    assert float(v0) == v1["before"] == v1["after"]
+    g = p["geodesic_vs_adaptive"]
+    got = claim(r"mix " + N + "× → " + N + "×, inv " + N + "× → " + N + r"× adaptive on the same model; its own cost per "
+                r"iteration cut " + N + "×")
+    for text, value in zip(got, [g["mix"]["before"], g["mix"]["after"], g["inv"]["before"], g["inv"]["after"],
+                                 p["gl_geometry_cost_per_iteration_reduction"]], strict=True):
+        check(text, value, "GL geometry")
+    m0, m1 = claim(r"mix sharpness " + N + " → " + N + r"\)")
+    check(m0, p["geodesic_mix_value"]["before"], "mix value before")
+    check(m1, p["geodesic_mix_value"]["after"], "mix value after")
+    e0, e1 = claim(r"exact \(RK4\) geodesic on the TinyViT benchmark: " + N + "× → " + N + "×")
+    check(e0, p["exact_rk4_vs_adaptive_tinyvit"]["before"], "exact before")
+    check(e1, p["exact_rk4_vs_adaptive_tinyvit"]["after"], "exact after")
+    check(e1, load("sharpness_cost.json")["ratios_vs_adaptive"]["geodesic_exact"], "exact vs sharpness_cost.json")
+    slq = load("hessian_cost.json")["slq"]
+    nodes, hvp, floor = claim(r"quadrature nodes to " + N + r" relative.*?products alone \(" + N
+                              + r"× a gradient each, compute-bound\) are " + N + "×")
+    check(nodes, max(v["max_node_difference_relative"] for v in slq["agreement"].values()), "SLQ agreement")
+    check(hvp, slq["components"]["hvp_per_column_vs_gradient"], "HVP vs gradient")
+    check(floor, slq["components"]["lockstep_floor_ratio_vs_sequential"], "lockstep floor")
