@@ -429,7 +429,7 @@ class ModelOperator(LinearOperator):
         ``"reverse_over_reverse"`` the gradient graph built with ``create_graph=True``) and reuses
         it in later calls instead of rebuilding it, as long as the tensors the kept products save
         (counted with ``torch.autograd.graph.saved_tensors_hooks``) stay within ``max_bytes``
-        (default :data:`PRODUCT_CACHE_BYTES`); the batches beyond that are rebuilt per call as
+        (default ``PRODUCT_CACHE_BYTES``); the batches beyond that are rebuilt per call as
         usual, and so is every product built with ``torch.func.vjp`` (the GGN), whose saved
         tensors cannot be counted. Results are unchanged. Released on exit; nested blocks share
         the outer cache."""

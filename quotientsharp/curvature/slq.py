@@ -129,9 +129,9 @@ def slq(
 
     ``lockstep=True`` (default): the probes advance together, ``probe_block`` at a time (default:
     all of them, or as many as keep the block's bases ``P_block·m·n`` float64 under
-    :data:`PROBE_BLOCK_BYTES`): each Lanczos step is one ``op.matmat`` over the block's columns
+    ``PROBE_BLOCK_BYTES``): each Lanczos step is one ``op.matmat`` over the block's columns
     (one gradient graph per data batch for all of them) and the reorthogonalisation is batched
-    (:func:`~quotientsharp.curvature.lanczos.lanczos_tridiagonal_lockstep`). ``lockstep=False``
+    (``quotientsharp.curvature.lanczos.lanczos_tridiagonal_lockstep``). ``lockstep=False``
     runs the probes one after another, one matvec per step. With lockstep, a model operator
     keeps its per-batch gradient graphs for the whole run (``op.reuse_batch_products()``, within
     its memory cap). Both compute the same recurrences
