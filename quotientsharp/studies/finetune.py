@@ -390,9 +390,9 @@ def pretrain_config(kind: str, quick: bool = False, seed: int = 0) -> dict:
 
 
 FINETUNE_LAYER_RENYI = {"layer_slq_probes": 2, "layer_batches": 1}
-"""Per-layer Rényi in the fine-tune studies (issue 13 §4): one SLQ run per weight tensor (14 on the
-ViT, 10 on the BERT) with the study's m but 2 probes on the first batch: ~1.2x the cost of the
-full-Hessian SLQ (8 probes on 2 batches) instead of ~14x; one α/layer choice per population."""
+"""Per-layer Rényi in the fine-tune studies (issue 13 §4): one SLQ run per weight tensor (20 on the
+ViT, 17 on the BERT) with the study's m but 2 probes on the first batch: measured about the cost of
+the full-Hessian SLQ (8 probes on 2 batches) instead of ~20x it; one α/layer choice per population."""
 
 
 def finetune_config(kind: str, out: str | Path, *, quick: bool = False, n_models: int | None = None,
