@@ -49,9 +49,6 @@ HVP_MODES = ("reverse_over_reverse", "forward_over_reverse", "finite_difference"
 # curvlinops), at ~3.7x vs ~21x the gradient's peak memory. Lanczos/SLQ apply one vector at a
 # time, so the single-HVP cost decides. Re-measure on GPU before changing it there.
 DEFAULT_HVP_MODE = "reverse_over_reverse"
-PRODUCT_CACHE_BYTES = 2**30
-"""Default memory the per-batch products (gradient graphs) kept by
-:meth:`ModelOperator.reuse_batch_products` may hold (1 GiB, counted as the storage they save)."""
 
 
 class LinearOperator:
@@ -117,7 +114,7 @@ class LinearOperator:
         """Whether :meth:`metric_matmat` applies the metric of :meth:`inner` (else only ``inner`` is known)."""
         return type(self).inner is LinearOperator.inner or type(self).metric_matmat is not LinearOperator.metric_matmat
 
-    def reuse_batch_products(self, max_bytes: int | None = None) -> contextlib.AbstractContextManager:
+    def reuse_batch_products(self, max_batches: int | None = None) -> contextlib.AbstractContextManager:
         """A block inside which repeated products may reuse per-batch work (the model operators
         keep their gradient graphs, :meth:`ModelOperator.reuse_batch_products`); results are
         unchanged. Default: nothing to reuse."""
@@ -424,52 +421,35 @@ class ModelOperator(LinearOperator):
         return self.sum_over_batches(per_batch, tuple(V.shape))
 
     @contextlib.contextmanager
-    def reuse_batch_products(self, max_bytes: int | None = None) -> Iterator[None]:
-        """Inside this block, :meth:`matmat` keeps every batch's product (for
-        ``"reverse_over_reverse"`` the gradient graph built with ``create_graph=True``) and reuses
-        it in later calls instead of rebuilding it, as long as the tensors the kept products save
-        (counted with ``torch.autograd.graph.saved_tensors_hooks``) stay within ``max_bytes``
-        (default ``PRODUCT_CACHE_BYTES``); the batches beyond that are rebuilt per call as
-        usual, and so is every product built with ``torch.func.vjp`` (the GGN), whose saved
-        tensors cannot be counted. Results are unchanged. Released on exit; nested blocks share
-        the outer cache."""
+    def reuse_batch_products(self, max_batches: int | None = None) -> Iterator[None]:
+        """Inside this block, :meth:`matmat` keeps the products of the first ``max_batches``
+        batches (default: all; for ``"reverse_over_reverse"`` each is a gradient graph built with
+        ``create_graph=True``, about an activation's worth of memory per batch) and reuses them in
+        later calls instead of rebuilding them. Opt-in: the kept graphs stay in memory until the
+        block ends. Results are unchanged; nested blocks share the outer cache. (The sizes are
+        not measured with ``saved_tensors_hooks``: a pack hook that returns the tensor makes a
+        saved output and its node a reference cycle that is never freed.)"""
         if self._product_cache is not None:
             yield
             return
-        self._product_cache, self._product_cache_room = {}, PRODUCT_CACHE_BYTES if max_bytes is None else max_bytes
+        self._product_cache, self._product_cache_room = {}, max_batches
         try:
             yield
         finally:
             self._product_cache = None
 
     _product_cache: dict | None = None
-    _product_size_unknown: bool = False
 
     def _batch_product(self, i: int, batch: Any) -> Callable:
         """``batch_product(batch)``, from the cache of :meth:`reuse_batch_products` when active."""
         cache = self._product_cache
-        if cache is None or self._product_size_unknown:
+        if cache is None:
             return self.batch_product(batch)
         if i in cache:
             return cache[i]
-        saved: dict[tuple, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.device.type != "meta":
-                saved[(t.data_ptr(), t.device.type)] = t.untyped_storage().nbytes()
-            return t
-
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                apply = self.batch_product(batch)
-        except RuntimeError as error:  # torch.func.vjp & co. refuse saved-tensor hooks
-            if "saved tensor hooks" not in str(error):
-                raise
-            self._product_size_unknown = True  # its size cannot be counted: rebuilt per call
-            return self.batch_product(batch)
-        size = sum(saved.values())
-        if size <= self._product_cache_room:
-            cache[i], self._product_cache_room = apply, self._product_cache_room - size
+        apply = self.batch_product(batch)
+        if self._product_cache_room is None or len(cache) < self._product_cache_room:
+            cache[i] = apply
         return apply
 
     def _apply_columns(self, apply: Callable, V: torch.Tensor) -> torch.Tensor:

@@ -222,10 +222,10 @@ class QuotientHessianOperator(LinearOperator):
         HU = self.hessian.matmat(U)
         return self.map_columns(self._riemannian_gradient, HU - self.map_columns(self._christoffel, U))
 
-    def reuse_batch_products(self, max_bytes: int | None = None):
+    def reuse_batch_products(self, max_batches: int | None = None):
         """Keep the Hessian's per-batch gradient graphs across products inside the block
         (:meth:`~quotientsharp.curvature.operators.ModelOperator.reuse_batch_products`)."""
-        return self.hessian.reuse_batch_products(max_bytes)
+        return self.hessian.reuse_batch_products(max_batches)
 
     def inner(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``uᵀ M v``; ``u`` is ``(n,)`` or ``(n, j)``, ``v`` is ``(n,)``."""
