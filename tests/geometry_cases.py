@@ -85,6 +85,17 @@ def _model_case(cid, model, x, metric, oracle=True, tags=()):
     return Case(cid, q.groups[0], params, model_fn, loss_fn, oracle=oracle, tags=set(tags) | {"attention"})
 
 
+class PooledAttention(nn.Module):
+    """One :class:`MultiHeadSelfAttention` layer of ``width`` and ``heads``, mean-pooled over tokens."""
+
+    def __init__(self, width: int = 8, heads: int = 2):
+        super().__init__()
+        self.att = MultiHeadSelfAttention(width, heads)
+
+    def forward(self, x):
+        return self.att(x).mean(1)
+
+
 class _MHA(nn.Module):
     def __init__(self, **kw):
         super().__init__()

@@ -21,6 +21,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from geometry_cases import PooledAttention
 from torch import nn
 
 from quotientsharp import geodesic as geodesic_module
@@ -30,7 +31,6 @@ from quotientsharp.groups import gl_math
 from quotientsharp.groups.attention import AttentionGL, GLBlock, Piece
 from quotientsharp.groups.base import SymmetryGroup
 from quotientsharp.groups.diagonal import DiagonalRescaling, DiagonalRescalingMix
-from quotientsharp.models.attention import MultiHeadSelfAttention
 
 DT = torch.float64
 
@@ -265,24 +265,13 @@ def test_gl_geodesic_midpoint_minimises_the_discrete_path_energy(metric):
 # --------------------------------------------------------------------------------------------
 # the quotient Hessian
 # --------------------------------------------------------------------------------------------
-class PooledAttention(nn.Module):
-    """One 2-head self-attention layer of width 4 (h = 2, 80 parameters), mean-pooled over tokens."""
-
-    def __init__(self):
-        super().__init__()
-        self.att = MultiHeadSelfAttention(4, 2)
-
-    def forward(self, x):
-        return self.att(x).mean(1)
-
-
 def mse(out, target):
     return ((out - target) ** 2).mean()
 
 
 def small_attention_problem():
     torch.manual_seed(3)
-    model = PooledAttention().to(DT)
+    model = PooledAttention(4, 2).to(DT)  # h = 2, 80 parameters
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # nonzero biases: the bias rows of the GL blocks matter
         for n, p in model.named_parameters():

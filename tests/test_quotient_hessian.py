@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+from geometry_cases import PooledAttention
 from torch import nn
 
 from quotientsharp.adapters import find_symmetries
@@ -21,20 +22,8 @@ from quotientsharp.curvature import (
 )
 from quotientsharp.curvature.slq import slq
 from quotientsharp.models import MLP
-from quotientsharp.models.attention import MultiHeadSelfAttention
 
 DT = torch.float64
-
-
-class Attention(nn.Module):
-    """One MultiHeadSelfAttention layer, mean-pooled over tokens."""
-
-    def __init__(self):
-        super().__init__()
-        self.att = MultiHeadSelfAttention(8, 2)
-
-    def forward(self, x):
-        return self.att(x).mean(1)
 
 
 def mse(out, target):
@@ -45,7 +34,7 @@ def mse(out, target):
 def problem():
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    model = Attention().to(DT)
+    model = PooledAttention().to(DT)
     with torch.no_grad():  # nonzero biases, so the bias rows of the GL blocks matter
         for n, p in model.named_parameters():
             if n.endswith("bias"):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from geometry_cases import PooledAttention
 from test_curvature_models import classification_data, single_thread  # noqa: F401
 from torch import nn
 
 from quotientsharp.curvature import FunctionOperator, HessianOperator, MatrixOperator, QuotientHessianOperator
 from quotientsharp.curvature.lanczos import lanczos_tridiagonal, lanczos_tridiagonal_lockstep, tridiagonal
 from quotientsharp.curvature.slq import slq
-from quotientsharp.models.attention import MultiHeadSelfAttention
 
 DT = torch.float64
 
@@ -137,20 +137,11 @@ def test_lockstep_on_a_model_hessian_against_dense_eigendecomposition():
         assert torch.allclose(full.spectral_sum(f).samples, exact, rtol=1e-8, atol=1e-10 * float(values.abs().max()))
 
 
-class Attention(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.att = MultiHeadSelfAttention(8, 2)
-
-    def forward(self, x):
-        return self.att(x).mean(1)
-
-
 @pytest.fixture(scope="module")
 def quotient_operator():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    model = Attention().to(DT)
+    model = PooledAttention().to(DT)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("bias"):
