@@ -71,18 +71,15 @@ def lincomb(*terms: tuple[float, Mapping[str, torch.Tensor]]) -> Tangent:
     """``sum_i c_i * a_i`` for ``terms = ((c_1, a_1), (c_2, a_2), ...)``: one new tensor per
     name, accumulated in place (no temporary per term)."""
     (c0, a0), rest = terms[0], terms[1:]
-    out = {n: c0 * t for n, t in a0.items()}
-    for c, a in rest:
-        for n, t in out.items():
-            t.add_(a[n], alpha=c)
-    return out
+    return lincomb_(1.0, {n: c0 * t for n, t in a0.items()}, *rest)
 
 
 def lincomb_(c0, a0: dict[str, torch.Tensor], *terms: tuple[float, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """``a0 <- c0 * a0 + sum_i c_i * a_i`` in place (``a0``'s tensors are the caller's own
     temporaries); returns ``a0``."""
     for n, t in a0.items():
-        t.mul_(c0)
+        if c0 != 1:
+            t.mul_(c0)
         for c, a in terms:
             t.add_(a[n], alpha=c)
     return a0

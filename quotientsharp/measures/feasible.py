@@ -88,9 +88,8 @@ class HorizontalBall:
             return None
         if n == 0:
             return {}
-        aliased = {k: v for k, v in d.items() if v is egrad.get(k)}  # never rescale egrad in place
-        out = {**T.scale_({k: v for k, v in d.items() if k not in aliased}, 1.0 / n), **T.scale(aliased, 1.0 / n)}
-        return {k: out[k] for k in d}
+        # d's own tensors are rescaled in place; one that is egrad itself (a flat metric) is not
+        return {k: v * (1.0 / n) if v is egrad.get(k) else v.mul_(1.0 / n) for k, v in d.items()}
 
 
 def _power_of_two_normalized(g: Params) -> dict | None:
