@@ -69,7 +69,7 @@ class PositiveRescaling(_Trivial):
 
     def masked_count(self, w: Params) -> int:
         """Number of zero entries, whose perturbation is forced to 0."""
-        return int(sum((w[n] == 0).sum() for n in self.names))
+        return sum(index.numel() for index, _ in self._zeros(w).values())
 
     def _zeros(self, w: Params) -> dict[str, tuple[torch.Tensor, frozenset]]:
         """For each tensor holding exact zeros: their flat indices and the :func:`~quotientsharp.tangent.chunked_sum`
@@ -94,16 +94,14 @@ class PositiveRescaling(_Trivial):
     def horizontal_projection(self, w: Params, xi: Params) -> dict:
         """``xi`` with its masked coordinates (``w = 0``) set to 0; tensors already 0 there are
         returned as they are."""
-        zeros, out = self._zeros(w), {}
-        for n in self.names:
-            if n in zeros and torch._C._functorch.is_functorch_wrapped_tensor(xi[n]):  # vmap/grad: no data-dependent branch
-                out[n] = xi[n].reshape(-1).index_fill(0, zeros[n][0], 0.0).reshape(xi[n].shape)
-            elif n in zeros and bool(xi[n].reshape(-1)[zeros[n][0]].any()):
-                out[n] = xi[n].clone(memory_format=torch.contiguous_format)
-                out[n].view(-1).index_fill_(0, zeros[n][0], 0.0)
-            else:
-                out[n] = xi[n]
-        return out
+        zeros = self._zeros(w)
+
+        def needs_mask(n: str) -> bool:  # under vmap/grad: always (no data-dependent branch)
+            return n in zeros and (torch._C._functorch.is_functorch_wrapped_tensor(xi[n])
+                                   or bool(xi[n].reshape(-1)[zeros[n][0]].any()))
+
+        return {n: xi[n].reshape(-1).index_fill(0, zeros[n][0], 0.0).reshape(xi[n].shape) if needs_mask(n) else xi[n]
+                for n in self.names}
 
     def egrad_to_rgrad(self, w: Params, egrad: Params) -> dict:
         return {n: (egrad[n] * w[n]).mul_(w[n]) for n in self.names}
