@@ -1,0 +1,212 @@
+"""Mutation score of the core (issue 18): run mutmut, triage the survivors, write
+``benchmarks/results/mutation.json``.
+
+The core and the tests that guard it are the ``[tool.mutmut]`` table of ``pyproject.toml``.
+mutmut (``pip install -e ".[dev]"``) copies the package into ``./mutants``, plants one small
+change at a time (an operator, a constant, an argument) and runs the tests that reach the changed
+function; a mutant is *killed* when one of them fails (or it times out) and *survives* otherwise.
+
+    score = killed / (total - equivalent)
+
+where *equivalent* mutants are survivors that no test can kill because they compute the same
+thing; each carries a one-line reason in ``benchmarks/mutation_triage/*.json`` (keyed by mutant
+name and checked against its diff lines, so a stale entry after a code change is reported, not
+trusted). A survivor that is not equivalent needs a test, not a triage line.
+
+    python benchmarks/mutation.py                         # the whole core (hours on 2 cores)
+    python benchmarks/mutation.py --modules measures/solver.py studies/kendall.py
+    python benchmarks/mutation.py --report-only           # re-read ./mutants, rewrite the JSON
+    python benchmarks/mutation.py --list --modules measures/solver.py   # print the survivors
+    python benchmarks/mutation.py --check quotientsharp.measures.solver.x_f__mutmut_3 tests/test_x.py
+                                                          # does this test kill that mutant?
+
+Each run merges its modules into the JSON, so the core can be covered a few modules at a time;
+``modules_pending`` lists what has not been run at the current code. Not part of CI.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "mutation.json"
+TRIAGE = ROOT / "benchmarks" / "mutation_triage"  # one JSON file per module group
+KILLED = {"killed", "timeout", "segfault", "caught by type check"}
+
+
+def core_modules() -> list[str]:
+    """The module files that ``[tool.mutmut] only_mutate`` selects, relative to the root."""
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"]
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "quotientsharp").rglob("*.py"))
+    return [f for f in files if any(fnmatch.fnmatch(f, g) for g in globs)]
+
+
+def module_name(path: str) -> str:
+    return path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+
+
+def run_mutmut(names: list[str], max_children: int, log: Path) -> None:
+    """``mutmut run`` on the mutants matching ``names`` (globs; all of them are (re)run), output to
+    ``log``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *names]
+    log.parent.mkdir(exist_ok=True)
+    with open(log, "w") as fh:
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        sys.exit(f"mutmut run failed (exit {rc}); see {log}")
+
+
+def changed_lines(diff: str) -> list[str]:
+    return [line for line in diff.splitlines() if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+
+
+def read_results(modules: list[str]) -> dict[str, dict]:
+    """Per module: mutmut's status of every mutant, with the diff lines of the survivors."""
+    os.chdir(ROOT)  # mutmut's helpers resolve ./mutants
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+    from mutmut.stats import status_by_exit_code
+
+    out = {}
+    for mod in modules:
+        meta = ROOT / "mutants" / (mod + ".meta")
+        if not meta.exists():
+            continue
+        data = json.loads(meta.read_text())
+        mutants = {}
+        for name, code in sorted(data["exit_code_by_key"].items()):
+            status = status_by_exit_code[code]
+            entry = {"status": status}
+            if status not in KILLED:
+                entry["diff"] = changed_lines(get_diff_for_mutant(name, path=mod))
+            mutants[name] = entry
+        out[mod] = {"function_hashes": data.get("hash_by_function_name", {}), "mutants": mutants}
+    return out
+
+
+def summarise(modules: dict[str, dict], triage: dict[str, dict]) -> dict:
+    """Counts per module and overall; survivors with their triage (or ``untriaged``)."""
+    per_module, survivors = {}, []
+    totals = dict.fromkeys(["total", "killed", "survived", "no_tests", "equivalent", "other"], 0)
+    for mod, res in sorted(modules.items()):
+        c = dict.fromkeys(totals, 0)
+        for name, m in res["mutants"].items():
+            c["total"] += 1
+            if m["status"] in KILLED:
+                c["killed"] += 1
+                continue
+            t = triage.get(name)
+            fresh = t is not None and t.get("diff") == m["diff"]
+            if fresh and t["verdict"] == "equivalent":
+                c["equivalent"] += 1
+            key = {"survived": "survived", "no tests": "no_tests"}.get(m["status"], "other")
+            c[key] += 1
+            survivors.append({"mutant": name, "status": m["status"], "diff": m["diff"],
+                              "triage": (t["verdict"] + ": " + t["why"]) if fresh else "untriaged"})
+        c["score"] = c["killed"] / max(c["total"] - c["equivalent"], 1)
+        per_module[mod] = c
+        for k in totals:
+            totals[k] += c[k]
+    score = totals["killed"] / max(totals["total"] - totals["equivalent"], 1)
+    return {"score": score, "counts": totals, "per_module": per_module, "survivors": survivors}
+
+
+def check(mutant: str, pytest_args: list[str], timeout: float = 600) -> bool:
+    """Run ``pytest_args`` against the package in ``./mutants`` with ``mutant`` switched on (and
+    once with it off, which must pass); True when the mutant is killed."""
+    # from ./mutants (first on sys.path) the package imported is the mutated copy; the tests are
+    # the working tree's, so tests written after the mutmut run count
+    args = [str(ROOT / a) if a.startswith("tests") else a for a in pytest_args]
+
+    def run(name: str) -> int:
+        env = dict(os.environ, MUTANT_UNDER_TEST=name, OMP_NUM_THREADS="1")
+        try:
+            return subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", *args],
+                                  cwd=ROOT / "mutants", env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:  # a mutant that never ends is killed, as in mutmut
+            return -1
+
+    if run("") != 0:
+        sys.exit(f"the tests fail without the mutant: python -m pytest {' '.join(pytest_args)}")
+    return run(mutant) != 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--modules", nargs="+", help="paths under quotientsharp/ (default: the whole core)")
+    ap.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--survivors", action="store_true",
+                    help="rerun only the survivors recorded in the JSON for these modules (after adding tests)")
+    ap.add_argument("--report-only", action="store_true", help="skip mutmut, re-read ./mutants")
+    ap.add_argument("--list", action="store_true", help="print the survivors in ./mutants (writes nothing)")
+    ap.add_argument("--json", action="store_true", help="with --list: as a triage-file template")
+    ap.add_argument("--check", nargs="+", metavar=("MUTANT", "PYTEST_ARG"),
+                    help="whether the given tests kill MUTANT (writes nothing)")
+    args, extra = ap.parse_known_args()  # extra: pytest options of --check (e.g. -k)
+    if extra and not args.check:
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.check:
+        killed = check(args.check[0], (args.check[1:] + extra) or ["tests"])
+        print("killed" if killed else "survived", args.check[0])
+        return
+
+    core = core_modules()
+    chosen = core if not args.modules else ["quotientsharp/" + m.removeprefix("quotientsharp/") for m in args.modules]
+    unknown = sorted(set(chosen) - set(core))
+    if unknown:
+        sys.exit(f"not in the core ([tool.mutmut] only_mutate): {unknown}")
+
+    if args.list:
+        survivors = {name: m for res in read_results(chosen).values() for name, m in res["mutants"].items()
+                     if m["status"] not in KILLED}
+        if args.json:  # a template for a triage file: fill "verdict" and "why"
+            print(json.dumps({n: {"verdict": "equivalent", "why": "", "diff": m["diff"]}
+                              for n, m in survivors.items()}, indent=1, ensure_ascii=False))
+        for name, m in survivors.items() if not args.json else ():
+            print(f"{name} [{m['status']}]\n    " + "\n    ".join(m["diff"]))
+        return
+
+    start = time.time()
+    previous = json.loads(OUT.read_text()) if OUT.exists() else {}
+    if args.survivors:
+        names = [s["mutant"] for s in previous.get("survivors", [])
+                 if any(s["mutant"].startswith(module_name(m) + ".") for m in chosen)]
+        if not names:
+            sys.exit("no recorded survivors in these modules")
+    else:
+        names = [module_name(m) + ".*" for m in chosen]
+    if not args.report_only:
+        run_mutmut(names, args.max_children, ROOT / "mutants" / "run.log")
+    fresh = read_results(chosen)
+    if not fresh:
+        sys.exit("no mutmut results under ./mutants for these modules; run without --report-only")
+
+    modules = {m: r for m, r in previous.get("modules", {}).items() if m in core}
+    stamp = {"date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - start, 1),
+             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                      text=True).stdout.strip()}
+    for mod, res in fresh.items():
+        modules[mod] = {**res, "run": stamp}
+    triage = {k: v for f in sorted(TRIAGE.glob("*.json")) for k, v in json.loads(f.read_text()).items()}
+    summary = summarise(modules, triage)
+    result = {"tool": "mutmut 3.8.1", "formula": "killed / (total - equivalent); timeouts count as killed",
+              "target": 0.90, **summary,
+              "modules_pending": [m for m in core if m not in modules],
+              "modules": modules}
+    OUT.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    untriaged = sum(s["triage"] == "untriaged" for s in summary["survivors"])
+    print(f"score {summary['score']:.3f} over {len(modules)}/{len(core)} core modules "
+          f"({summary['counts']['killed']}/{summary['counts']['total']} killed, "
+          f"{summary['counts']['equivalent']} equivalent, {untriaged} survivors untriaged) -> {OUT}")
+
+
+if __name__ == "__main__":
+    main()
