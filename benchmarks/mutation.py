@@ -19,9 +19,13 @@ trusted). A survivor that is not equivalent needs a test, not a triage line.
     python benchmarks/mutation.py --list --modules measures/solver.py   # print the survivors
     python benchmarks/mutation.py --check quotientsharp.measures.solver.x_f__mutmut_3 tests/test_x.py
                                                           # does this test kill that mutant?
+    python benchmarks/mutation.py --modules measures/solver.py --recheck tests/test_new.py
+                                                          # record the survivors that new tests kill
 
 Each run merges its modules into the JSON, so the core can be covered a few modules at a time;
-``modules_pending`` lists what has not been run at the current code. Not part of CI.
+``modules_pending`` lists what has not been run at the current code. A survivor that a test
+written after the run kills is recorded by ``--recheck`` (cheaper than rerunning mutmut, whose
+survivors rerun every test that reaches them). Not part of CI.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +96,7 @@ def read_results(modules: list[str]) -> dict[str, dict]:
     return out
 
 
-def summarise(modules: dict[str, dict], triage: dict[str, dict]) -> dict:
+def summarise(modules: dict[str, dict], triage: dict[str, dict], rechecked: dict[str, dict]) -> dict:
     """Counts per module and overall; survivors with their triage (or ``untriaged``)."""
     per_module, survivors = {}, []
     totals = dict.fromkeys(["total", "killed", "survived", "no_tests", "equivalent", "other"], 0)
@@ -99,7 +104,7 @@ def summarise(modules: dict[str, dict], triage: dict[str, dict]) -> dict:
         c = dict.fromkeys(totals, 0)
         for name, m in res["mutants"].items():
             c["total"] += 1
-            if m["status"] in KILLED:
+            if m["status"] in KILLED or rechecked.get(name, {}).get("diff") == m.get("diff"):
                 c["killed"] += 1
                 continue
             t = triage.get(name)
@@ -118,25 +123,27 @@ def summarise(modules: dict[str, dict], triage: dict[str, dict]) -> dict:
     return {"score": score, "counts": totals, "per_module": per_module, "survivors": survivors}
 
 
-def check(mutant: str, pytest_args: list[str], timeout: float = 600) -> bool:
-    """Run ``pytest_args`` against the package in ``./mutants`` with ``mutant`` switched on (and
-    once with it off, which must pass); True when the mutant is killed."""
-    # from ./mutants (first on sys.path) the package imported is the mutated copy; the tests are
-    # the working tree's, so tests written after the mutmut run count
+def run_tests_against(mutant: str, pytest_args: list[str], timeout: float = 600) -> int:
+    """Exit code of ``pytest_args`` run against the package in ``./mutants`` with ``mutant``
+    switched on (``""``: none). From ./mutants (first on sys.path) the package imported is the
+    mutated copy; the tests are the working tree's, so tests written after the mutmut run count."""
     args = [str(ROOT / a) if a.startswith("tests") else a for a in pytest_args]
+    env = dict(os.environ, MUTANT_UNDER_TEST=mutant, OMP_NUM_THREADS="1")
+    try:
+        return subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", *args],
+                              cwd=ROOT / "mutants", env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:  # a mutant that never ends is killed, as in mutmut
+        return -1
 
-    def run(name: str) -> int:
-        env = dict(os.environ, MUTANT_UNDER_TEST=name, OMP_NUM_THREADS="1")
-        try:
-            return subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", *args],
-                                  cwd=ROOT / "mutants", env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:  # a mutant that never ends is killed, as in mutmut
-            return -1
 
-    if run("") != 0:
-        sys.exit(f"the tests fail without the mutant: python -m pytest {' '.join(pytest_args)}")
-    return run(mutant) != 0
+def killed_by(mutants: list[str], pytest_args: list[str], workers: int) -> set[str]:
+    """The ``mutants`` that ``pytest_args`` kill (the tests must pass with none switched on)."""
+    if run_tests_against("", pytest_args) != 0:
+        sys.exit(f"the tests fail without a mutant: python -m pytest {' '.join(pytest_args)}")
+    with ThreadPoolExecutor(workers) as pool:
+        codes = list(pool.map(lambda m: run_tests_against(m, pytest_args), mutants))
+    return {m for m, code in zip(mutants, codes) if code != 0}
 
 
 def main() -> None:
@@ -150,11 +157,14 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="with --list: as a triage-file template")
     ap.add_argument("--check", nargs="+", metavar=("MUTANT", "PYTEST_ARG"),
                     help="whether the given tests kill MUTANT (writes nothing)")
+    ap.add_argument("--recheck", nargs="+", metavar="TEST",
+                    help="run these tests against every untriaged survivor of the JSON in these modules "
+                         "(tests written after the mutmut run) and record the kills")
     args, extra = ap.parse_known_args()  # extra: pytest options of --check (e.g. -k)
     if extra and not args.check:
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.check:
-        killed = check(args.check[0], (args.check[1:] + extra) or ["tests"])
+        killed = killed_by([args.check[0]], (args.check[1:] + extra) or ["tests"], 1)
         print("killed" if killed else "survived", args.check[0])
         return
 
@@ -176,31 +186,46 @@ def main() -> None:
 
     start = time.time()
     previous = json.loads(OUT.read_text()) if OUT.exists() else {}
-    if args.survivors:
-        names = [s["mutant"] for s in previous.get("survivors", [])
-                 if any(s["mutant"].startswith(module_name(m) + ".") for m in chosen)]
-        if not names:
-            sys.exit("no recorded survivors in these modules")
-    else:
-        names = [module_name(m) + ".*" for m in chosen]
-    if not args.report_only:
-        run_mutmut(names, args.max_children, ROOT / "mutants" / "run.log")
-    fresh = read_results(chosen)
-    if not fresh:
-        sys.exit("no mutmut results under ./mutants for these modules; run without --report-only")
-
     modules = {m: r for m, r in previous.get("modules", {}).items() if m in core}
-    stamp = {"date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - start, 1),
-             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                      text=True).stdout.strip()}
-    for mod, res in fresh.items():
-        modules[mod] = {**res, "run": stamp}
+    rechecked = previous.get("rechecked", {})
     triage = {k: v for f in sorted(TRIAGE.glob("*.json")) for k, v in json.loads(f.read_text()).items()}
-    summary = summarise(modules, triage)
-    result = {"tool": "mutmut 3.8.1", "formula": "killed / (total - equivalent); timeouts count as killed",
+    if args.recheck:
+        fresh = read_results(chosen)
+        stale = [m for m in chosen if m not in modules or m not in fresh
+                 or fresh[m]["function_hashes"] != modules[m]["function_hashes"]]
+        if stale:
+            sys.exit(f"./mutants is not the recorded mutmut run of {stale}: run mutmut on them first")
+        todo = {name: m["diff"] for mod in chosen for name, m in modules[mod]["mutants"].items()
+                if m["status"] not in KILLED and name not in rechecked
+                and triage.get(name, {}).get("diff") != m["diff"]}
+        for name in sorted(killed_by(sorted(todo), args.recheck, args.max_children)):
+            rechecked[name] = {"tests": args.recheck, "diff": todo[name]}
+    else:
+        if args.survivors:
+            names = [s["mutant"] for s in previous.get("survivors", [])
+                     if any(s["mutant"].startswith(module_name(m) + ".") for m in chosen)]
+            if not names:
+                sys.exit("no recorded survivors in these modules")
+        else:
+            names = [module_name(m) + ".*" for m in chosen]
+        if not args.report_only:
+            run_mutmut(names, args.max_children, ROOT / "mutants" / "run.log")
+        fresh = read_results(chosen)
+        if not fresh:
+            sys.exit("no mutmut results under ./mutants for these modules; run without --report-only")
+        stamp = {"date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - start, 1),
+                 "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                          capture_output=True, text=True).stdout.strip()}
+        for mod, res in fresh.items():
+            modules[mod] = {**res, "run": stamp}
+
+    summary = summarise(modules, triage, rechecked)
+    result = {"tool": "mutmut 3.8.1",
+              "formula": "killed / (total - equivalent); timeouts count as killed; a survivor of the mutmut "
+                         "run that tests written after it kill (--recheck) counts as killed",
               "target": 0.90, **summary,
               "modules_pending": [m for m in core if m not in modules],
-              "modules": modules}
+              "rechecked": rechecked, "modules": modules}
     OUT.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     untriaged = sum(s["triage"] == "untriaged" for s in summary["survivors"])
     print(f"score {summary['score']:.3f} over {len(modules)}/{len(core)} core modules "
