@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -429,7 +430,9 @@ def test_large_perturbation_warning_points_at_the_callers_line():
         geodesic_sharpness(model, batches, F.cross_entropy, 1.0, quotient=q, kind="average", n_samples=2,
                            progress=False)
     ours = [w for w in record if "average-case perturbation" in str(w.message)]
-    assert ours and all(w.filename == __file__ for w in ours)
+    # stacklevel counts the library's frames; under mutmut (benchmarks/mutation.py) every library
+    # call runs through extra trampoline frames, and the warning lands in mutmut's trampoline
+    assert ours and all(w.filename == __file__ or "mutmut" in Path(w.filename).parts for w in ours)
 
 
 def test_mixed_diagonal_draws_are_clamped_to_the_geodesic_domain():
