@@ -46,8 +46,9 @@ W0 = torch.tensor([0.3, -0.2, 0.5], dtype=DT)
 # the APGD reference (Euclidean ball in R^3)
 # --------------------------------------------------------------------------------------------
 def reference_apgd(loss, err, rho: float, n_iter: int, momentum: float = 0.75, step_mult: float = 1.0,
-                   xi0: torch.Tensor | None = None):
-    """Spec part 2 §3.2 line by line for ``loss(θ)`` at ``θ = W0 + ξ``. Returns a dict with the
+                   xi0: torch.Tensor | None = None, generator: torch.Generator | None = None):
+    """Spec part 2 §3.2 line by line for ``loss(θ)`` at ``θ = W0 + ξ`` (a zero gradient gives the
+    direction ``u/‖u‖`` of the generator's next standard Gaussian ``u``). Returns a dict with the
     trace (``steps``, ``increases``), ``halvings``, ``nonfinite``, ``best_loss``, ``xi_best``,
     ``best_err`` and ``base_loss``/``base_err``."""
     def ball(x):
@@ -77,6 +78,8 @@ def reference_apgd(loss, err, rho: float, n_iter: int, momentum: float = 0.75, s
             continue
         if l_k > l_best:
             l_best, xi_best, e_best, n_up = l_k, xi, err(W0 + xi), n_up + 1
+        if not bool(grad.any()):
+            grad = torch.randn(3, generator=generator, dtype=DT)
         z = ball(xi + eta * grad / grad.norm())
         xi_next = z if k == 0 else ball(xi + momentum * (z - xi) + (1 - momentum) * (xi - xi_prev))
         xi_prev, xi = xi, xi_next
@@ -186,9 +189,29 @@ def test_no_increase_at_a_strict_maximum_keeps_the_base_point():
     assert result.best_error == result.base_error == pytest.approx(0.3)
     assert result.error_increase == 0.0
     assert len(result.trace["step"]) == 3 and all(len(s) == 12 for s in result.trace["step"])
-    # no improvement between checkpoints: every checkpoint (6, 10 of N = 12... per run) halves
-    per_run = len(spec_checkpoints(12)) - (12 in spec_checkpoints(12))
-    assert result.n_halvings == 3 * per_run
+    # N = 12: checkpoints 3, 5, 7, 9, 10, 11 (12 is never reached); without an improvement each
+    # one halves, in each of the 3 runs
+    assert spec_checkpoints(12) == [3, 5, 7, 9, 10, 11, 12]
+    assert result.n_halvings == 3 * 6
+
+
+def test_a_zero_gradient_gives_a_random_direction_drawn_from_the_seeded_generator():
+    """At a saddle (zero gradient at the base point) the first direction is random, drawn from the
+    measure's generator: the run follows the reference with the same draws, and another seed gives
+    another ascent (the global torch RNG plays no part)."""
+    def loss(t):
+        d = t - W0
+        return d[0] ** 2 - d[1] ** 2 + 0.5 * d[2] ** 2 + d[0] * d[1] * d[2]
+
+    results = []
+    for seed in (1, 2):
+        torch.manual_seed(100 + seed)
+        result = run_maximize(loss, 0.6, AscentConfig(n_iter=10), seed=seed)
+        ref = reference_apgd(loss, first_coordinate, 0.6, 10, generator=torch.Generator().manual_seed(seed))
+        assert_matches_reference(result, ref)
+        assert_best_matches(result, ref)
+        results.append(result)
+    assert not torch.allclose(results[0].xi_best["theta"], results[1].xi_best["theta"])
 
 
 def test_random_restarts_start_on_the_sphere_and_keep_the_best_run():
@@ -328,7 +351,10 @@ def test_ascent_config_rejects_empty_budgets_only():
 def test_checkpoints_are_the_spec_formula():
     for n_iter in range(1, 121):
         assert checkpoints(n_iter) == spec_checkpoints(n_iter), n_iter
-    # by hand for N = 20 and N = 1: p = 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99, ...
+    # by hand: p = 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99; in floats p₄·20 is
+    # 14.000000000000002, so w₄ = 15 as in the reference code (exact arithmetic would give 14; spec
+    # part 2 §3.1 lists this N = 20 schedule). N = 1: ⌈0.22⌉ = 1 = N at once
+    assert checkpoints(20) == [5, 9, 12, 15, 16, 18, 19, 20]
     assert checkpoints(1) == [1]
 
 
@@ -562,9 +588,9 @@ def test_batch_objective_evaluates_the_given_parameters_without_touching_the_mod
     obj = BatchObjective(model, (x, y), loss_fn)
     weight = torch.tensor([[1.0, -1.0, 0.5], [0.0, 2.0, -1.0]], dtype=DT)
     loss, err = obj({"weight": weight})  # the bias is the module's own
-    logits = x.double() @ weight.T + before["bias"]
+    logits = x.double() @ weight.T + before["bias"]  # before: detached copies
     assert seen[-1].dtype == DT and torch.allclose(seen[-1], logits, atol=1e-12)  # not normalised by default
-    assert float(loss) == pytest.approx(float(nn.functional.cross_entropy(logits, y)), abs=1e-12)
+    assert float(loss.detach()) == pytest.approx(float(nn.functional.cross_entropy(logits, y).detach()), abs=1e-12)
     assert err == pytest.approx(float((logits.argmax(1) != y).double().mean()))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
@@ -656,9 +682,9 @@ def test_kendall_tau_a_equals_scipy_without_ties_and_the_loops_with_ties():
     with pytest.warns(RuntimeWarning, match="tied values"):
         assert kendall_tau(y, x) == pytest.approx(tau_a_by_loops(y, x), abs=1e-15)  # a tie in y only
     # large integers: differences taken in floating point, not wrapping int64
-    big = [2 ** 62, -(2 ** 62), 1, 3]
-    assert kendall_tau(big, [4.0, 1.0, 2.0, 3.0]) == pytest.approx(tau_a_by_loops(np.array(big, dtype=float),
-                                                                                   [4.0, 1.0, 2.0, 3.0]))
+    big, other = [2 ** 62, -(2 ** 62), 1, 3], [4.0, 1.0, 2.0, 3.0]
+    assert kendall_tau(big, other) == kendall_tau(other, big) == tau_a_by_loops(np.array(big, dtype=float), other)
+    assert kendall_tau(big, other) == 1.0  # the same ranking 4, 1, 2, 3
 
 
 def test_has_ties():
@@ -723,8 +749,12 @@ def test_bootstrap_ci_is_the_percentile_interval_of_the_bootstrap_distribution()
         assert lo == quantile_of(atoms, cdf, (1 - level) / 2)
         assert hi == quantile_of(atoms, cdf, (1 + level) / 2)
         assert lo < hi
-    # the same seed gives the same interval; the default level is 95% (ends at 2.5% and 97.5%)
-    assert bootstrap_ci(x, y, seed=7) == bootstrap_ci(x, y, seed=7)
+    # the same seed gives the same interval, another seed another one (30 models: many atoms)
+    rng = np.random.default_rng(0)
+    xs, ys = rng.normal(size=30), rng.normal(size=30)
+    assert bootstrap_ci(xs, ys, n_boot=300, seed=7) == bootstrap_ci(xs, ys, n_boot=300, seed=7)
+    assert bootstrap_ci(xs, ys, n_boot=300, seed=7) != bootstrap_ci(xs, ys, n_boot=300, seed=8)
+    # the default level is 95% (ends at 2.5% and 97.5%)
     lo95, hi95 = bootstrap_ci(x, y, level=0.95, seed=7)
     assert lo95 <= tau_a_by_loops(x, y) <= hi95
     # two models: half the resamples hold both (τ = 1), half one of them twice (τ = 0)
@@ -745,4 +775,7 @@ def test_paired_bootstrap_difference_uses_the_same_resamples():
     assert lo == quantile_of(atoms, cdf, 0.25)
     assert hi == quantile_of(atoms, cdf, 0.75)
     assert bootstrap_difference_ci(x1, x1, y, seed=5) == (0.0, 0.0, 0.0)
-    assert bootstrap_difference_ci(x1, x2, y, seed=5) == bootstrap_difference_ci(x1, x2, y, seed=5)
+    rng = np.random.default_rng(0)
+    a, b, c = rng.normal(size=30), rng.normal(size=30), rng.normal(size=30)
+    assert bootstrap_difference_ci(a, b, c, n_boot=300, seed=5) == bootstrap_difference_ci(a, b, c, n_boot=300, seed=5)
+    assert bootstrap_difference_ci(a, b, c, n_boot=300, seed=5) != bootstrap_difference_ci(a, b, c, n_boot=300, seed=6)
