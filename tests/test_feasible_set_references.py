@@ -134,6 +134,13 @@ def test_project_is_the_dense_metric_projection_onto_the_ball(metric, rest, scal
         assert ball.norm(got) == pytest.approx(rho, rel=1e-13)  # on the sphere
     for k in xi:
         assert torch.equal(xi[k], before[k])  # the caller's vector is left as it was
+    # the nearest feasible point in the metric: no random point of S is closer to xi
+    x, y = _flat(q, xi), _flat(q, got)
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(50):
+        z = _dense_projector(M, V) @ torch.randn(x.numel(), generator=gen, dtype=DT)
+        z = z * (rho * float(torch.rand((), generator=gen, dtype=DT)) / math.sqrt(float(z @ M @ z)))
+        assert float((x - y) @ M @ (x - y)) <= float((x - z) @ M @ (x - z))
 
 
 def test_project_of_the_mixed_diagonal_ball_clamps_b_at_minus_one_half():
@@ -301,7 +308,7 @@ def test_ascent_direction_is_none_when_the_unit_direction_itself_overflows_float
     egrad = {"u": torch.zeros(2), "v": torch.tensor([1.0, 0.0])}
     w64 = {"u": u.double(), "v": v.double()}
     b0 = 1 / (2 * float(u[0]) ** 2 * float(v[0]))
-    assert float(u[0]) * b0 / math.sqrt(2 * (float(u[0] * v[0]) * b0) ** 2) > torch.finfo(torch.float32).max
+    assert float(u[0]) * b0 / math.sqrt(2 * (float(u[0]) * float(v[0]) * b0) ** 2) > torch.finfo(torch.float32).max
     d64 = HorizontalBall(q, w64, 0.1).ascent_direction({n: t.double() for n, t in egrad.items()},
                                                        torch.Generator().manual_seed(0))
     assert float(d64["u"][0]) == pytest.approx(1 / (math.sqrt(2) * float(v[0])), rel=1e-12)  # float64: fine
