@@ -35,9 +35,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,8 @@ def summarise(modules: dict[str, dict], triage: dict[str, dict], rechecked: dict
             fresh = t is not None and t.get("diff") == m["diff"]
             if fresh and t["verdict"] == "equivalent":
                 c["equivalent"] += 1
-            key = {"survived": "survived", "no tests": "no_tests"}.get(m["status"], "other")
+            key = {"survived": "survived", "survived (recheck)": "survived", "no tests": "no_tests"}.get(
+                m["status"], "other")
             c[key] += 1
             survivors.append({"mutant": name, "status": m["status"], "diff": m["diff"],
                               "triage": (t["verdict"] + ": " + t["why"]) if fresh else "untriaged"})
@@ -123,27 +124,21 @@ def summarise(modules: dict[str, dict], triage: dict[str, dict], rechecked: dict
     return {"score": score, "counts": totals, "per_module": per_module, "survivors": survivors}
 
 
-def run_tests_against(mutant: str, pytest_args: list[str], timeout: float = 600) -> int:
-    """Exit code of ``pytest_args`` run against the package in ``./mutants`` with ``mutant``
-    switched on (``""``: none). From ./mutants (first on sys.path) the package imported is the
-    mutated copy; the tests are the working tree's, so tests written after the mutmut run count."""
+def killed_by(mutants: list[str], pytest_args: list[str], workers: int, timeout: float = 600) -> set[str]:
+    """The ``mutants`` that ``pytest_args`` kill, run against the package in ``./mutants`` (the
+    tests are the working tree's, so tests written after the mutmut run count; they must pass
+    with no mutant switched on). Each run is forked from one warm process (mutation_screen.py)."""
     args = [str(ROOT / a) if a.startswith("tests") else a for a in pytest_args]
-    env = dict(os.environ, MUTANT_UNDER_TEST=mutant, OMP_NUM_THREADS="1")
-    try:
-        return subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", *args],
-                              cwd=ROOT / "mutants", env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, timeout=timeout).returncode
-    except subprocess.TimeoutExpired:  # a mutant that never ends is killed, as in mutmut
-        return -1
-
-
-def killed_by(mutants: list[str], pytest_args: list[str], workers: int) -> set[str]:
-    """The ``mutants`` that ``pytest_args`` kill (the tests must pass with none switched on)."""
-    if run_tests_against("", pytest_args) != 0:
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as names:
+        names.write("\n".join(mutants))
+        names.flush()
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mutation_screen.py"), names.name,
+                               str(workers), str(timeout), "--", *args],
+                              cwd=ROOT / "mutants", capture_output=True, text=True)
+    codes = dict(reversed(line.split(" ", 1)) for line in proc.stdout.splitlines())
+    if codes.get("-") != "0":
         sys.exit(f"the tests fail without a mutant: python -m pytest {' '.join(pytest_args)}")
-    with ThreadPoolExecutor(workers) as pool:
-        codes = list(pool.map(lambda m: run_tests_against(m, pytest_args), mutants))
-    return {m for m, code in zip(mutants, codes) if code != 0}
+    return {m for m in mutants if codes.get(m, "0") != "0"}
 
 
 def main() -> None:
@@ -198,8 +193,13 @@ def main() -> None:
         todo = {name: m["diff"] for mod in chosen for name, m in modules[mod]["mutants"].items()
                 if m["status"] not in KILLED and name not in rechecked
                 and triage.get(name, {}).get("diff") != m["diff"]}
-        for name in sorted(killed_by(sorted(todo), args.recheck, args.max_children)):
-            rechecked[name] = {"tests": args.recheck, "diff": todo[name]}
+        kills = killed_by(sorted(todo), args.recheck, args.max_children)
+        for mod in chosen:
+            for name, m in modules[mod]["mutants"].items():
+                if name in kills:
+                    rechecked[name] = {"tests": args.recheck, "diff": todo[name]}
+                elif name in todo and m["status"] == "not checked":  # mutmut did not get to it
+                    m["status"] = "survived (recheck)"
     else:
         if args.survivors:
             names = [s["mutant"] for s in previous.get("survivors", [])
