@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from test_sharpness_common import attention_quotient, attention_setup, one_thread  # noqa: F401
 
 from quotientsharp import Quotient
-from quotientsharp import tangent as T
 from quotientsharp.measures import diagonal_quotient, geodesic_sharpness, sum_squared_error
 from quotientsharp.measures.average import average_increase
 from quotientsharp.measures.objective import BatchObjective
@@ -133,7 +132,8 @@ def _ellipsoid_case(lam: float, seed: int, rho: float = 0.3, n: int = 40):
     ``p`` is the Euclidean projection of ``d`` (the KKT point of ``min ||x - d||^2`` subject to
     ``||x / w0||^2 <= rho^2`` with multiplier ``lam``; the problem is strictly convex)."""
     g = torch.Generator().manual_seed(seed)
-    w0 = {"a": (0.5 + 1.5 * torch.rand(n // 2, generator=g, dtype=D64)) * torch.sign(torch.randn(n // 2, generator=g, dtype=D64)),
+    sign = torch.sign(torch.randn(n // 2, generator=g, dtype=D64))
+    w0 = {"a": (0.5 + 1.5 * torch.rand(n // 2, generator=g, dtype=D64)) * sign,
           "b": 0.5 + 1.5 * torch.rand(n - n // 2, generator=g, dtype=D64)}
     u = {k: torch.randn(t.shape, generator=g, dtype=D64) for k, t in w0.items()}
     unorm = math.sqrt(sum(float((x ** 2).sum()) for x in u.values()))
@@ -286,7 +286,8 @@ def _attention():
     base point, a recording objective on one batch (error: top-1 rate) and the mixed quotient."""
     model, batches = attention_setup(seed=4, n_batches=1)
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return model, batches, w0, _Recorder(BatchObjective(model, batches[0], F.cross_entropy)), attention_quotient(model, "mix")
+    recorder = _Recorder(BatchObjective(model, batches[0], F.cross_entropy))
+    return model, batches, w0, recorder, attention_quotient(model, "mix")
 
 
 def _relative(q: Quotient, w0: dict, xi: dict) -> float:
