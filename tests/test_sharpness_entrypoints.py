@@ -174,7 +174,7 @@ def test_module_params_subset_and_plain_callable_model():
     with pytest.raises(ValueError, match="quotient"):
         geodesic_sharpness(fn, data, margin_loss, rho, params={"W": W}, progress=False)
     q = Quotient([], ["W", "V"], rest="adaptive", order=1, rest_order=1)
-    with pytest.raises(ValueError, match="params lacks"):
+    with pytest.warns(UserWarning, match="no symmetry"), pytest.raises(ValueError, match="params lacks"):
         geodesic_sharpness(fn, data, margin_loss, rho, quotient=q, params={"W": W}, allow_euclidean_fallback=True,
                            progress=False)
 
@@ -405,6 +405,14 @@ def test_geodesic_defaults_metric_and_orders():
     assert first.config["order"] == 1 and first.config["rest_order"] == 1 and first.per_batch != found.per_batch
     q = attention_quotient(model, "mix")
     assert hand.config["quotient"] == repr(q)
+    # an explicit order is the same as a quotient whose default is that order (worst and average case)
+    avg = dict(kind="average", n_samples=2, progress=False)
+    avg_first = geodesic_sharpness(model, data, F.cross_entropy, 0.1, quotient=q, geodesic="first", **avg)
+    avg_q1 = geodesic_sharpness(model, data, F.cross_entropy, 0.1, quotient=q.replace(order=1), **avg)
+    avg_q2 = geodesic_sharpness(model, data, F.cross_entropy, 0.1, quotient=q, **avg)
+    assert avg_first.per_batch == avg_q1.per_batch != avg_q2.per_batch
+    assert first.per_batch == geodesic_sharpness(model, data, F.cross_entropy, 0.1, quotient=q.replace(order=1),
+                                                 **kw).per_batch
 
 
 def test_geodesic_argument_errors_name_the_argument():
@@ -498,3 +506,23 @@ def test_progress_bar_names_the_measure_and_is_silent_when_off(monkeypatch):
     assert "euclidean sharpness" in shown and "0/3" in shown
     assert not shown.endswith("\n")  # the bar is removed when done (leave=False)
     assert on.config == off.config  # the record does not depend on the display
+
+
+class TwoHeads(LinearScores):
+    """Logits ``x W``; a second head ``unused`` that the forward pass never reads."""
+
+    def __init__(self, W, unused):
+        super().__init__(W)
+        self.unused = nn.Parameter(unused.clone())
+
+
+def test_parameters_outside_the_quotient_are_not_part_of_the_measurement():
+    """Measuring one head of a two-head model: the other head is neither perturbed nor checked (a
+    diverged, unused head with inf entries does not stop the measurement)."""
+    W, data = weights(), batches()[:2]
+    model = TwoHeads(W, torch.full((D, C), math.inf, dtype=torch.float64))
+    q = Quotient([], ["W"], rest="euclidean", order=1, rest_order=1)
+    with pytest.warns(UserWarning, match="no symmetry"):
+        r = geodesic_sharpness(model, data, margin_loss, 0.5, quotient=q, allow_euclidean_fallback=True, n_iter=2,
+                               progress=False)
+    assert r.per_batch == pytest.approx([v for v, _, _ in closed_form("euclidean", W, data, 0.5)], rel=1e-10)
