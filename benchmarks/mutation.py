@@ -141,6 +141,21 @@ def killed_by(mutants: list[str], pytest_args: list[str], workers: int, timeout:
     return {m for m in mutants if codes.get(m, "0") != "0"}
 
 
+def markdown_table(result: dict) -> str:
+    """The README's table of ``result`` (mutation.json): one row per measured module and the total."""
+    def row(name: str, c: dict, score: float, bold: bool = False) -> str:
+        cells = [c["total"], c["killed"], c["equivalent"], c["total"] - c["killed"] - c["equivalent"]]
+        b = "**" if bold else ""
+        return f"| {name} | " + " | ".join(f"{b}{x}{b}" for x in cells) + f" | {b}{score:.3f}{b} |"
+
+    lines = ["| module | mutants | killed | equivalent | not killed | score |", "|---|---|---|---|---|---|"]
+    lines += [row(f"`{mod.removeprefix('quotientsharp/')}`", c, c["score"]) for mod, c in result["per_module"].items()]
+    lines.append(row("**measured so far**", result["counts"], result["score"], bold=True))
+    n_pending = len(result["modules_pending"])
+    return "\n".join(lines) + (f"\n\nnot yet run: {n_pending} of {n_pending + len(result['modules'])} core modules "
+                               f"({', '.join(m.removeprefix('quotientsharp/') for m in result['modules_pending'])}).")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--modules", nargs="+", help="paths under quotientsharp/ (default: the whole core)")
@@ -155,7 +170,11 @@ def main() -> None:
     ap.add_argument("--recheck", nargs="+", metavar="TEST",
                     help="run these tests against every untriaged survivor of the JSON in these modules "
                          "(tests written after the mutmut run) and record the kills")
-    args, extra = ap.parse_known_args()  # extra: pytest options of --check (e.g. -k)
+    ap.add_argument("--table", action="store_true", help="print the README's table of the JSON")
+    args, extra = ap.parse_known_args()
+    if args.table:
+        print(markdown_table(json.loads(OUT.read_text())))
+        return  # extra: pytest options of --check (e.g. -k)
     if extra and not args.check:
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.check:
