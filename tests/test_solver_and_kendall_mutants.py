@@ -500,8 +500,7 @@ def test_maximize_uses_the_configured_orders_and_gradient():
     values = []
     for kw in ({"order": 1, "rest_order": 1}, {"order": 2, "rest_order": 1}, {"order": 2, "rest_order": 2},
                {"order": 2, "rest_order": 1, "grad_through_geodesic": False},
-               {"order": "ode", "rest_order": 1, "ode_kw": {"n_steps": 1, "tol": None}},
-               {"order": "ode", "rest_order": 1}):
+               {"order": "ode", "rest_order": 1, "ode_kw": {"n_steps": 1, "tol": None}}):
         cfg = AscentConfig(n_iter=6, **kw)
         r = maximize(objective, quotient, w0, 0.3, cfg, torch.Generator().manual_seed(0))
         at = quotient.geodesic(w0, r.xi_best, order=cfg.order, rest_order=cfg.rest_order, **cfg.ode_kw)
