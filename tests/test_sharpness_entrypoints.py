@@ -407,9 +407,9 @@ def test_geodesic_defaults_metric_and_orders():
     assert hand.config["quotient"] == repr(q)
     # an explicit order is the same as a quotient whose default is that order (worst and average case)
     avg = dict(kind="average", n_samples=2, progress=False)
-    avg_first = geodesic_sharpness(model, data, F.cross_entropy, 0.1, quotient=q, geodesic="first", **avg)
-    avg_q1 = geodesic_sharpness(model, data, F.cross_entropy, 0.1, quotient=q.replace(order=1), **avg)
-    avg_q2 = geodesic_sharpness(model, data, F.cross_entropy, 0.1, quotient=q, **avg)
+    avg_first = geodesic_sharpness(model, data, F.cross_entropy, 0.01, quotient=q, geodesic="first", **avg)
+    avg_q1 = geodesic_sharpness(model, data, F.cross_entropy, 0.01, quotient=q.replace(order=1), **avg)
+    avg_q2 = geodesic_sharpness(model, data, F.cross_entropy, 0.01, quotient=q, **avg)
     assert avg_first.per_batch == avg_q1.per_batch != avg_q2.per_batch
     assert first.per_batch == geodesic_sharpness(model, data, F.cross_entropy, 0.1, quotient=q.replace(order=1),
                                                  **kw).per_batch
@@ -526,3 +526,13 @@ def test_parameters_outside_the_quotient_are_not_part_of_the_measurement():
         r = geodesic_sharpness(model, data, margin_loss, 0.5, quotient=q, allow_euclidean_fallback=True, n_iter=2,
                                progress=False)
     assert r.per_batch == pytest.approx([v for v, _, _ in closed_form("euclidean", W, data, 0.5)], rel=1e-10)
+
+
+def test_relative_ball_first_step_lands_on_its_sphere():
+    """``ball="relative"`` on the mixed metric: with N = 1 the only point evaluated besides ``xi = 0``
+    is the projected first step, of relative norm exactly rho, and at small rho it raises the loss
+    (first-order ascent), so it is the reported maximiser."""
+    model, data = attention_setup(n_batches=1)
+    r = geodesic_sharpness(model, data, F.cross_entropy, 0.01, ball="relative", n_iter=1, progress=False)
+    assert r.value > 0 and r.extras[0]["xi_norm"] == pytest.approx(0.01, rel=1e-9)
+    assert r.config["ball"] == "relative"
