@@ -116,7 +116,7 @@ def summarise(modules: dict[str, dict], triage: dict[str, dict], rechecked: dict
             c[key] += 1
             survivors.append({"mutant": name, "status": m["status"], "diff": m["diff"],
                               "triage": (t["verdict"] + ": " + t["why"]) if fresh else "untriaged"})
-        c["score"] = c["killed"] / max(c["total"] - c["equivalent"], 1)
+        c["score"] = c["killed"] / (c["total"] - c["equivalent"]) if c["total"] > c["equivalent"] else None
         per_module[mod] = c
         for k in totals:
             totals[k] += c[k]
@@ -134,7 +134,8 @@ def killed_by(mutants: list[str], pytest_args: list[str], workers: int, timeout:
         names.flush()
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mutation_screen.py"), names.name,
                                str(workers), str(timeout), "--", *args],
-                              cwd=ROOT / "mutants", capture_output=True, text=True)
+                              cwd=ROOT / "mutants", capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT / "mutants")))  # for spawned processes too
     codes = dict(reversed(line.split(" ", 1)) for line in proc.stdout.splitlines())
     if codes.get("-") != "0":
         sys.exit(f"the tests fail without a mutant: python -m pytest {' '.join(pytest_args)}")
@@ -149,7 +150,8 @@ def markdown_table(result: dict) -> str:
         return f"| {name} | " + " | ".join(f"{b}{x}{b}" for x in cells) + f" | {b}{score:.3f}{b} |"
 
     lines = ["| module | mutants | killed | equivalent | not killed | score |", "|---|---|---|---|---|---|"]
-    lines += [row(f"`{mod.removeprefix('quotientsharp/')}`", c, c["score"]) for mod, c in result["per_module"].items()]
+    lines += [row(f"`{mod.removeprefix('quotientsharp/')}`", c, c["score"]) for mod, c in result["per_module"].items()
+              if c["total"]]  # a module without mutants (an __init__) has no score
     lines.append(row("**measured so far**", result["counts"], result["score"], bold=True))
     n_pending = len(result["modules_pending"])
     return "\n".join(lines) + (f"\n\nnot yet run: {n_pending} of {n_pending + len(result['modules'])} core modules "
@@ -175,7 +177,7 @@ def main() -> None:
     if args.table:
         print(markdown_table(json.loads(OUT.read_text())))
         return  # extra: pytest options of --check (e.g. -k)
-    if extra and not args.check:
+    if extra and not (args.check or args.recheck):
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.check:
         killed = killed_by([args.check[0]], (args.check[1:] + extra) or ["tests"], 1)
@@ -211,12 +213,14 @@ def main() -> None:
             sys.exit(f"./mutants is not the recorded mutmut run of {stale}: run mutmut on them first")
         todo = {name: m["diff"] for mod in chosen for name, m in modules[mod]["mutants"].items()
                 if m["status"] not in KILLED and name not in rechecked
-                and triage.get(name, {}).get("diff") != m["diff"]}
-        kills = killed_by(sorted(todo), args.recheck, args.max_children)
+                and not (triage.get(name, {}).get("diff") == m["diff"]
+                         and triage[name]["verdict"] == "equivalent")}
+        tests = args.recheck + extra
+        kills = killed_by(sorted(todo), tests, args.max_children)
         for mod in chosen:
             for name, m in modules[mod]["mutants"].items():
                 if name in kills:
-                    rechecked[name] = {"tests": args.recheck, "diff": todo[name]}
+                    rechecked[name] = {"tests": tests, "diff": todo[name]}
                 elif name in todo and m["status"] == "not checked":  # mutmut did not get to it
                     m["status"] = "survived (recheck)"
     else:

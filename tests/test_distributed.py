@@ -8,7 +8,7 @@ from test_sharpness_common import TinyAttentionClassifier
 
 from quotientsharp.curvature import HessianOperator, hessian_max_eigenvalue, hessian_trace
 from quotientsharp.distributed import DataParallel
-from quotientsharp.measures import geodesic_sharpness
+from quotientsharp.measures import adaptive_sharpness, euclidean_sharpness, geodesic_sharpness
 
 WORLD = 2
 RTOL = 1e-10
@@ -66,8 +66,9 @@ def check_refusals():
     if dist.get_rank() == 1:
         with torch.no_grad():
             model.head.weight[0, 0] += 1e-12
-    with pytest.raises(ValueError, match="different weights"):
-        geodesic_sharpness(model, batches, F.cross_entropy, 0.1, distributed=True, progress=False)
+    for measure in (geodesic_sharpness, adaptive_sharpness, euclidean_sharpness):  # every entry point checks
+        with pytest.raises(ValueError, match="different weights"):
+            measure(model, batches, F.cross_entropy, 0.1, distributed=True, progress=False)
     with pytest.raises(ValueError, match="different weights"):
         HessianOperator(model, batches, F.cross_entropy, distributed=True)
     model, batches = setup(2 + dist.get_rank())

@@ -601,3 +601,23 @@ def test_real_size_profile_paragraph():
     check(nodes, max(v["max_node_difference_relative"] for v in slq["agreement"].values()), "SLQ agreement")
     check(hvp, slq["components"]["hvp_per_column_vs_gradient"], "HVP vs gradient")
     check(floor, slq["components"]["lockstep_floor_ratio_vs_sequential"], "lockstep floor")
+
+
+# --- mutation testing (issue 18, item 1) ----------------------------------------------------------
+
+def test_mutation_table():
+    """Every cell of the README's mutation table is the count in mutation.json, and the modules it
+    lists are the ones measured (the rest are named as pending)."""
+    m = load("mutation.json")
+    rows = table_after("## Mutation testing")
+    assert rows[0] == ["module", "mutants", "killed", "equivalent", "not killed", "score"]
+    body = {row[0].strip("`*"): row[1:] for row in rows[1:]}
+    total = body.pop("measured so far")
+    assert sorted("quotientsharp/" + name for name in body) == sorted(k for k, c in m["per_module"].items() if c["total"])
+    for name, cells in list(body.items()) + [("", total)]:
+        c = m["per_module"]["quotientsharp/" + name] if name else {**m["counts"], "score": m["score"]}
+        expected = [c["total"], c["killed"], c["equivalent"], c["total"] - c["killed"] - c["equivalent"]]
+        assert [int(x.strip("*")) for x in cells[:4]] == expected, name or "total"
+        check(cells[4].strip("*"), c["score"], f"mutation score {name or 'overall'}")
+    pending = claim(r"not yet run: " + N + " of " + N + " core modules")
+    assert (int(pending[0]), int(pending[1])) == (len(m["modules_pending"]), len(m["modules_pending"]) + len(m["modules"]))

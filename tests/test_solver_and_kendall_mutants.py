@@ -31,12 +31,17 @@ from torch import nn
 
 from quotientsharp import Quotient
 from quotientsharp.groups.diagonal import DiagonalRescaling
-from quotientsharp.measures import (AscentConfig, SharpnessResult, checkpoints, diagonal_quotient, maximize,
-                                    sum_squared_error)
+from quotientsharp.measures import (
+    AscentConfig,
+    SharpnessResult,
+    checkpoints,
+    diagonal_quotient,
+    maximize,
+    sum_squared_error,
+)
 from quotientsharp.measures.objective import BatchObjective, error_rate, normalize_logits
 from quotientsharp.measures.solver import BestPoint, Endpoint, StepSchedule, value_and_grad
-from quotientsharp.studies.kendall import (_bootstrap_taus, bootstrap_ci, bootstrap_difference_ci, has_ties,
-                                           kendall_tau)
+from quotientsharp.studies.kendall import _bootstrap_taus, bootstrap_ci, bootstrap_difference_ci, has_ties, kendall_tau
 
 DT = torch.float64
 W0 = torch.tensor([0.3, -0.2, 0.5], dtype=DT)
@@ -778,3 +783,16 @@ def test_paired_bootstrap_difference_uses_the_same_resamples():
     a, b, c = rng.normal(size=30), rng.normal(size=30), rng.normal(size=30)
     assert bootstrap_difference_ci(a, b, c, n_boot=300, seed=5) == bootstrap_difference_ci(a, b, c, n_boot=300, seed=5)
     assert bootstrap_difference_ci(a, b, c, n_boot=300, seed=5) != bootstrap_difference_ci(a, b, c, n_boot=300, seed=6)
+
+
+def test_bootstrap_defaults_are_2000_resamples_at_level_095_and_seed_0():
+    """The documented defaults (``n_boot=2000, level=0.95, seed=0``) are what a call without them
+    uses: a study that relies on them reproduces its CIs. 30 models make the bootstrap τ nearly
+    continuous, so one resample more or another seed moves the quantiles."""
+    rng = np.random.default_rng(3)
+    y = rng.normal(size=30)
+    x1, x2 = y + rng.normal(size=30), y + 2 * rng.normal(size=30)
+    assert bootstrap_ci(x1, y) == bootstrap_ci(x1, y, n_boot=2000, level=0.95, seed=0)
+    assert bootstrap_ci(x1, y) != bootstrap_ci(x1, y, n_boot=2001, seed=0)
+    assert bootstrap_difference_ci(x1, x2, y) == bootstrap_difference_ci(x1, x2, y, n_boot=2000, level=0.95, seed=0)
+    assert bootstrap_difference_ci(x1, x2, y) != bootstrap_difference_ci(x1, x2, y, n_boot=2001, seed=0)
