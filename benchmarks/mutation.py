@@ -200,7 +200,6 @@ def main() -> None:
             print(f"{name} [{m['status']}]\n    " + "\n    ".join(m["diff"]))
         return
 
-    start = time.time()
     previous = json.loads(OUT.read_text()) if OUT.exists() else {}
     modules = {m: r for m, r in previous.get("modules", {}).items() if m in core}
     rechecked = previous.get("rechecked", {})
@@ -236,11 +235,12 @@ def main() -> None:
         fresh = read_results(chosen)
         if not fresh:
             sys.exit("no mutmut results under ./mutants for these modules; run without --report-only")
-        stamp = {"date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - start, 1),
+        stamp = {"date": time.strftime("%Y-%m-%d"),
                  "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                           capture_output=True, text=True).stdout.strip()}
-        for mod, res in fresh.items():
-            modules[mod] = {**res, "run": stamp}
+        for mod, res in fresh.items():  # a re-read keeps the stamp of the run it reads
+            keep = args.report_only and mod in modules and res["function_hashes"] == modules[mod]["function_hashes"]
+            modules[mod] = {**res, "run": modules[mod]["run"] if keep else stamp}
 
     summary = summarise(modules, triage, rechecked)
     result = {"tool": "mutmut 3.8.1",
