@@ -96,6 +96,17 @@ def read_results(modules: list[str]) -> dict[str, dict]:
     return out
 
 
+def is_equivalent(triage: dict[str, dict], name: str, diff: list[str]) -> bool:
+    """Whether ``name`` is triaged equivalent by an entry whose diff is still the mutant's."""
+    t = triage.get(name)
+    return t is not None and t["diff"] == diff and t["verdict"] == "equivalent"
+
+
+def score(c: dict) -> float | None:
+    """``killed / (total − equivalent)``; None when nothing is left to kill."""
+    return c["killed"] / (c["total"] - c["equivalent"]) if c["total"] > c["equivalent"] else None
+
+
 def summarise(modules: dict[str, dict], triage: dict[str, dict], rechecked: dict[str, dict]) -> dict:
     """Counts per module and overall; survivors with their triage (or ``untriaged``)."""
     per_module, survivors = {}, []
@@ -109,19 +120,18 @@ def summarise(modules: dict[str, dict], triage: dict[str, dict], rechecked: dict
                 continue
             t = triage.get(name)
             fresh = t is not None and t.get("diff") == m["diff"]
-            if fresh and t["verdict"] == "equivalent":
+            if is_equivalent(triage, name, m["diff"]):
                 c["equivalent"] += 1
             key = {"survived": "survived", "survived (recheck)": "survived", "no tests": "no_tests"}.get(
                 m["status"], "other")
             c[key] += 1
             survivors.append({"mutant": name, "status": m["status"], "diff": m["diff"],
                               "triage": (t["verdict"] + ": " + t["why"]) if fresh else "untriaged"})
-        c["score"] = c["killed"] / (c["total"] - c["equivalent"]) if c["total"] > c["equivalent"] else None
+        c["score"] = score(c)
         per_module[mod] = c
         for k in totals:
             totals[k] += c[k]
-    score = totals["killed"] / max(totals["total"] - totals["equivalent"], 1)
-    return {"score": score, "counts": totals, "per_module": per_module, "survivors": survivors}
+    return {"score": score(totals), "counts": totals, "per_module": per_module, "survivors": survivors}
 
 
 def killed_by(mutants: list[str], pytest_args: list[str], workers: int, timeout: float = 600) -> set[str]:
@@ -173,10 +183,10 @@ def main() -> None:
                     help="run these tests against every untriaged survivor of the JSON in these modules "
                          "(tests written after the mutmut run) and record the kills")
     ap.add_argument("--table", action="store_true", help="print the README's table of the JSON")
-    args, extra = ap.parse_known_args()
+    args, extra = ap.parse_known_args()  # extra: pytest options of --check / --recheck (e.g. -k)
     if args.table:
         print(markdown_table(json.loads(OUT.read_text())))
-        return  # extra: pytest options of --check (e.g. -k)
+        return
     if extra and not (args.check or args.recheck):
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.check:
@@ -212,8 +222,7 @@ def main() -> None:
             sys.exit(f"./mutants is not the recorded mutmut run of {stale}: run mutmut on them first")
         todo = {name: m["diff"] for mod in chosen for name, m in modules[mod]["mutants"].items()
                 if m["status"] not in KILLED and name not in rechecked
-                and not (triage.get(name, {}).get("diff") == m["diff"]
-                         and triage[name]["verdict"] == "equivalent")}
+                and not is_equivalent(triage, name, m["diff"])}
         tests = args.recheck + extra
         kills = killed_by(sorted(todo), tests, args.max_children)
         for mod in chosen:
