@@ -322,3 +322,20 @@ def test_regimes_table_puts_both_regimes_and_the_paper_side_by_side(vit_study):
     assert row[1] == study.tau_cell(scratch, "error_gap", "geodesic_inv") and row[1].startswith("-0.50")
     assert row[2] == study.tau_cell(summary, "error_gap", "geodesic_inv") and row[3] == "-0.71 |"
     assert any(line.startswith("| Δτ geodesic_inv − adaptive (paired) |") for line in lines)
+
+
+def test_regimes_table_shows_per_layer_renyi_as_one_held_out_row(vit_study):
+    """Per-layer values stay out of the side-by-side table; their held-out selection is one row,
+    and a regime without it shows a dash."""
+    _, _, summary = vit_study
+    tuned = copy.deepcopy(summary)
+    tuned["kendall_tau"]["error_gap"]["layer_renyi_0.5@blocks.0.attn.q.weight"] = 0.3
+    tuned["layer_renyi_selection"] = {"error_gap": {
+        "choice": {"layer": "blocks.0.attn.q.weight", "alpha": "0.5", "name": "layer_renyi_0.5@blocks.0.attn.q.weight"},
+        "tau_selection": 0.6, "tau_evaluation": -0.25, "ci95_evaluation": [-0.5, 0.05]}}
+    lines = ft.regimes_table({"vit": {"from scratch": summary, "fine-tuned": tuned}}).splitlines()
+    assert not any("@" in line.split(" | ")[0] for line in lines)
+    row = next(line for line in lines if line.startswith("| layer_renyi, best layer")).split(" | ")
+    assert row[1] == "—"
+    assert row[2] == "-0.25 [-0.50, +0.05] (α=0.5, blocks.0.attn.q.weight; +0.60 on the selection half)"
+    assert ft.regimes_table({"vit": {"from scratch": summary}}).count("layer_renyi") == 0

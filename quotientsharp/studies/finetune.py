@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..curvature.layerwise import parse_value_name
 from ..data import ClassificationData, get_dataset
 from ..data.common import require_file, stratified_split
 from ..data.text import (
@@ -51,7 +52,7 @@ from ..data.text import (
 from ..models import TinyViT
 from ..train import mixup, random_shift, train_classifier
 from . import transformers as study
-from .report import difference_text, tau_cell, tau_table, write_json_atomic
+from .report import difference_text, tau_cell, tau_ci_text, tau_table, write_json_atomic
 from .runner import Executor, sequential
 
 KINDS = ("vit", "text")
@@ -496,14 +497,16 @@ REGIME_PAPER = {"vit": "ImageNet ViT", "text": "MNLI BERT"}
 
 def regimes_table(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], gap: str = "error_gap") -> str:
     """Markdown: τ-a [95% CI] of every measure against ``gap`` for each task's from-scratch and
-    fine-tuned populations side by side, the paper's value beside each task, then the paired
-    Δτ rows. ``summaries = {"vit": {"from scratch": summary, "fine-tuned": summary}, "text": …}``."""
+    fine-tuned populations side by side, the paper's value beside each task; per-layer Rényi as
+    one row, the layer and α chosen on half of the models and τ on the other half
+    (``summary["layer_renyi_selection"]``; the per-layer τ are in each study's ``tau_table.md``);
+    then the paired Δτ rows. ``summaries = {"vit": {"from scratch": summary, "fine-tuned": summary}, "text": …}``."""
     columns = [(task, regime, s) for task, regimes in summaries.items() for regime, s in regimes.items()]
     header = ["measure"]
     for task in summaries:
         header += [f"{task}, {regime} (n={s['n_models']})" for t, regime, s in columns if t == task]
         header.append(f"paper ({REGIME_PAPER[task]})")
-    names = list(dict.fromkeys(n for _, _, s in columns for n in s["kendall_tau"][gap]))
+    names = list(dict.fromkeys(n for _, _, s in columns for n in s["kendall_tau"][gap] if parse_value_name(n) is None))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in names:
         cells = [name]
@@ -512,6 +515,12 @@ def regimes_table(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], gap:
                       for t, _, s in columns if t == task]
             paper = study.PAPER_ANCHORS[REGIME_PAPER[task]].get(name)
             cells.append("" if paper is None else f"{paper:+.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    if any(gap in s.get("layer_renyi_selection", {}) for _, _, s in columns):
+        cells = ["layer_renyi, best layer and α (chosen on half, τ on the other half)"]
+        for task in summaries:
+            cells += [selection_cell(s.get("layer_renyi_selection", {}).get(gap)) for t, _, s in columns if t == task]
+            cells.append("")
         lines.append("| " + " | ".join(cells) + " |")
     pairs = list(dict.fromkeys(p for _, _, s in columns for p in s.get("tau_difference", {}).get(gap, {})))
     for pair in pairs:
@@ -523,6 +532,15 @@ def regimes_table(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], gap:
             cells.append("")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def selection_cell(selection: Mapping[str, Any] | None) -> str:
+    """``τ [CI] (α, layer)`` of a per-layer Rényi selection on its evaluation half; ``—`` without one."""
+    if selection is None:
+        return "—"
+    choice = selection["choice"]
+    return (f"{tau_ci_text(selection['tau_evaluation'], selection['ci95_evaluation'])} "
+            f"(α={choice['alpha']}, {choice['layer']}; {selection['tau_selection']:+.2f} on the selection half)")
 
 
 # --------------------------------------------------------------------------- command line

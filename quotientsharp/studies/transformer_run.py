@@ -172,15 +172,23 @@ def summarize(config: Mapping[str, Any], trained: Mapping[str, dict], measured: 
     rows = model_rows(config, trained, measured)
     seconds = {name: sum(measured[f"{row['id']}/{name}"]["seconds"] for row in rows)
                for name in config["plan"]["measures"]}
+    errors = {key: measured[key]["error"] for key in (f"{row['id']}/{name}" for row in rows
+                                                      for name in config["plan"]["measures"])
+              if "error" in measured[key]}
+    return summarize_rows(config, rows, seconds, errors, chance_acc)
+
+
+def summarize_rows(config: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], measure_seconds: Mapping[str, float],
+                   errors: Mapping[str, str], chance_acc: float | None = None) -> dict:
+    """The summary of :func:`summarize` from per-model rows (:func:`model_rows`), the seconds
+    spent per measure and the stored errors (``{"<id>/<measure>": message}``)."""
     summary = {"task": config["task"], "dataset": config["data"]["name"], "gaps": GAPS,
                **tau_block(rows, config["n_boot"], config["seed"], GAPS, COMPARISONS),
                "paper": {k: PAPER_ANCHORS[k] for k in TASK_ANCHORS[config["task"]]},
                "population": {gap: [min(r[gap] for r in rows), max(r[gap] for r in rows)] for gap in GAPS}
                | {"test_acc": [min(r["test_acc"] for r in rows), max(r["test_acc"] for r in rows)]},
-               "seconds": {"train": sum(r["train_seconds"] for r in rows), "measures": seconds},
-               "errors": {key: measured[key]["error"] for key in (f"{row['id']}/{name}" for row in rows
-                                                                   for name in config["plan"]["measures"])
-                          if "error" in measured[key]}}
+               "seconds": {"train": sum(r["train_seconds"] for r in rows), "measures": dict(measure_seconds)},
+               "errors": dict(errors)}
     if chance_acc is not None:
         learned = [r for r in rows if r["train_acc"] > chance_acc + 0.01]
         summary["learned"] = {"chance_acc": chance_acc,

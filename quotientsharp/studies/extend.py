@@ -1,0 +1,147 @@
+"""Add measures to a finished transformer study whose state dicts are gone (only its committed
+``summary.json`` is left): retrain the same population from its seeds, measure the new units plus
+a *check* measure that the summary already holds, and merge.
+
+The merge trusts the retrained models only if they are the summarised ones: every model's
+train/test accuracy must be reproduced exactly and every check value to ``rtol`` (training and
+measures are seeded; float32 kernels of another CPU reproduce the TinyViTs' accuracies exactly
+and their adaptive sharpness to ~1e-5 relative, hence the default 1e-4). The merged
+summary is the base summary's rows with the new values added and every τ statistic recomputed
+(:func:`~quotientsharp.studies.transformer_run.summarize_rows`), so the paired Δτ of a new
+measure uses the base rows' values of its partner.
+
+    python experiments/extend_study.py benchmarks/results/vit_study_summary.json \\
+        --out benchmarks/results/scratch/vit --measures geodesic_mix_rel geodesic_mix_rel_avg
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .report import tau_table, write_json_atomic, write_models_csv, write_text_atomic
+from .runner import Executor, sequential
+from .transformer_measures import MEASURES
+from .transformer_run import run_study, summarize_rows
+
+__all__ = ["extension_config", "merge_summaries", "extend_study"]
+
+ROW_CHECKS = ("train_acc", "test_acc")
+"""Training metrics a retrained model must reproduce exactly."""
+
+
+def _measured_names(summary: Mapping[str, Any]) -> list[str]:
+    return list(summary["config"]["plan"]["measures"])
+
+
+def extension_config(base: Mapping[str, Any], measures: Sequence[str], check: Sequence[str] = ("adaptive",)) -> dict:
+    """The study configuration that retrains ``base``'s population and measures ``check`` (units
+    the base summary holds, to prove the retrained models are the same) and the new ``measures``
+    (units it lacks); everything else (data, architecture, subset, plan settings, seeds) is the
+    base's."""
+    have = _measured_names(base)
+    unknown = [m for m in [*measures, *check] if m not in MEASURES]
+    if unknown:
+        raise ValueError(f"unknown measures {unknown}; known: {list(MEASURES)}")
+    if not measures:
+        raise ValueError("no measures to add")
+    again = [m for m in measures if m in have]
+    if again:
+        raise ValueError(f"the base summary already holds {again}; extend it with measures it lacks")
+    if not check:
+        raise ValueError("check must name at least one measure of the base summary (the proof that the "
+                         "retrained models are the summarised ones)")
+    absent = [m for m in check if m not in have]
+    if absent:
+        raise ValueError(f"check measures {absent} are not in the base summary (it holds {have})")
+    config = copy.deepcopy(dict(base["config"]))
+    config["plan"]["measures"] = list(dict.fromkeys([*check, *measures]))
+    return config
+
+
+def _same_config(base: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
+    strip = lambda c: {**c, "plan": {k: v for k, v in c["plan"].items() if k != "measures"}}  # noqa: E731
+    a, b = strip(base["config"]), strip(extra["config"])
+    differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if differ:
+        raise ValueError(f"the extension was run with another study configuration ({', '.join(differ)} differ)")
+
+
+def merge_summaries(base: Mapping[str, Any], extra: Mapping[str, Any], rtol: float = 1e-4) -> dict:
+    """``base`` with ``extra``'s new measures added, after checking that ``extra`` measured the same
+    models: same configuration but for the measure list, same model ids, the same train and test
+    accuracy per model, and every measure in both summaries equal to ``rtol`` per model (a value
+    missing in one of them must be missing in the other). Returns the recomputed summary; its
+    ``"extension"`` entry names the added measures and the largest relative difference found per
+    check measure. Raises ``ValueError`` naming the first model that differs."""
+    _same_config(base, extra)
+    ids = [r["id"] for r in base["models"]]
+    if [r["id"] for r in extra["models"]] != ids:
+        raise ValueError("the extension measured other models than the base summary "
+                         f"({len(extra['models'])} vs {len(ids)} models, or another order)")
+    base_names, extra_names = _measured_names(base), _measured_names(extra)
+    check = [m for m in extra_names if m in base_names]
+    new = [m for m in extra_names if m not in base_names]
+    if not check:
+        raise ValueError("the extension shares no measure with the base summary: nothing proves its models are the same")
+    rows, worst = [], dict.fromkeys(check, 0.0)
+    for b, e in zip(base["models"], extra["models"], strict=True):
+        for key in ROW_CHECKS:
+            if b[key] != e[key]:
+                raise ValueError(f"model {b['id']}: retrained {key} {e[key]} differs from the summarised {b[key]}")
+        checked = sorted({v for v in [*b["values"], *e["values"]] if _belongs(v, check)})
+        for value in checked:
+            x, y = b["values"].get(value), e["values"].get(value)
+            if (x is None) != (y is None):
+                raise ValueError(f"model {b['id']}: {value} is {x} in the base summary but {y} in the extension")
+            if x is None or (math.isnan(x) and math.isnan(y)):
+                continue
+            if not math.isclose(x, y, rel_tol=rtol, abs_tol=0.0):
+                raise ValueError(f"model {b['id']}: {value} {y!r} differs from the summarised {x!r} "
+                                 f"(relative tolerance {rtol}): the retrained model is not the summarised one")
+            unit = next(m for m in check if _belongs(value, [m]))
+            worst[unit] = max(worst[unit], abs(x - y) / max(abs(x), 1e-300))
+        added = {k: v for k, v in e["values"].items() if k not in b["values"] and not _belongs(k, check)}
+        rows.append({**b, "values": {**b["values"], **added}})
+    config = copy.deepcopy(dict(base["config"]))
+    config["plan"]["measures"] = base_names + new
+    seconds = {**base["seconds"]["measures"], **{m: extra["seconds"]["measures"][m] for m in new}}
+    errors = {**base.get("errors", {}),
+              **{k: v for k, v in extra.get("errors", {}).items() if k.split("/", 1)[1] in new}}
+    chance = base.get("learned", {}).get("chance_acc")
+    summary = summarize_rows(config, rows, seconds, errors, chance)
+    return summary | {"extension": {"measures": new, "check_max_rel_diff": worst}}
+
+
+def _belongs(value_name: str, measures: Sequence[str]) -> bool:
+    """Whether ``value_name`` (a row value) comes from one of the unit ``measures``: the unit's own
+    name, or one of the values a multi-valued unit writes (``hessian_slq`` → ``hessian_trace``…)."""
+    return value_name in measures or any(_UNIT_VALUES.get(m, lambda v: False)(value_name) for m in measures)
+
+
+_UNIT_VALUES = {
+    "hessian_slq": lambda v: v == "hessian_trace" or v.startswith("renyi_"),
+    "quotient_renyi": lambda v: v.startswith("quotient_renyi_"),
+    "layer_renyi": lambda v: v.startswith("layer_renyi_"),
+}
+"""Value names of the units that write values under other names than their own."""
+
+
+def extend_study(base_path: str | Path, out: str | Path, measures: Sequence[str], check: Sequence[str] = ("adaptive",),
+                 progress: bool = True, executor: Executor = sequential, rtol: float = 1e-4) -> dict:
+    """Run :func:`extension_config` in ``out`` (resumable like every study), merge it into the
+    summary at ``base_path`` (:func:`merge_summaries`) and write the merged ``summary.json``,
+    ``models.csv`` and ``tau_table.md`` to ``out/merged``; returns the merged summary."""
+    import json
+
+    base = json.loads(Path(base_path).read_text())
+    extra = run_study(out, extension_config(base, measures, check), progress=progress, executor=executor)
+    merged = merge_summaries(base, extra, rtol)
+    merged["extension"]["base"] = str(base_path)
+    target = Path(out) / "merged"
+    write_json_atomic(target / "summary.json", merged)
+    write_models_csv(target / "models.csv", merged)
+    write_text_atomic(target / "tau_table.md", tau_table(merged) + "\n")
+    return merged
