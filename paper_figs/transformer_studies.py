@@ -8,7 +8,9 @@ Reads a study's ``summary.json`` (its folder or the file itself) and writes
 measure, a panel per gap, Kendall τ-a [95% CI] (and the paper's τ where there is one) in each
 title, points coloured by optimizer, models that never learned as black crosses; and
 ``FIGDIR/tau_overview.{png,pdf}`` (single column, 3.3 in): τ-a with its 95% interval for every
-measure against each gap, the papers' τ as open diamonds. Axis labels name each measure with its
+measure against each gap, the papers' τ as open diamonds; with per-layer Rényi values,
+``FIGDIR/layer_renyi.{png,pdf}`` (τ of every layer and α, and the held-out choice) instead of a
+scatter per layer. Axis labels name each measure with its
 radius ρ from the summary's plan; every font is ≥ 7 pt at print size.
 """
 from __future__ import annotations
@@ -23,6 +25,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
+
+from quotientsharp.curvature.layerwise import parse_value_name, value_name  # noqa: E402
 
 SINGLE_COLUMN, DOUBLE_COLUMN = 3.3, 6.8  # inches
 STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
@@ -61,6 +65,56 @@ def measure_label(name: str, plan: dict, short: bool = False) -> str:
     return name.replace("_", " ")
 
 
+def group_of(row: dict) -> str:
+    """The colour group of a model: its optimizer (from-scratch populations) or ``fine-tunes``."""
+    return row.get("optimizer", "fine-tunes")
+
+
+def whole_network_names(summary: dict) -> list[str]:
+    """The measures of the summary but the per-layer Rényi values (drawn apart, :func:`plot_layer_renyi`)."""
+    return [n for n in summary["kendall_tau"]["error_gap"] if parse_value_name(n) is None]
+
+
+def plot_layer_renyi(summary: dict):
+    """Per-layer Rényi sharpness: τ-a [95% CI] of each weight tensor's value (rows) for each α
+    against each gap (panels); the layer and α chosen on half of the models, with its τ on the
+    other half, in each panel's title."""
+    parsed = [parse_value_name(n) for n in summary["kendall_tau"]["error_gap"]]
+    alphas = list(dict.fromkeys(p[0] for p in parsed if p))
+    layers = list(dict.fromkeys(p[1] for p in parsed if p))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(summary["gaps"]), figsize=(DOUBLE_COLUMN, 0.16 * len(layers) + 1.6),
+                                 squeeze=False, sharey=True)
+        for ax, (gap, label) in zip(axes[0], summary["gaps"].items()):
+            for k, alpha in enumerate(alphas):
+                ys, taus, lo, hi = [], [], [], []
+                for i, layer in enumerate(layers):
+                    name = value_name(alpha, layer)
+                    tau, ci = summary["kendall_tau"][gap].get(name), summary["ci95"][gap].get(name)
+                    if tau is not None:
+                        ys.append(i + 0.25 * (k - (len(alphas) - 1) / 2))
+                        taus.append(tau)
+                        lo.append(tau - ci[0])
+                        hi.append(ci[1] - tau)
+                ax.errorbar(taus, ys, xerr=[lo, hi], fmt="o", ms=3, capsize=1.5, lw=0.8, label=f"α = {alpha}")
+            ax.axvline(0, color="0.6", lw=0.6)
+            ax.set_xlim(-1, 1)
+            ax.set_xlabel(f"Kendall τ-a with {label}")
+            chosen = summary.get("layer_renyi_selection", {}).get(gap)
+            if chosen:
+                c = chosen["choice"]
+                ax.set_title(f"chosen on half: {c['layer']}, α = {c['alpha']}\nτ on the other half "
+                             f"{chosen['tau_evaluation']:+.2f} [{chosen['ci95_evaluation'][0]:+.2f}, "
+                             f"{chosen['ci95_evaluation'][1]:+.2f}]".replace("-", "−"))
+        axes[0][0].set_yticks(range(len(layers)), layers)
+        axes[0][0].invert_yaxis()
+        axes[0][0].legend(loc="lower left", frameon=False)
+        fig.suptitle(f"per-layer Rényi sharpness, {summary['task']} study on {summary['dataset']} "
+                     f"({summary['n_models']} models)")
+        fig.tight_layout()
+    return fig
+
+
 def not_learned(summary: dict) -> set[str]:
     """Ids of the models that never learned (training accuracy within a point of the majority rate)."""
     return set(summary.get("learned", {}).get("excluded", []))
@@ -85,14 +139,14 @@ def plot_measure(summary: dict, name: str):
     plan = summary.get("config", {}).get("plan", {})
     rows = [r for r in summary["models"] if r["values"].get(name) is not None]
     failed = not_learned(summary)
-    optimizers = sorted({r["optimizer"] for r in rows})
+    optimizers = sorted({group_of(r) for r in rows})
     colours = dict(zip(optimizers, plt.get_cmap("tab10").colors))
     anchors = paper_taus(summary, name)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, len(summary["gaps"]), figsize=(DOUBLE_COLUMN, 3.0), squeeze=False, sharey=True)
         for ax, (gap, label) in zip(axes[0], summary["gaps"].items()):
             for opt in optimizers:
-                pts = [r for r in rows if r["optimizer"] == opt and r["id"] not in failed]
+                pts = [r for r in rows if group_of(r) == opt and r["id"] not in failed]
                 ax.scatter([r[gap] for r in pts], [r["values"][name] for r in pts], s=12, label=opt,
                            color=colours[opt], linewidths=0)
             dead = [r for r in rows if r["id"] in failed]
@@ -126,7 +180,7 @@ def plot_measure(summary: dict, name: str):
 def plot_overview(summary: dict):
     """τ-a [95% CI] of every measure (rows) against each gap, with the papers' τ where published."""
     plan = summary.get("config", {}).get("plan", {})
-    names = list(summary["kendall_tau"]["error_gap"])
+    names = whole_network_names(summary)
     failed = not_learned(summary)
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(SINGLE_COLUMN, 0.2 * len(names) + 1.5))
@@ -175,8 +229,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     out = Path(args.out or Path(args.dir) / "figs")
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    figures = {name: lambda name=name: plot_measure(summary, name) for name in summary["kendall_tau"]["error_gap"]}
+    figures = {name: lambda name=name: plot_measure(summary, name) for name in whole_network_names(summary)}
     figures["tau_overview"] = lambda: plot_overview(summary)
+    if len(whole_network_names(summary)) < len(summary["kendall_tau"]["error_gap"]):
+        figures["layer_renyi"] = lambda: plot_layer_renyi(summary)
     for name, make in figures.items():
         fig = make()
         for ext in ("png", "pdf"):

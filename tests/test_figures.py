@@ -145,6 +145,56 @@ def test_transformer_script_writes_png_and_pdf(summary, tmp_path):
     assert figs.load_summary(study / "summary.json") == figs.load_summary(study)  # the JSON file itself
 
 
+def finetune_summary() -> dict:
+    """A fine-tune population (no optimizer per model) with per-layer Rényi values of 3 layers at
+    2 α, through the real ``summarize`` (which adds the held-out layer selection)."""
+    rng = np.random.default_rng(1)
+    models = [{"id": f"ft{i:03d}", "index": i, "lr": 1e-4} for i in range(12)]
+    layers = ["blocks.0.attn.q.weight", "blocks.0.mlp.fc1.weight", "head.weight"]
+    trained, measured = {}, {}
+    for hp in models:
+        gap = rng.uniform(0, 0.05)
+        trained[hp["id"]] = {"train_loss": 0.1, "train_acc": 0.95, "test_loss": 0.2, "test_acc": 0.95 - gap,
+                             "error_gap": gap, "loss_gap": gap + rng.uniform(0, 0.01), "history": {"wall_time": 1.0}}
+        measured[f"{hp['id']}/adaptive"] = {"values": {"adaptive": gap + rng.uniform(0, 0.02)}, "seconds": 1.0}
+        measured[f"{hp['id']}/layer_renyi"] = {"values": {f"layer_renyi_{a}@{layer}": -rng.uniform(5, 10)
+                                                          for a in ("0.5", "1.5") for layer in layers}, "seconds": 1.0}
+    config = {"task": "vit", "data": {"name": "mnist5k"}, "models": models, "n_boot": 50, "seed": 0,
+              "plan": {"rho": 0.1, "alphas": [0.5, 1.5], "measures": ["adaptive", "layer_renyi"]}}
+    return summarize(config, trained, measured, chance_acc=0.1), layers
+
+
+def test_per_layer_renyi_is_one_figure_not_one_scatter_per_layer(tmp_path):
+    summary, layers = finetune_summary()
+    written = figs.main([str(_write(summary, tmp_path)), "--out", str(tmp_path / "figs")])
+    assert {p.name for p in written} == {f"{n}.{ext}" for n in ("adaptive", "tau_overview", "layer_renyi")
+                                         for ext in ("png", "pdf")}
+    fig = figs.plot_layer_renyi(summary)
+    left, right = fig.axes
+    assert [t.get_text() for t in left.get_yticklabels()] == layers
+    assert [t.get_text() for t in left.get_legend().get_texts()] == ["α = 0.5", "α = 1.5"]
+    chosen = summary["layer_renyi_selection"]["error_gap"]
+    assert chosen["choice"]["layer"] in left.get_title() and f"{abs(chosen['tau_evaluation']):.2f}" in left.get_title()
+    for ax, gap in ((left, "error_gap"), (right, "loss_gap")):  # every drawn point is a τ of the summary
+        drawn = sorted(x for bars in ax.containers for x in bars.lines[0].get_xdata())
+        expected = sorted(t for n, t in summary["kendall_tau"][gap].items() if n.startswith("layer_renyi_"))
+        assert drawn == pytest.approx(expected)
+    assert min(t.get_fontsize() for t in all_texts(fig)) >= 7 and fig.get_figwidth() <= figs.DOUBLE_COLUMN
+    overview = figs.plot_overview(summary)
+    assert [t.get_text() for t in overview.axes[0].get_yticklabels()] == ["adaptive (ρ = 0.1)"]
+    scatter = figs.plot_measure(summary, "adaptive")
+    assert [t.get_text() for t in scatter.legends[0].get_texts()] == ["fine-tunes"]
+    for f in (fig, overview, scatter):
+        plt.close(f)
+
+
+def _write(summary: dict, tmp_path: Path) -> Path:
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "summary.json").write_text(json.dumps(summary))
+    return study
+
+
 def test_spectrum_plot_readable():
     from quotientsharp.curvature import SpectralDensity
 
