@@ -36,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--rtol", type=float, default=1e-4,
                         help="relative tolerance of the check values (default 1e-4: float32 retraining on other hardware "
                              "reproduces the accuracies exactly and the sharpness to ~1e-5)")
+    parser.add_argument("--max-unreproduced", type=float, default=0.1,
+                        help="largest fraction of models allowed to differ from the summary (they get no new values)")
     parser.add_argument("--write", help="also write the merged summary here")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument("--no-progress", action="store_true")
@@ -46,14 +48,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     try:
         merged = extend_study(args.base, args.out, args.measures, args.check, progress=not args.no_progress,
-                              executor=executor, rtol=args.rtol)
+                              executor=executor, rtol=args.rtol, max_unreproduced=args.max_unreproduced)
     except ValueError as err:
         sys.exit(f"error: {err}")
     if args.write:
         write_json_atomic(Path(args.write), merged)
     ext = merged["extension"]
     print(f"\nadded {', '.join(ext['measures'])} to {args.base}; check measures reproduced to relative "
-          + ", ".join(f"{m} {d:.1e}" for m, d in ext["check_max_rel_diff"].items()) + "\n")
+          + ", ".join(f"{m} {d:.1e}" for m, d in ext["check_max_rel_diff"].items()))
+    for model, why in ext["not_reproduced"].items():
+        print(f"not reproduced, left without the new measures: {model}: {why}")
+    print()
     print(tau_table(merged))
     return merged
 

@@ -22,17 +22,26 @@ SOURCES = {task: {"from scratch": RESULTS / f"{task}_study_summary.json",
                   "fine-tuned": RESULTS / "finetune" / task / "summary.json"} for task in ("vit", "text")}
 
 
+def load_summaries() -> dict:
+    """``{task: {regime: summary}}`` of the committed summaries; exits naming the missing ones."""
+    missing = [str(p) for regimes in SOURCES.values() for p in regimes.values() if not p.exists()]
+    if missing:
+        raise SystemExit("error: missing summaries (finish the studies first): " + ", ".join(missing))
+    return {task: {regime: json.loads(p.read_text()) for regime, p in regimes.items()}
+            for task, regimes in SOURCES.items()}
+
+
+def markdown(summaries: dict) -> str:
+    """One :func:`~quotientsharp.studies.finetune.regimes_table` per gap, each under a line naming it."""
+    return "\n\n".join(f"τ-a [95% CI] against {label}:\n\n{regimes_table(summaries, gap)}" for gap, label in GAPS.items())
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     """Print and write the markdown: one table per gap."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(RESULTS / "regimes_table.md"), help="markdown file to write")
     args = parser.parse_args(argv)
-    missing = [str(p) for regimes in SOURCES.values() for p in regimes.values() if not p.exists()]
-    if missing:
-        raise SystemExit("error: missing summaries (finish the studies first): " + ", ".join(missing))
-    summaries = {task: {regime: json.loads(p.read_text()) for regime, p in regimes.items()}
-                 for task, regimes in SOURCES.items()}
-    text = "\n\n".join(f"τ-a [95% CI] against {label}:\n\n{regimes_table(summaries, gap)}" for gap, label in GAPS.items())
+    text = markdown(load_summaries())
     write_text_atomic(args.out, text + "\n")
     print(text)
     return text

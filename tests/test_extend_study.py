@@ -49,6 +49,7 @@ def test_merged_summary_equals_the_study_run_with_every_measure(studies):
     assert set(merged["tau_difference"]["error_gap"]) == {"geodesic_inv - adaptive", "geodesic_mix_rel - adaptive"}
     assert merged["extension"]["measures"] == ["geodesic_mix_rel", "geodesic_mix_rel_avg"]
     assert merged["extension"]["check_max_rel_diff"] == {"adaptive": 0.0}  # same machine: bit for bit
+    assert merged["extension"]["not_reproduced"] == {}
 
 
 def test_merged_outputs_are_written(studies):
@@ -65,25 +66,40 @@ def _merge_error(base, extra):
     return str(err.value)
 
 
-def test_a_check_value_that_differs_is_refused_naming_the_model(studies):
-    root, base, _, _ = studies
+def test_a_model_that_is_not_reproduced_gets_no_new_values_and_is_named(studies):
+    """One model of four whose check value or accuracy differs: its new measures are left out
+    (listed as missing, τ over the other three); the others merge as usual."""
+    root, base, merged, _ = studies
     extra = json.loads((root / "ext" / "summary.json").read_text())
-    changed = copy.deepcopy(base)
-    changed["models"][2]["values"]["adaptive"] *= 1 + 1e-3
-    message = _merge_error(changed, extra)
-    assert changed["models"][2]["id"] in message and "adaptive" in message
+    for change in ("value", "accuracy"):
+        changed = copy.deepcopy(base)
+        if change == "value":
+            changed["models"][2]["values"]["adaptive"] *= 1 + 1e-3
+        else:
+            changed["models"][2]["test_acc"] += 0.001
+        out = extend.merge_summaries(changed, extra, max_unreproduced=0.25)
+        model = base["models"][2]["id"]
+        assert list(out["extension"]["not_reproduced"]) == [model]
+        assert ("adaptive" if change == "value" else "test_acc") in out["extension"]["not_reproduced"][model]
+        assert out["missing"] == {"geodesic_mix_rel": [model], "geodesic_mix_rel_avg": [model]}
+        assert "geodesic_mix_rel" not in out["models"][2]["values"]
+        assert out["models"][1]["values"] == merged["models"][1]["values"]
+        assert out["kendall_tau"]["error_gap"]["geodesic_inv"] == merged["kendall_tau"]["error_gap"]["geodesic_inv"]
+        assert "(n=3)" in study.tau_table(out)
     within = copy.deepcopy(base)
     within["models"][2]["values"]["adaptive"] *= 1 + 1e-6
     assert extend.merge_summaries(within, extra)["extension"]["check_max_rel_diff"]["adaptive"] == pytest.approx(
         1e-6, rel=1e-3)
 
 
-def test_other_models_or_configuration_are_refused(studies):
+def test_too_many_unreproduced_models_or_another_structure_are_refused(studies):
     root, base, _, _ = studies
     extra = json.loads((root / "ext" / "summary.json").read_text())
     accuracy = copy.deepcopy(base)
     accuracy["models"][1]["test_acc"] += 0.001
-    assert "test_acc" in _merge_error(accuracy, extra) and base["models"][1]["id"] in _merge_error(accuracy, extra)
+    message = _merge_error(accuracy, extra)  # 1 of 4 > the default 10%
+    assert "1 of 4 models were not reproduced" in message and base["models"][1]["id"] in message
+    assert "test_acc" in message
     fewer = copy.deepcopy(base)
     fewer["models"] = fewer["models"][:3]
     assert "other models" in _merge_error(fewer, extra)
@@ -133,4 +149,5 @@ def test_command_line_reports_a_refused_extension(studies, tmp_path):
                            str(root / "ext"), "--measures", "geodesic_mix_rel", "geodesic_mix_rel_avg",
                            "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: model vit000: retrained train_acc")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 of 4 models were not reproduced") and "model vit000: retrained train_acc" in last
