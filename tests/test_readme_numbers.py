@@ -241,9 +241,12 @@ def test_transformer_timings():
         ratios += [m["geodesic_inv"] / m["adaptive"], m["geodesic_mix"] / m["adaptive"]]
     check(lo, min(ratios), "smallest geodesic/adaptive time ratio")
     check(hi, max(ratios), "largest geodesic/adaptive time ratio")
+    def first_run(s):  # the study's own run, without the measures an extension added later
+        return measuring(s) - sum(s["seconds"]["measures"][m] for m in s.get("extension", {}).get("measures", []))
+
     v_all, t_all = claim(r"reusing the first 24: " + N + r" min \(ViT\) and " + N + r" min \(text\) in all")
-    check(v_all, (v48["seconds"]["train"] + measuring(v48)) / 60, "vit 48-model total min")
-    check(t_all, (t48["seconds"]["train"] + measuring(t48)) / 60, "text 48-model total min")
+    check(v_all, (v48["seconds"]["train"] + first_run(v48)) / 60, "vit 48-model total min")
+    check(t_all, (t48["seconds"]["train"] + first_run(t48)) / 60, "text 48-model total min")
 
 
 def test_transformer_discussion():
