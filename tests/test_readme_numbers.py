@@ -624,3 +624,48 @@ def test_mutation_table():
         check(cells[4].strip("*"), c["score"], f"mutation score {name or 'overall'}")
     pending = claim(r"not yet run: " + N + " of " + N + " core modules")
     assert (int(pending[0]), int(pending[1])) == (len(m["modules_pending"]), len(m["modules_pending"]) + len(m["modules"]))
+
+
+# --- the relative mixed ball added to the from-scratch studies (issue 13, item 5) --------------------
+
+def test_mix_rel_extension_claims():
+    """The extension paragraph: reproduced counts, check differences, the unreproduced models'
+    accuracies, and the mix_rel τ and paired Δτ quoted in the reading."""
+    vit, text = load("vit_study_summary.json"), load("text_study_summary.json")
+    for s in (vit, text):
+        assert s["extension"]["measures"] == ["geodesic_mix_rel", "geodesic_mix_rel_avg"]
+        assert len(s["extension"]["not_reproduced"]) == 1
+    assert "47 of 48 were on each task" in FLAT
+    v_diff, t_diff = claim(r"adaptive sharpness within " + N + r" on the ViTs, " + N + r" on text\)")
+    check(v_diff, vit["extension"]["check_max_rel_diff"]["adaptive"], "vit check difference")
+    check(t_diff, text["extension"]["check_max_rel_diff"]["adaptive"], "text check difference")
+    v_new, v_old, t_new, t_old = claim(r"train accuracy " + N + " vs " + N + " and " + N + " vs " + N + r"\)")
+    for s, new, old in ((vit, v_new, v_old), (text, t_new, t_old)):
+        (model, why), = s["extension"]["not_reproduced"].items()
+        row = next(r for r in s["models"] if r["id"] == model)
+        assert f"retrained train_acc {new} differs from the summarised {old}" == why and float(old) == row["train_acc"]
+        assert f"({model}, " in FLAT or f"; {model}, " in FLAT
+
+    def tau(s, m):
+        return [s["kendall_tau"]["error_gap"][m], *s["ci95"]["error_gap"][m]]
+
+    def diff(s, pair):
+        return s["tau_difference"]["error_gap"][pair]
+
+    got = claim(r"`geodesic_mix_rel_avg` reaches " + N + r" \[" + N + ", " + N + r"\] \(the plain mixed metric's "
+                r"average case " + N + r"\)")
+    for text_, v in zip(got, [*tau(text, "geodesic_mix_rel_avg"), text["kendall_tau"]["error_gap"]["geodesic_mix_avg"]]):
+        check(text_, v, "text mix_rel_avg")
+    got = claim(r"paired comparison \(" + N + r" \[" + N + ", " + N + r"\]\); the worst case rises from " + N + " to "
+                + N + r" \[" + N + ", " + N + r"\], level with adaptive sharpness \(paired " + N + r" \[" + N + ", " + N
+                + r"\]\)")
+    expected = [*diff(text, "geodesic_mix_rel_avg - adaptive_avg"), text["kendall_tau"]["error_gap"]["geodesic_mix"],
+                *tau(text, "geodesic_mix_rel"), *diff(text, "geodesic_mix_rel - adaptive")]
+    for text_, v in zip(got, expected, strict=True):
+        check(text_, v, "text mix_rel claims")
+    got = claim(r"\(" + N + r" worst, " + N + r" average; paired against adaptive " + N + r" \[" + N + ", " + N
+                + r"\] and " + N + r" \[" + N + ", " + N + r"\]\)")
+    expected = [vit["kendall_tau"]["error_gap"]["geodesic_mix_rel"], vit["kendall_tau"]["error_gap"]["geodesic_mix_rel_avg"],
+                *diff(vit, "geodesic_mix_rel - adaptive"), *diff(vit, "geodesic_mix_rel_avg - adaptive_avg")]
+    for text_, v in zip(got, expected, strict=True):
+        check(text_, v, "vit mix_rel claims")

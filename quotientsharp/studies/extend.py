@@ -5,7 +5,7 @@ a *check* measure that the summary already holds, and merge.
 The merge trusts a retrained model only if it is the summarised one: its train/test accuracy
 must be reproduced exactly and every check value to ``rtol`` (training and measures are seeded;
 float32 kernels of another CPU reproduced 94 of the 96 committed from-scratch models' accuracies
-exactly and their adaptive sharpness to < 1e-5 relative, hence the default 1e-4). A model that
+exactly and their adaptive sharpness to < 4e-5 relative, hence the default 1e-4). A model that
 is not reproduced gets no new values (it is named in the summary), and a population with more
 than ``max_unreproduced`` of them is refused. The merged
 summary is the base summary's rows with the new values added and every τ statistic recomputed
