@@ -669,3 +669,86 @@ def test_mix_rel_extension_claims():
                 *diff(vit, "geodesic_mix_rel - adaptive"), *diff(vit, "geodesic_mix_rel_avg - adaptive_avg")]
     for text_, v in zip(got, expected, strict=True):
         check(text_, v, "vit mix_rel claims")
+
+
+# --- the fine-tune populations and the two regimes (issue 13) ------------------------------------------
+
+def _regimes_script():
+    spec = importlib.util.spec_from_file_location("regimes_table", ROOT / "experiments" / "regimes_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_regimes_table_is_the_committed_summaries():
+    """The README's side-by-side table is regimes_table of the committed summaries, and the
+    committed regimes_table.md is what the script writes."""
+    from quotientsharp.studies.finetune import regimes_table
+
+    script = _regimes_script()
+    summaries = script.load_summaries()
+    assert regimes_table(summaries, "error_gap") in README
+    assert (RESULTS / "regimes_table.md").read_text() == script.markdown(summaries) + "\n"
+
+
+def test_finetune_population_claims():
+    vit, text = load("finetune/vit/summary.json"), load("finetune/text/summary.json")
+    n_vit, n_text, planned = claim(r"ViT: all \*\*" + N + r"\*\* fine-tunes, measured with every unit\. Text: \*\*" + N
+                                   + r"\*\* of the " + N + " planned")
+    assert (int(n_vit), int(n_text)) == (vit["n_models"], text["n_models"]) and int(n_vit) >= 72 and int(n_text) >= 35
+    assert int(planned) == 48
+    lo, hi, n_low, lr_lo, lr_hi, g_lo, g_hi = claim(
+        r"ViT fine-tunes: test accuracy " + N + "–" + N + r"% \(the " + N + r" below 70% all have learning rates at the low end, "
+        + N + " to " + N + r", and underfit in 2–8 epochs; none is at chance\), error gaps " + N + " to " + N + " points")
+    check(lo, 100 * vit["population"]["test_acc"][0], "vit ft lowest test acc")
+    check(hi, 100 * vit["population"]["test_acc"][1], "vit ft highest test acc")
+    low = [r for r in vit["models"] if r["test_acc"] < 0.7]
+    assert int(n_low) == len(low) and not vit["learned"]["excluded"]
+    check(lr_lo, min(r["lr"] for r in low), "smallest lr of the weak fine-tunes")
+    check(lr_hi, max(r["lr"] for r in low), "largest lr of the weak fine-tunes")
+    check(g_lo, 100 * vit["population"]["error_gap"][0], "vit ft smallest gap")
+    check(g_hi, 100 * vit["population"]["error_gap"][1], "vit ft largest gap")
+    a_lo, a_hi, e_lo, e_hi, l_lo, l_hi = claim(
+        r"dev accuracy " + N + "–" + N + r"%, error gaps " + N + " to " + N + r" points, loss gaps " + N + "–" + N)
+    for text_, v in zip((a_lo, a_hi, e_lo, e_hi), (*text["population"]["test_acc"], *text["population"]["error_gap"])):
+        check(text_, 100 * v, "text ft population")
+    check(l_lo, text["population"]["loss_gap"][0], "text ft smallest loss gap")
+    check(l_hi, text["population"]["loss_gap"][1], "text ft largest loss gap")
+
+
+def test_finetune_reading_claims():
+    vit, text = load("finetune/vit/summary.json"), load("finetune/text/summary.json")
+
+    def tau(s, m, gap="error_gap"):
+        return [s["kendall_tau"][gap][m], *s["ci95"][gap][m]]
+
+    got = claim(r"geodesic inv " + N + r" \[" + N + ", " + N + r"\], adaptive " + N + r" \[" + N + ", " + N
+                + r"\] \(paper " + N + " and " + N + r"\)")
+    for t, v in zip(got, [*tau(vit, "geodesic_inv"), *tau(vit, "adaptive"), -0.71, -0.41], strict=True):
+        check(t, v, "vit ft geodesic/adaptive")
+    got = claim(r"inverse metric " + N + r" \[" + N + ", " + N + r"\], mixed " + N + r" \[" + N + ", " + N
+                + r"\], relative mixed ball " + N + r" \[" + N + ", " + N + r"\]")
+    pairs = ("geodesic_inv - adaptive", "geodesic_mix - adaptive", "geodesic_mix_rel - adaptive")
+    for t, v in zip(got, [x for p in pairs for x in vit["tau_difference"]["error_gap"][p]], strict=True):
+        check(t, v, "vit ft paired differences")
+    assert all(d[0] >= 0 for d in vit["tau_difference"]["error_gap"].values())
+    got = claim(r"geodesic inv is " + N + r" \[" + N + ", " + N + r"\] against the error gap but " + N + r" \[" + N
+                + ", " + N + r"\] against the loss gap")
+    for t, v in zip(got, [*tau(text, "geodesic_inv"), *tau(text, "geodesic_inv", "loss_gap")], strict=True):
+        check(t, v, "text ft geodesic inv")
+    got = claim(r"Euclidean sharpness " + N + r" \[" + N + ", " + N + r"\] against the error gap\.")
+    for t, v in zip(got, tau(text, "euclidean"), strict=True):
+        check(t, v, "text ft euclidean")
+    sel_v, sel_t = vit["layer_renyi_selection"]["error_gap"], text["layer_renyi_selection"]["error_gap"]
+    got = claim(r"τ " + N + r" there\) give " + N + r" \[" + N + ", " + N + r"\] on the other half; on text " + N
+                + " → " + N + r" \[" + N + ", " + N + r"\]")
+    expected = [sel_v["tau_selection"], sel_v["tau_evaluation"], *sel_v["ci95_evaluation"], sel_t["tau_selection"],
+                sel_t["tau_evaluation"], *sel_t["ci95_evaluation"]]
+    for t, v in zip(got, expected, strict=True):
+        check(t, v, "per-layer Rényi selection")
+    assert "α = 0.5 on `blocks.0.mlp.fc1`" in FLAT and sel_v["choice"] == {
+        "layer": "blocks.0.mlp.fc1.weight", "alpha": "0.5", "name": "layer_renyi_0.5@blocks.0.mlp.fc1.weight"}
+    lo, hi = claim(r"null in both fine-tune populations \(" + N + " to " + N + r"\)")
+    renyi = [s["kendall_tau"][g][m] for s in (vit, text) for g in ("error_gap", "loss_gap") for m in ("renyi_0.5", "renyi_1.5")]
+    check(lo, min(renyi), "smallest fine-tune Rényi τ")
+    check(hi, max(renyi), "largest fine-tune Rényi τ")
