@@ -752,3 +752,23 @@ def test_finetune_reading_claims():
     renyi = [s["kendall_tau"][g][m] for s in (vit, text) for g in ("error_gap", "loss_gap") for m in ("renyi_0.5", "renyi_1.5")]
     check(lo, min(renyi), "smallest fine-tune Rényi τ")
     check(hi, max(renyi), "largest fine-tune Rényi τ")
+
+
+def test_finetune_reading_without_the_underfit_models():
+    """The robustness line: τ recomputed (same bootstrap as the studies) over the fine-tunes with
+    test accuracy ≥ 70%."""
+    from quotientsharp.studies.report import tau_block
+    from quotientsharp.studies.transformer_run import COMPARISONS, GAPS
+
+    vit = load("finetune/vit/summary.json")
+    rows = [r for r in vit["models"] if r["test_acc"] >= 0.7]
+    block = tau_block(rows, vit["config"]["n_boot"], vit["config"]["seed"], GAPS, COMPARISONS)
+    n, *got = claim(r"Over the " + N + r" with test accuracy ≥ 70%, geodesic inv is " + N + r" \[" + N + ", " + N
+                    + r"\] and adaptive " + N + r" \[" + N + ", " + N + r"\]; their paired difference is " + N + r" \["
+                    + N + ", " + N + r"\]")
+    assert int(n) == len(rows) == vit["n_models"] - 13
+    expected = [block["kendall_tau"]["error_gap"]["geodesic_inv"], *block["ci95"]["error_gap"]["geodesic_inv"],
+                block["kendall_tau"]["error_gap"]["adaptive"], *block["ci95"]["error_gap"]["adaptive"],
+                *block["tau_difference"]["error_gap"]["geodesic_inv - adaptive"]]
+    for text, v in zip(got, expected, strict=True):
+        check(text, v, "fine-tuned ViT without the underfit models")
