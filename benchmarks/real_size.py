@@ -194,6 +194,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULT, help="result file (merged into when it exists)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     models = args.models or (["bert_quick"] if args.quick else ["bert_base", "vit_b16"])
@@ -210,13 +211,13 @@ def main(argv=None) -> dict:
            "targets": TARGETS,
            "models": {m: run_model(m, args.device, args.n_iter, args.rho, repeats, not args.no_memory, log)
                       for m in models}}
-    results = json.loads(RESULT.read_text()) if RESULT.exists() else {}
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
     results["quick" if args.quick else "full"] = run
     main_run = results.get("quick", run)  # the acceptance figures: the --quick BERT when there is one
     bert = next((m for m in main_run["models"] if m.startswith("bert")), next(iter(main_run["models"])))
     results["ratios"] = main_run["models"][bert]["ratios"]
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(results, indent=1) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
     for m, r in run["models"].items():
         log(f"{m}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["ratios"].items()))
     return results

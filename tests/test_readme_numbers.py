@@ -772,3 +772,58 @@ def test_finetune_reading_without_the_underfit_models():
                 *block["tau_difference"]["error_gap"]["geodesic_inv - adaptive"]]
     for text, v in zip(got, expected, strict=True):
         check(text, v, "fine-tuned ViT without the underfit models")
+
+
+def test_gpu_section():
+    """'On a GPU': every H200 number from benchmarks/results/gpu/, every CPU number from its CPU file."""
+    gpu = RESULTS / "gpu"
+    g = {name: json.loads((gpu / f"{name}_cuda.json").read_text())
+         for name in ("sharpness_cost", "modern_attention_cost", "optim_step", "real_size")}
+    c = {name: load(f"{name}.json") for name in g}
+    rs_cpu, rs_gpu = c["real_size"]["full"]["models"], g["real_size"]["full"]["models"]
+    assert all(g[n]["config"]["device"] == "cuda" for n in ("sharpness_cost", "modern_attention_cost"))
+    assert g["optim_step"]["setup"]["device"] == "cuda" and g["real_size"]["full"]["config"]["device"] == "cuda"
+
+    def sharp(d, names):
+        return [d["ratios_vs_adaptive"][n] for n in names]
+
+    def real(m):
+        r = m["ratios"]
+        return [r["adaptive_vs_passes"], r["geodesic_mix_vs_adaptive"], r["geodesic_inv_vs_adaptive"]]
+
+    steps = ("SAM", "SAF", "MESA", "GeodesicSAM")
+    expected = {
+        "`sharpness_cost.py`": (sharp(c["sharpness_cost"], ("geodesic_mix", "geodesic_inv", "geodesic_exact")),
+                                sharp(g["sharpness_cost"], ("geodesic_mix", "geodesic_inv", "geodesic_exact"))
+                                + [g["sharpness_cost"]["median_seconds"]["adaptive"]]),
+        "`modern_attention_cost.py`": (sharp(c["modern_attention_cost"], ("geodesic_mix", "geodesic_inv")),
+                                       sharp(g["modern_attention_cost"], ("geodesic_mix", "geodesic_inv"))
+                                       + [g["modern_attention_cost"]["median_seconds"]["adaptive"]]),
+        "`optim_step.py`": ([c["optim_step"]["time_ratio_vs_sgd"][m] for m in steps],
+                            [g["optim_step"]["time_ratio_vs_sgd"][m] for m in steps]
+                            + [1e3 * g["optim_step"]["step_seconds_median"]["SGD"]]),
+        "`real_size.py` BERT-base": (real(rs_cpu["bert_base"]),
+                                     real(rs_gpu["bert_base"]) + [rs_gpu["bert_base"]["seconds"]["passes"]]),
+        "`real_size.py` ViT-B/16": (real(rs_cpu["vit_b16"]),
+                                    real(rs_gpu["vit_b16"]) + [rs_gpu["vit_b16"]["seconds"]["passes"]]),
+    }
+    rows = table_after("### On a GPU")[1:]
+    assert len(rows) == len(expected)
+    for row in rows:
+        key = next(k for k in expected if row[0].startswith(k))
+        for cell, values in zip(row[1:], expected[key], strict=True):
+            printed = [t for t in re.findall(N, cell) if t not in ("10",)]  # "10 passes"
+            assert len(printed) == len(values), (key, cell)
+            for text, value in zip(printed, values, strict=True):
+                check(text, value, f"GPU table {key}")
+    log = (gpu / "gpu_tests.log").read_text()
+    (n_passed,) = claim(r"\*\*the " + N + r" CUDA tests passed\*\*")
+    assert re.search(rf"\b{n_passed} passed\b", log) and "failed" not in log and "error" not in log.lower()
+    b = rs_gpu["bert_base"]["ratios"]
+    got = claim(r"BERT-base: mix/inv " + N + "×/" + N + r"× adaptive, adaptive " + N + r"× its budget\)")
+    for text, value in zip(got, [b["memory_geodesic_mix_vs_adaptive"], b["memory_geodesic_inv_vs_adaptive"],
+                                 b["memory_adaptive_vs_budget"]], strict=True):
+        check(text, value, "GPU memory")
+    ms, s = claim(r"pass takes " + N + r" ms there, against " + N + r" s on one CPU thread")
+    check(ms, 1e3 * rs_gpu["bert_base"]["seconds"]["passes"] / 10, "GPU pass")
+    check(s, rs_cpu["bert_base"]["seconds"]["passes"] / 10, "CPU pass")
