@@ -104,17 +104,6 @@ def _lincomb(x: dict, terms: list[tuple[float, dict]]) -> dict:
     return dict(zip(names, out))
 
 
-def _acc_(x: dict, y: dict, a: float = 1.0) -> None:
-    """``x += a y`` in place."""
-    names = list(x)
-    torch._foreach_add_([x[n] for n in names], [y[n] for n in names], alpha=a)
-
-
-def _scaled(x: dict, a: float) -> dict:
-    names = list(x)
-    return dict(zip(names, torch._foreach_mul([x[n] for n in names], a)))
-
-
 def autograd_linearization(christoffel: Christoffel) -> Linearization:
     """``linearize`` of any ``christoffel`` by autograd: one graph per evaluation, freed by its
     pullback (which must be called at most once)."""

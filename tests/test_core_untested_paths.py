@@ -14,14 +14,13 @@ import threading
 
 import pytest
 import torch
-from torch.func import functional_call, jvp
+from torch.func import functional_call
 
 from quotientsharp import tangent as T
 from quotientsharp.curvature import QuotientHessianOperator
 from quotientsharp.curvature.measures import hessian_slq
 from quotientsharp.curvature.operators import LinearOperator, MatrixOperator, _cast_floating
 from quotientsharp.curvature.quotient_hessian import quotient_hessian_spectral_density
-from quotientsharp.geodesic import _acc_, _scaled
 from quotientsharp.groups import (
     AttentionGL,
     DiagonalRescaling,
@@ -36,7 +35,6 @@ from quotientsharp.groups import (
     SymmetryGroup,
     geodesic_error_slope,
 )
-from quotientsharp.groups.gl_math import gl_pushforward, gram_eps
 from quotientsharp.models import MLP
 from quotientsharp.optim import saf as saf_module
 from quotientsharp.optim.utils import all_reduce_mean
@@ -180,21 +178,6 @@ def test_geodesic_error_slope_and_check_geodesic_order():
     assert abs(slope - 2.0) < 0.15
 
 
-def test_check_tangent_names_the_problem():
-    grp = LogPair()
-    w, xi = log_pair_point()
-    w_extra = {**w, "other": torch.zeros(5, dtype=DT)}  # entries the group does not act on are ignored
-    assert grp._check_tangent(w_extra, xi) is None
-    with pytest.raises(ValueError, match=r"tangent vector is missing parameter\(s\) \['v'\]"):
-        grp._check_tangent(w, {"u": xi["u"]})
-    with pytest.raises(ValueError, match=r"direction has parameter\(s\) \['z'\]"):
-        grp._check_tangent(w, {**xi, "z": xi["u"]}, "direction")
-    with pytest.raises(ValueError, match=r"tangent vector\['u'\] has shape \(2,\)"):
-        grp._check_tangent(w, {"u": xi["u"][:2], "v": xi["v"]})
-    with pytest.raises(ValueError, match="dtype"):
-        grp._check_tangent(w, {"u": xi["u"].float(), "v": xi["v"]})
-
-
 # ============================================================================ HeadScaling / JointGroup
 def joint_problem(metric: str = "mix", seed: int = 0):
     """One fused tensor ``Wqk`` (4 x 6): columns 0-3 two scaled heads (h = 2), columns 4-5 the G
@@ -310,44 +293,6 @@ def test_trivial_groups_have_zero_vertical_vectors():
         assert set(out) == {"a", "b"}
         for n in ("a", "b"):
             assert out[n].shape == w[n].shape and out[n].dtype == DT and out[n].abs().max() == 0
-
-
-def test_gram_eps_and_gl_pushforward_closed_forms():
-    g = gen(9)
-    X = torch.randn(3, 5, 2, generator=g, dtype=DT)
-    expect = torch.tensor([0.3 * float((X[b] ** 2).sum()) / 2 + 0.01 for b in range(3)], dtype=DT)
-    torch.testing.assert_close(gram_eps(X, 0.3, 0.01), expect, rtol=1e-14, atol=0)
-    A = torch.randn(3, 2, 2, generator=g, dtype=DT) + 2 * torch.eye(2, dtype=DT)
-    G, H = torch.randn(3, 4, 2, generator=g, dtype=DT), torch.randn(3, 5, 2, generator=g, dtype=DT)
-    xG, xH = torch.randn_like(G), torch.randn_like(H)
-    pG, pH = gl_pushforward(A, xG, xH)
-    torch.testing.assert_close(pG, xG @ torch.linalg.inv(A), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(pH, xH @ A.mT, rtol=1e-12, atol=1e-12)
-    # it is the differential of the action (G, H) -> (G A^{-1}, H A^T)
-    _, (jG, jH) = jvp(lambda a, b: (a @ torch.linalg.inv(A), b @ A.mT), (G, H), (xG, xH))
-    torch.testing.assert_close(pG, jG, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(pH, jH, rtol=1e-12, atol=1e-12)
-
-
-def test_geodesic_dict_helpers():
-    g = gen(10)
-    x = {"a": torch.randn(3, generator=g, dtype=DT), "b": torch.randn(2, 2, generator=g, dtype=DT)}
-    y = {"a": torch.randn(3, generator=g, dtype=DT), "b": torch.randn(2, 2, generator=g, dtype=DT)}
-    x0 = {n: t.clone() for n, t in x.items()}
-    tensors = {n: t for n, t in x.items()}
-    assert _acc_(x, y, -0.5) is None
-    for n in x:  # in place: the same tensor objects now hold x - y/2
-        assert x[n] is tensors[n]
-        torch.testing.assert_close(x[n], x0[n] - 0.5 * y[n], rtol=1e-15, atol=1e-15)
-    _acc_(x, y)  # default a = 1
-    for n in x:
-        torch.testing.assert_close(x[n], x0[n] + 0.5 * y[n], rtol=1e-15, atol=1e-15)
-    before = {n: t.clone() for n, t in x.items()}
-    s = _scaled(x, -3.0)
-    assert list(s) == list(x)
-    for n in x:
-        torch.testing.assert_close(s[n], -3.0 * before[n], rtol=0, atol=0)
-        torch.testing.assert_close(x[n], before[n], rtol=0, atol=0)  # input untouched
 
 
 # ============================================================================ operators

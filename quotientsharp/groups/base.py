@@ -135,9 +135,6 @@ class SymmetryGroup(abc.ABC):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{type(self).__name__}: non-finite weights in parameter {n!r}")
 
-    def _check_tangent(self, w: Params, xi: Params, what: str = "tangent vector") -> None:
-        T.check_tangent(self.restrict(w), xi, self.names, what)
-
     def _cached(self, w: Params, build: Callable[[dict], Any]) -> Any:
         """``build(w)`` memoised on the identity and version of ``w``'s tensors (one entry).
 

@@ -59,12 +59,6 @@ class GLFactors:
     lam_sum: torch.Tensor | None = None  # (B, h, h): lam_i + lam_j
 
 
-def gram_eps(X: torch.Tensor, eps_rel: float, eps_abs: float) -> torch.Tensor:
-    """Per-block relaxation ``eps_rel * tr(X^T X) / h + eps_abs``, shape ``(B,)``."""
-    h = X.shape[-1]
-    return eps_rel * X.pow(2).sum(dim=(-1, -2)) / h + eps_abs
-
-
 class SingularHeadError(ValueError):
     """A GL block's Gram matrix ``P = G^T G + eps_P I`` or ``Q = H^T H + eps_Q I`` is singular in
     float64 (e.g. a dead head: ``W_Q, b_Q`` or ``W_V, b_V, W_O`` all zero), so the metric's inverse
@@ -580,8 +574,3 @@ def gl_action(G, H, A):
     A = A.to(G.dtype)
     G2 = _t(torch.linalg.solve(_t(A), _t(G)))  # G A^{-1} = (A^{-T} G^T)^T
     return G2, H @ _t(A)
-
-
-def gl_pushforward(A, xG, xH):
-    """Tangent map of the action: ``(xG A^{-1}, xH A^T)`` (linear action, same as the action)."""
-    return gl_action(xG, xH, A)
