@@ -30,8 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rho", type=float, nargs="+", help=f"radii (default {RHOS})")
     parser.add_argument("--seed", type=int, default=0, help="data, solver and bootstrap seed")
     parser.add_argument("--noise", type=float, default=0.0, help="label noise sigma")
-    parser.add_argument("--no-progress", action="store_true")
-    parallel.add_arguments(parser)
+    parallel.add_run_arguments(parser, threads=False)
     args = parser.parse_args(argv)
     executor = parallel.executor_from_args(parser, args)
 

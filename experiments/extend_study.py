@@ -16,8 +16,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from quotientsharp.studies import parallel
 from quotientsharp.studies.extend import extend_study
 from quotientsharp.studies.report import tau_table, write_json_atomic
@@ -39,13 +37,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--max-unreproduced", type=float, default=0.1,
                         help="largest fraction of models allowed to differ from the summary (they get no new values)")
     parser.add_argument("--write", help="also write the merged summary here")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads")
-    parser.add_argument("--no-progress", action="store_true")
-    parallel.add_arguments(parser)
+    parallel.add_run_arguments(parser)
     args = parser.parse_args(argv)
-    executor = parallel.executor_from_args(parser, args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    executor = parallel.run_setup(parser, args)
     try:
         merged = extend_study(args.base, args.out, args.measures, args.check, progress=not args.no_progress,
                               executor=executor, rtol=args.rtol, max_unreproduced=args.max_unreproduced)

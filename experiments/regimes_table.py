@@ -4,7 +4,8 @@ fine-tuned from one checkpoint, per task, with the paper's values (issue 13).
     python experiments/regimes_table.py            # prints it and writes benchmarks/results/regimes_table.md
 
 Reads the committed summaries: ``benchmarks/results/{vit,text}_study_summary.json`` (from scratch)
-and ``benchmarks/results/finetune/{vit,text}/summary.json`` (fine-tuned).
+and ``benchmarks/results/finetune/{vit,text,text_random}/summary.json`` (fine-tuned; text twice:
+identical hyperparameters and seeds only, then random hyperparameters from the same checkpoint).
 """
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ from quotientsharp.studies.report import write_text_atomic
 from quotientsharp.studies.transformers import GAPS
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-SOURCES = {task: {"from scratch": RESULTS / f"{task}_study_summary.json",
-                  "fine-tuned": RESULTS / "finetune" / task / "summary.json"} for task in ("vit", "text")}
+SOURCES = {"vit": {"from scratch": RESULTS / "vit_study_summary.json",
+                   "fine-tuned": RESULTS / "finetune" / "vit" / "summary.json"},
+           "text": {"from scratch": RESULTS / "text_study_summary.json",
+                    "fine-tuned, seeds": RESULTS / "finetune" / "text" / "summary.json",
+                    "fine-tuned, random hparams": RESULTS / "finetune" / "text_random" / "summary.json"}}
 
 
 def load_summaries() -> dict:

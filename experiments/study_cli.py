@@ -13,8 +13,6 @@ import sys
 import time
 from collections.abc import Sequence
 
-import torch
-
 from quotientsharp.data import DatasetUnavailableError
 from quotientsharp.studies import parallel
 from quotientsharp.studies.report import tau_table
@@ -37,13 +35,9 @@ def main(task: str, argv: Sequence[str] | None = None, description: str = "") ->
     parser.add_argument("--measures", nargs="+", choices=list(MEASURES),
                         help=f"measurement units (default: all but {', '.join(OPT_IN_MEASURES)})")
     parser.add_argument("--seed", type=int, default=0, help="population, subset, solver and bootstrap seed")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads")
-    parser.add_argument("--no-progress", action="store_true")
-    parallel.add_arguments(parser)
+    parallel.add_run_arguments(parser)
     args = parser.parse_args(argv)
-    executor = parallel.executor_from_args(parser, args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    executor = parallel.run_setup(parser, args)
     overrides = {k: v for k, v in (("rho", args.rho), ("rho_average", args.rho_average),
                                    ("slq_probes", args.slq_probes), ("measures", args.measures)) if v is not None}
     config = study_config(task, quick=args.quick, n_models=args.n_models, dataset=args.dataset, seed=args.seed,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from study_cases import tiny_vit_config
 
 from quotientsharp.studies import extend
 from quotientsharp.studies import transformers as study
@@ -18,12 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(measures):
-    config = study.study_config("vit", quick=True, n_models=4, n_iter=3, n_samples=2, measures=measures)
-    config["arch"] = {"d_model": 16, "depth": 1, "n_heads": 2, "mlp_dim": 32}
-    config["models"] = study.population("vit", 4, seed=0, epochs=[1])
-    config["subset"] = {"n_batches": 2, "batch_size": 16, "seed": 0}
-    config["n_boot"] = 100
-    return config
+    return tiny_vit_config(4, measures=measures)
 
 
 @pytest.fixture(scope="module")

@@ -75,3 +75,21 @@ def test_cli_flags_and_missing_ray(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parallel.executor_from_args(parser, parser.parse_args(["--ray"]))
     assert "pip install ray" in capsys.readouterr().err
+
+
+def test_run_arguments_set_threads_and_progress():
+    import torch
+
+    parser = argparse.ArgumentParser()
+    parallel.add_run_arguments(parser)
+    args = parser.parse_args(["--threads", "3", "--no-progress"])
+    before = torch.get_num_threads()
+    try:
+        assert parallel.run_setup(parser, args) is sequential
+        assert torch.get_num_threads() == 3 and args.no_progress
+    finally:
+        torch.set_num_threads(before)
+    bare = argparse.ArgumentParser()
+    parallel.add_run_arguments(bare, threads=False)
+    assert not hasattr(bare.parse_args([]), "threads")
+    assert parallel.run_setup(bare, bare.parse_args([])) is sequential and torch.get_num_threads() == before

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from study_cases import TINY_ARCH, tiny_vit_config
 from torch.utils.data import TensorDataset
 
 from quotientsharp.data import ClassificationData, DatasetUnavailableError
@@ -16,16 +17,8 @@ from quotientsharp.train import evaluate
 
 pytest.importorskip("sklearn")
 
-TINY_ARCH = {"d_model": 16, "depth": 1, "n_heads": 2, "mlp_dim": 32}
-
-
 def tiny_config():
-    config = study.study_config("vit", quick=True, n_models=3, n_iter=3, n_samples=2, slq_m=4, slq_probes=2)
-    config["arch"] = TINY_ARCH
-    config["models"] = study.population("vit", 3, seed=0, epochs=[1])
-    config["subset"] = {"n_batches": 2, "batch_size": 16, "seed": 0}
-    config["n_boot"] = 100
-    return config
+    return tiny_vit_config(3, slq_m=4, slq_probes=2)
 
 
 @pytest.fixture(scope="module")

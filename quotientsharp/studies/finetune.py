@@ -564,18 +564,14 @@ def main(kind: str, argv: Sequence[str] | None = None, description: str = "") ->
     parser.add_argument("--slq-probes", type=int, help="SLQ probes for Tr H and Rényi (default 8)")
     parser.add_argument("--measures", nargs="+", choices=list(study.MEASURES), help="measurement units (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="population, subset, solver and bootstrap seed")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads")
-    parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--status", action="store_true", help="print what OUT has finished (JSON) and exit")
-    parallel.add_arguments(parser)
+    parallel.add_run_arguments(parser)
     args = parser.parse_args(argv)
     if args.status:
         report = progress_report(args.out)
         print(json.dumps(report, indent=1))
         return report
-    executor = parallel.executor_from_args(parser, args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    executor = parallel.run_setup(parser, args)
     overrides = {k: v for k, v in (("rho", args.rho), ("rho_average", args.rho_average),
                                    ("slq_probes", args.slq_probes), ("measures", args.measures)) if v is not None}
     config = finetune_config(kind, args.out, quick=args.quick, n_models=args.n_models, seed=args.seed,

@@ -75,6 +75,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ray-retries", type=int, default=3, help="retries of a task whose worker died (default 3)")
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, threads: bool = True) -> None:
+    """The options every study command shares: ``--threads`` (unless ``threads=False``),
+    ``--no-progress`` and the Ray options of :func:`add_arguments`."""
+    if threads:
+        parser.add_argument("--threads", type=int, help="torch.set_num_threads")
+    parser.add_argument("--no-progress", action="store_true")
+    add_arguments(parser)
+
+
+def run_setup(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Executor:
+    """Apply ``--threads`` (when given) and return the executor of :func:`executor_from_args`."""
+    executor = executor_from_args(parser, args)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return executor
+
+
 def executor_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Executor:
     """:func:`~quotientsharp.studies.runner.sequential`, or a :class:`RayExecutor` for ``--ray``."""
     if not (args.ray or args.ray_address):
