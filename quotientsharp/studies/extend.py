@@ -25,7 +25,7 @@ from typing import Any
 
 from .report import tau_table, write_json_atomic, write_models_csv, write_text_atomic
 from .runner import Executor, sequential
-from .transformer_measures import MEASURES
+from .transformer_measures import MEASURES, unit_writes
 from .transformer_run import run_study, summarize_rows
 
 __all__ = ["extension_config", "merge_summaries", "extend_study"]
@@ -145,15 +145,7 @@ def _reproduction(b: Mapping[str, Any], e: Mapping[str, Any], check: Sequence[st
 def _belongs(value_name: str, measures: Sequence[str]) -> bool:
     """Whether ``value_name`` (a row value) comes from one of the unit ``measures``: the unit's own
     name, or one of the values a multi-valued unit writes (``hessian_slq`` → ``hessian_trace``…)."""
-    return value_name in measures or any(_UNIT_VALUES.get(m, lambda v: False)(value_name) for m in measures)
-
-
-_UNIT_VALUES = {
-    "hessian_slq": lambda v: v == "hessian_trace" or v.startswith("renyi_"),
-    "quotient_renyi": lambda v: v.startswith("quotient_renyi_"),
-    "layer_renyi": lambda v: v.startswith("layer_renyi_"),
-}
-"""Value names of the units that write values under other names than their own."""
+    return any(unit_writes(m, value_name) for m in measures)
 
 
 def extend_study(base_path: str | Path, out: str | Path, measures: Sequence[str], check: Sequence[str] = ("adaptive",),

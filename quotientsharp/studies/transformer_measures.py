@@ -88,6 +88,21 @@ MEASURES: dict[str, Callable] = {
 Worst-case sharpness at ``plan["rho"]``, average-case at ``plan["rho_average"]``."""
 
 
+UNIT_VALUES: dict[str, tuple[str, ...]] = {
+    "hessian_slq": ("hessian_trace", "renyi_"),
+    "quotient_renyi": ("quotient_renyi_",),
+    "layer_renyi": ("layer_renyi_",),
+}
+"""Row values a unit writes under names other than its own: exact names, or prefixes (ending in
+``_``) followed by α (and ``@<layer>``). Every other unit writes one value under its own name."""
+
+
+def unit_writes(unit: str, value_name: str) -> bool:
+    """Whether the unit ``unit`` writes the row value ``value_name`` (:data:`UNIT_VALUES`)."""
+    return value_name == unit or any(value_name == n or (n.endswith("_") and value_name.startswith(n))
+                                     for n in UNIT_VALUES.get(unit, ()))
+
+
 MEASURE_SETTINGS: dict[str, tuple[str, ...]] = {"layer_renyi": ("layer_slq_m", "layer_slq_probes", "layer_batches")}
 """Plan entries that configure one measure only: they belong to that measure's unit key and to no
 other (adding them to a plan leaves every other measure's stored units valid)."""
