@@ -260,3 +260,40 @@ def test_mesa_teacher_logits_take_tensor_tuple_and_dict_inputs_and_join_autograd
     loss = opt.loss(linear(x) * 2, torch.tensor([0, 1, 0, 1]), x)  # KL ≠ 0: its graph backpropagates
     loss.backward()
     assert linear.weight.grad is not None and torch.isfinite(linear.weight.grad).all()
+
+
+def _kl_rows_by_hand(z, z_teacher, tau):
+    p = torch.softmax(z_teacher / tau, -1)
+    return (p * (torch.log_softmax(z_teacher / tau, -1) - torch.log_softmax(z / tau, -1))).sum(-1)
+
+
+@pytest.mark.parametrize("options, lam, factor, smoothing", [
+    ({}, 0.8, 25.0, 0.0),                                              # the paper's defaults: λ = 0.8, τ = 5, τ² on
+    ({"tau_squared": False, "tau": 3.0, "lam": 0.5}, 0.5, 1.0, 0.0),   # the KL unscaled
+    ({"label_smoothing": 0.2, "tau": 2.0}, 0.8, 4.0, 0.2),             # smoothing reaches the CE term
+])
+def test_mesa_loss_is_the_formula(options, lam, factor, smoothing):
+    """loss = CE_smoothed(z, y) + λ · (τ² or 1) · mean KL(softmax(z_T/τ) ‖ softmax(z/τ))."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4)
+    opt = MESA(model.parameters(), torch.optim.SGD, model=model, decay=0.5, start_epoch=0, lr=0.1, **options)
+    with torch.no_grad():  # move the student away from the teacher so that the KL is not 0
+        model.weight.add_(torch.randn_like(model.weight))
+    x, y = torch.randn(6, 3), torch.randint(0, 4, (6,))
+    opt.set_epoch(1)
+    z = model(x)
+    tau = options.get("tau", 5.0)
+    kl = _kl_rows_by_hand(z, opt.teacher(x), tau).mean()
+    assert kl > 1e-3
+    expected = F.cross_entropy(z, y, label_smoothing=smoothing) + lam * factor * kl
+    torch.testing.assert_close(opt.loss(z, y, x), expected, rtol=1e-6, atol=1e-7)
+    opt.set_epoch(0)  # inactive (epoch ≤ start_epoch): the smoothed CE alone
+    torch.testing.assert_close(opt.loss(z, y, x), F.cross_entropy(z, y, label_smoothing=smoothing))
+
+
+def test_mesa_loss_before_set_epoch_names_the_call():
+    model = nn.Linear(3, 4)
+    opt = MESA(model.parameters(), torch.optim.SGD, model=model, lr=0.1)
+    assert opt.epoch is None and not opt.active
+    with pytest.raises(RuntimeError, match="set_epoch"):
+        opt.loss(torch.randn(2, 4), torch.tensor([0, 1]), torch.randn(2, 3))

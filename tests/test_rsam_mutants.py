@@ -52,3 +52,23 @@ def test_documented_defaults():
     for epoch in range(7):
         opt.set_epoch(epoch)
         assert opt.perturbing == (epoch >= 6), epoch
+
+
+def test_mixed_dtypes_each_tensor_gets_the_factor_at_its_own_precision():
+    """A float32 tensor first and a float64 one after it: the float64 part of ε is the formula to
+    float64 precision (not the factor rounded to float32 by the first tensor's dtype)."""
+    g = torch.Generator().manual_seed(3)
+    params = [torch.zeros(4, requires_grad=True), torch.zeros(3, dtype=torch.float64, requires_grad=True)]
+    grads = [torch.randn(4, generator=g), torch.randn(3, generator=g, dtype=torch.float64)]
+    eps = RSAM(params, torch.optim.SGD, rho=0.3, alpha=1.2, lr=0.1).perturbation(grads, params)
+    ref = reference_epsilon(grads, 0.3, 1.2)
+    assert [e.dtype for e in eps] == [torch.float32, torch.float64]
+    torch.testing.assert_close(eps[0], ref[0].float(), rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(eps[1], ref[1], rtol=1e-6, atol=0.0)  # c itself sums float32 powers
+    ratio = eps[1] / grads[1]  # −c for every entry, kept in float64
+    torch.testing.assert_close(ratio, ratio[:1].expand(3), rtol=1e-15, atol=0.0)
+    c = float(ratio[0])
+    assert abs(c - float(torch.tensor(c).float())) > 1e-10 * abs(c), "c was rounded to float32"
+    # and a list that mixes them the other way round reduces in float64 too
+    eps_rev = RSAM(params[::-1], torch.optim.SGD, rho=0.3, alpha=1.2, lr=0.1).perturbation(grads[::-1], params[::-1])
+    torch.testing.assert_close(eps_rev[0], eps[1], rtol=1e-15, atol=0.0)

@@ -46,4 +46,4 @@ class RSAM(SharpnessAwareOptimizer):
         sum_pow = global_sum(torch._foreach_pow(abs_grads, 2 * self.alpha)).double() + 1e-16
         sign = 1.0 if self.alpha < 1 else -1.0
         c = sign * self.rho * sum_pow / sum_sq ** (self.alpha + 1)
-        return torch._foreach_mul(grads, (-c).to(grads[0].dtype))
+        return torch._foreach_mul(grads, -c)  # the float64 factor, cast to each tensor's own dtype

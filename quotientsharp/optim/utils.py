@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -78,19 +79,23 @@ def check_distillation(owner: str, lam: Any, tau: Any, start_epoch: Any, end_epo
     return lam, tau, label_smoothing
 
 
+def _reduction_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """The widest floating dtype of ``tensors``, at least float32 (mixed float32/float64 lists reduce in float64)."""
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
+
+
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """‖(t₁, …, t_n)‖₂ over all entries: per-tensor norms (float32 or wider) stacked, then normed."""
+    """‖(t₁, …, t_n)‖₂ over all entries: per-tensor norms (in the widest dtype, float32 or wider)
+    stacked, then normed."""
     if not tensors:
         raise ValueError("global_norm of an empty list of tensors")
-    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
-    norms = torch._foreach_norm(list(tensors), 2, dtype=dtype)
+    norms = torch._foreach_norm(list(tensors), 2, dtype=_reduction_dtype(tensors))
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def global_sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Σ of all entries of non-negative tensors (a foreach L1 norm)."""
-    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
-    return torch.stack(torch._foreach_norm(list(tensors), 1, dtype=dtype)).sum()
+    """Σ of all entries of non-negative tensors (a foreach L1 norm, in the widest dtype)."""
+    return torch.stack(torch._foreach_norm(list(tensors), 1, dtype=_reduction_dtype(tensors))).sum()
 
 
 def params_with_grads(param_groups: Iterable[dict]) -> tuple[Tensors, Tensors]:
