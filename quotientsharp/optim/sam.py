@@ -274,7 +274,7 @@ class SharpnessAwareOptimizer(WrappedOptimizer):
                 warnings.warn(
                     f"{type(self).__name__}.step(closure) runs both backward passes itself; "
                     "gradients present at entry are discarded",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
                 self._warned_entry_grads = True
             self.zero_grad()
