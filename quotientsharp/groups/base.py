@@ -161,7 +161,9 @@ class SymmetryGroup(abc.ABC):
         return self.norm_sq(w, xi).clamp_min(0).sqrt()
 
     def metric_matrix(self, w: Params) -> torch.Tensor:
-        """Dense metric ``M`` (D x D) over the flattened tangent space, by double backward."""
+        """Dense metric ``M`` (D x D) over the flattened tangent space, by double backward;
+        differentiable with respect to ``w`` when a tensor of ``w`` requires grad (the generic
+        :meth:`christoffel`'s pullback in the RK4 adjoint needs ``dM/dw``)."""
         wr = self.restrict(w)
         D = sum(t.numel() for t in wr.values())
         x0 = torch.zeros(D, dtype=next(iter(wr.values())).dtype, device=next(iter(wr.values())).device)
@@ -170,7 +172,8 @@ class SymmetryGroup(abc.ABC):
             xi = T.unflatten(x, wr)
             return 0.5 * self.inner(wr, xi, xi)
 
-        return torch.autograd.functional.hessian(q, x0, vectorize=True)
+        track = torch.is_grad_enabled() and any(t.requires_grad for t in wr.values())
+        return torch.autograd.functional.hessian(q, x0, vectorize=True, create_graph=track)
 
     # ------------------------------------------------------------------ vertical space
     def algebra_basis(self, w: Params) -> list:
