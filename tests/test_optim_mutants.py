@@ -350,3 +350,263 @@ def test_riemannian_sgd_with_default_arguments_is_equivariant():
         assert float((outs[0] - vit()(x_test)).abs().max()) > 1e-4  # training moved the function
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-8)
     assert math.isfinite(float(outs[0].sum()))
+
+
+# ----- SharpnessAwareOptimizer: counters, epoch, gradients after a step, the accumulation guard -------
+
+def test_stats_count_every_perturbed_and_skipped_step():
+    """``stats`` starts at zero and counts each perturbed step and each skip (zero or non-finite g)."""
+    model = Named()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.0)
+    assert opt.stats == {"perturbed": 0, "skipped_zero_grad": 0, "skipped_nonfinite_grad": 0}
+    assert opt.epoch == 0
+    kinds = ["zero", "nan", "zero", "normal", "nan", "normal", "normal"]
+    for kind in kinds:
+        for p in model.parameters():
+            p.grad = {"zero": torch.zeros_like(p), "nan": torch.full_like(p, math.nan),
+                      "normal": torch.ones_like(p)}[kind]
+        opt.first_step()
+        opt.restore()
+    assert opt.stats == {"perturbed": 3, "skipped_zero_grad": 2, "skipped_nonfinite_grad": 2}
+
+
+def test_gradients_are_none_after_a_closure_step():
+    """step() leaves ``.grad`` unset (set_to_none), like ``zero_grad()`` of torch.optim."""
+    model = Named()
+    micro = coefficients(1)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.3)
+    opt.step(lambda: model.loss(*micro[0]).backward())
+    assert all(p.grad is None for p in model.parameters())
+    model.loss(*micro[0]).backward()
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_accumulation_error_is_raised_once_per_offence():
+    """Two backward passes before first_step() raise; the offence is then consumed: a caller that
+    catches it and goes on is not stopped again (the next first_step proceeds from the summed g)."""
+    model = Named()
+    micro = coefficients(1)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.3)
+    model.loss(*micro[0]).backward()
+    model.loss(*micro[0]).backward()
+    with pytest.raises(RuntimeError, match="accumulate=k"):
+        opt.first_step(zero_grad=False)
+    theta = [p.detach().clone() for p in model.parameters()]
+    g = [2 * gi for gi in quadratic_grad(theta, *micro[0])]  # two backward passes: twice the gradient
+    opt.first_step()
+    torch.testing.assert_close(flat(list(model.parameters())).detach(),
+                               flat([t + 0.2 * gi / flat(g).norm() for t, gi in zip(theta, g)]), rtol=1e-12, atol=1e-14)
+
+
+# ----- distributed: the perturbation scope and its warning (ranks simulated in one process) -------
+
+def fake_two_ranks(monkeypatch, other):
+    """A process group of two ranks in which the other rank's flattened tensors are ``other``:
+    torch.distributed.all_reduce sums in place, get_world_size is 2."""
+    import quotientsharp.optim.sam as sam_module
+    monkeypatch.setattr(sam_module, "is_distributed", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: t.add_(flat(other)))
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+
+
+def test_global_perturbation_uses_the_rank_averaged_gradient(monkeypatch):
+    """perturbation="global": ε = ρ·ḡ/‖ḡ‖ with ḡ the gradient averaged over ranks; "local" uses this
+    rank's g (and warns that without the DDP wrapper it cannot run the first pass under no_sync)."""
+    micro = coefficients(1)
+    other = [torch.randn_like(t) for t in Named().parameters()]
+    fake_two_ranks(monkeypatch, other)
+    for scope in ("global", "local"):
+        model = Named()
+        theta = [p.detach().clone() for p in model.parameters()]
+        g = quadratic_grad(theta, *micro[0])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = SAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.3, model=model, perturbation=scope)
+        assert [("not honoured" in str(w.message)) for w in caught] == ([True] if scope == "local" else [])
+        model.loss(*micro[0]).backward()
+        opt.first_step()
+        d = [(gi + oi) / 2 for gi, oi in zip(g, other)] if scope == "global" else g
+        torch.testing.assert_close(flat(list(model.parameters())).detach(),
+                                   flat([t + 0.2 * di / flat(d).norm() for t, di in zip(theta, d)]),
+                                   rtol=1e-12, atol=1e-14)
+
+
+def test_no_distributed_warning_outside_a_distributed_run():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for scope in ("local", "global"):
+            model = Named()
+            SAM(model.parameters(), torch.optim.SGD, lr=0.1, model=model, perturbation=scope)
+
+
+@pytest.mark.parametrize("initialized, world, expected", [(False, 2, False), (True, 1, False), (True, 2, True),
+                                                          (True, 3, True)])
+def test_is_distributed_means_an_initialised_group_of_several_ranks(monkeypatch, initialized, world, expected):
+    from quotientsharp.optim.utils import is_distributed
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: initialized)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: world)
+    assert is_distributed() is expected
+
+
+# ----- hyperparameter validation details (optim/utils.py) ----------------------------------------
+
+def test_single_param_group_errors_carry_no_group_number():
+    model = Named()
+    with pytest.raises(ValueError, match=r"^SAM: lr must be a finite number >= 0, got -1\.0$"):
+        SAM([{"params": list(model.parameters()), "lr": -1.0}], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match=r"^RiemannianSGD: lr must be a finite number >= 0, got -1\.0$"):
+        RiemannianSGD([{"params": list(model.parameters()), "lr": -1.0}], lr=0.1, model=model)
+
+
+def test_tuples_other_than_betas_and_flags_are_not_range_checked():
+    """Rprop's etas = (0.5, 1.2) and step_sizes are not betas (no [0, 1) check); a boolean (a flag,
+    or False for 0) is passed to the base optimizer unchecked."""
+    model = Named()
+    opt = SAM(model.parameters(), torch.optim.Rprop, lr=0.01, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0))
+    assert opt.param_groups[0]["etas"] == (0.5, 1.2)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, weight_decay=False, nesterov=False)
+    assert opt.param_groups[0]["weight_decay"] is False
+
+
+def test_other_real_hyperparameters_must_not_be_nan():
+    """ASGD's lambd and t0 are in no range table: any finite value passes (also from the base
+    optimizer's own defaults), NaN is refused, naming the optimizer."""
+    model = Named()
+    assert SAM(model.parameters(), torch.optim.ASGD, lr=0.1).param_groups[0]["lambd"] == 1e-4
+    with pytest.raises(ValueError, match=r"^SAM: lambd must not be NaN$"):
+        SAM(model.parameters(), torch.optim.ASGD, lr=0.1, lambd=math.nan)
+
+
+def test_a_bad_default_of_the_base_optimizer_is_caught_after_it_fills_the_groups():
+    class NanDefaultLR(torch.optim.SGD):
+        def __init__(self, params, lr=math.nan):
+            super().__init__(params, lr=lr)
+
+    with pytest.raises(ValueError, match=r"^SAM: lr must be a finite number >= 0, got nan$"):
+        SAM(Named().parameters(), NanDefaultLR)
+
+
+# ----- GeodesicSAM: defaults, geometry arguments, BatchNorm, debug threshold, tiny gradients -------
+
+def geodesic_reference(model, quotient, rho):
+    """v = ρ·ξ/(‖ξ‖_θ + 1e-12), ξ = Π_θ(g_θ⁻¹g) of ``quotient`` (training.md §9), for the gradient in .grad."""
+    w = {n: p.detach().clone() for n, p in model.named_parameters()}
+    xi = quotient.riemannian_gradient(w, {n: p.grad.clone() for n, p in model.named_parameters()})
+    scale = rho / (float(quotient.norm(w, xi)) + 1e-12)
+    return w, {n: scale * t for n, t in xi.items()}
+
+
+def test_geodesic_sam_defaults():
+    """ρ = 0.5, the mix metric with the adaptive rest and eps_rel = 0; the debug check is off (a
+    quotient reporting vertical leakage does not stop the step)."""
+    from quotientsharp.optim import GeodesicSAM
+    x, y = batch((1, 4, 4))
+    model = vit()
+    quotient = default_quotient(copy.deepcopy(model), "mix", "adaptive", 0.0)
+    F.cross_entropy(model(x), y).backward()
+    w, v = geodesic_reference(model, quotient, 0.5)
+    opt = GeodesicSAM(model.parameters(), torch.optim.SGD, model=model, lr=0.1)
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    eps = opt.perturbation([p.grad for p in params], params)
+    for n, e in zip(names, eps):
+        torch.testing.assert_close(e, v[n], rtol=1e-10, atol=1e-13)
+    assert float(quotient.norm(w, dict(zip(names, eps)))) == pytest.approx(0.5, rel=1e-10)
+    opt.quotient.is_horizontal = lambda *args: torch.tensor(1.0)  # would fail a debug check
+    opt.first_step()
+    assert opt.stats["perturbed"] == 1
+
+
+@pytest.mark.parametrize("metric, rest, eps_rel, geodesic", [("inv", "adaptive", 0.0, "retraction"),
+                                                             ("mix", "euclidean", 0.3, "retraction"),
+                                                             ("inv", "euclidean", 0.0, "exact")])
+def test_geodesic_sam_uses_the_requested_geometry(metric, rest, eps_rel, geodesic):
+    """The perturbation is ρ·ξ/‖ξ‖ of ``default_quotient(model, metric, rest, eps_rel)`` and
+    first_step() moves to γ_v(1) at the requested order: θ + v for the retraction."""
+    from quotientsharp.optim import GeodesicSAM
+    x, y = batch((1, 4, 4))
+    model = vit()
+    quotient = default_quotient(copy.deepcopy(model), metric, rest, eps_rel)
+    F.cross_entropy(model(x), y).backward()
+    w, v = geodesic_reference(model, quotient, 0.3)
+    opt = GeodesicSAM(model.parameters(), torch.optim.SGD, rho=0.3, model=model, metric=metric, rest=rest,
+                      eps_rel=eps_rel, geodesic=geodesic, lr=0.1)
+    opt.first_step()
+    end = ({n: w[n] + v[n] for n in w} if geodesic == "retraction"
+           else quotient.geodesic(w, v, order=geodesic, rest_order=1))
+    second = quotient.geodesic(w, v, order=2, rest_order=1)
+    assert max(float((end[n] - second[n]).abs().max()) for n in w) > 1e-6  # the order matters here
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), end[n], rtol=1e-9, atol=1e-12)
+
+
+def test_geodesic_sam_rest_metric_conflict_names_it():
+    from quotientsharp.optim import GeodesicSAM
+    model = mlp()
+    with pytest.raises(TypeError, match=r"^GeodesicSAM: rest_metric is the old name"):
+        GeodesicSAM(model.parameters(), torch.optim.SGD, model=model, rest="euclidean", rest_metric="adaptive",
+                    lr=0.1)
+
+
+def test_geodesic_sam_second_pass_leaves_batchnorm_buffers_alone():
+    """model= reaches the shared step: only the first pass updates BatchNorm's running statistics."""
+    from quotientsharp.optim import GeodesicSAM
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    reference = copy.deepcopy(model)
+    x, y = batch((4,))
+    opt = GeodesicSAM(model.parameters(), torch.optim.SGD, rho=0.1, model=model, lr=0.1)
+    opt.step(lambda: F.cross_entropy(model(x), y).backward())
+    reference(x)  # one training-mode forward at θ: what the first pass does to the buffers
+    bn, ref_bn = model[1], reference[1]
+    assert int(bn.num_batches_tracked) == 1
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var, rtol=0, atol=0)
+
+
+def test_geodesic_sam_debug_threshold_is_1e_minus_6():
+    """debug=True refuses a ξ whose vertical leakage exceeds 1e-6 and accepts 1e-6 itself (docstring)."""
+    from quotientsharp.optim import GeodesicSAM
+    x, y = batch((1, 4, 4))
+    model = vit()
+    F.cross_entropy(model(x), y).backward()
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    opt = GeodesicSAM(params, torch.optim.SGD, rho=0.1, model=model, debug=True, lr=0.1)
+    opt.quotient.is_horizontal = lambda *args: torch.tensor(1e-6)
+    opt.perturbation(grads, params)
+    opt.quotient.is_horizontal = lambda *args: torch.tensor(1.5e-6)
+    with pytest.raises(AssertionError, match="not horizontal"):
+        opt.perturbation(grads, params)
+
+
+def test_geodesic_sam_tiny_gradient_keeps_the_1e_minus_12_guard():
+    """‖v‖_θ = ρ·‖ξ‖_θ/(‖ξ‖_θ + 1e-12): at ‖ξ‖ ~ 1e-13 the guard dominates (and v keeps ξ's direction)."""
+    from quotientsharp.optim import GeodesicSAM
+    x, y = batch((5,))
+    model = mlp()
+    F.cross_entropy(model(x), y).backward()
+    params = list(model.parameters())
+    opt = GeodesicSAM(params, torch.optim.SGD, rho=0.4, model=model, rest="euclidean", lr=0.1)
+    grads = [p.grad * (1e-13 / float(flat([p.grad for p in params]).norm())) for p in params]
+    eps = opt.perturbation(grads, params)
+    torch.testing.assert_close(flat(eps), 0.4 * flat(grads) / (1e-13 + 1e-12), rtol=1e-9, atol=0.0)
+
+
+def test_quotient_parameters_default_order_is_second_order_and_the_rest_moves_linearly():
+    from quotientsharp.optim.geodesic_sam import QuotientParameters
+    model = vit()
+    quotient = default_quotient(model, "mix", "adaptive", 0.0)
+    view = QuotientParameters(model, quotient)
+    w = view.point()
+    g = torch.Generator().manual_seed(4)
+    v = {n: 0.05 * torch.randn(t.shape, generator=g) for n, t in w.items()}
+    end, second = view.endpoint(w, v), quotient.geodesic(w, v, order=2, rest_order=1)
+    for n in w:
+        torch.testing.assert_close(end[n], second[n], rtol=1e-12, atol=1e-14)
+    # the rest (adaptive metric, order 1) moves to θ + v exactly (training.md §9 step 3)
+    rest = [n for n in w if not any(n in grp.names for grp in quotient.groups)]
+    assert "head.weight" in rest
+    for n in rest:
+        torch.testing.assert_close(end[n], w[n] + v[n], rtol=0, atol=1e-15)
