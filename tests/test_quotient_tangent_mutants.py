@@ -160,7 +160,7 @@ def test_construction_errors_name_the_problem():
         _quotient(rest="flat")
     with pytest.raises(ValueError, match=r"acts on 'u', which is not among"):
         Quotient([DiagonalRescaling("u", "v")], ["a", "v"])
-    with pytest.raises(ValueError, match=r"parameter 'v' is claimed by both"):
+    with pytest.raises(ValueError, match=r"parameter 'v' is claimed by both DiagonalRescaling\('u', 'v'"):
         Quotient([DiagonalRescaling("u", "v"), DiagonalRescaling("c", "v")], NAMES)
     with pytest.raises(ValueError, match=r"^order must be one of"):
         _quotient(order=3)
