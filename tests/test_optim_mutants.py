@@ -610,3 +610,24 @@ def test_quotient_parameters_default_order_is_second_order_and_the_rest_moves_li
     assert "head.weight" in rest
     for n in rest:
         torch.testing.assert_close(end[n], w[n] + v[n], rtol=0, atol=1e-15)
+    # ... even for a quotient whose own rest order is 2 (GeodesicSAM: "the rest always moves to θ + v")
+    view2 = QuotientParameters(model, quotient.replace(rest_order=2))
+    end2, curved = view2.endpoint(w, v), quotient.geodesic(w, v, order=2, rest_order=2)
+    assert float((curved["head.weight"] - end2["head.weight"]).abs().max()) > 1e-8
+    for n in rest:
+        torch.testing.assert_close(end2[n], w[n] + v[n], rtol=0, atol=1e-15)
+
+
+def test_distributed_warning_names_the_line_that_built_the_optimizer(monkeypatch):
+    """SAM/ASAM/RSAM/GeodesicSAM call the shared __init__ directly: the warning that perturbation
+    "local" is not honoured points at the caller's line (under mutmut: its trampoline or ./mutants)."""
+    import quotientsharp.optim.sam as sam_module
+    monkeypatch.setattr(sam_module, "is_distributed", lambda: True)
+    model = Named()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SAM(model.parameters(), torch.optim.SGD, lr=0.1, model=model); line = __import__("inspect").currentframe().f_lineno  # noqa: E702
+    ours = [w for w in caught if "not honoured" in str(w.message)]
+    assert len(ours) == 1
+    where = (ours[0].filename, ours[0].lineno)
+    assert where == (__file__, line) or {"mutmut", "mutants"} & set(Path(where[0]).parts), where

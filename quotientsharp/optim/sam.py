@@ -127,7 +127,7 @@ class SharpnessAwareOptimizer(WrappedOptimizer):
             warnings.warn(
                 "distributed run but model= is not the DistributedDataParallel wrapper: the first "
                 "pass cannot run under no_sync, so perturbation='local' is not honoured",
-                stacklevel=2,
+                stacklevel=3,
             )
 
     # ----- the two hooks a subclass overrides -------------------------------------------------
