@@ -22,9 +22,9 @@ import math
 
 import pytest
 import torch
+from geometry_cases import LayerRescaling, PooledAttention
 from torch import nn
 
-from geometry_cases import LayerRescaling, PooledAttention
 from quotientsharp import DiagonalRescaling, Euclidean, PositiveRescaling, Quotient
 from quotientsharp import tangent as T
 from quotientsharp.adapters import find_symmetries
