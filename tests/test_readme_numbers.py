@@ -327,6 +327,20 @@ def test_confounder_files_match_the_summaries(task):
     assert committed == {"source": f"benchmarks/results/{task}_study_summary.json", **recomputed}
 
 
+@pytest.mark.parametrize("name", ["vit", "text_random"])
+def test_finetune_confounder_files_match_the_summaries(name):
+    """finetune/<name>/confounders.json is what the script computes from the committed summary:
+    every drawn hyperparameter and the training accuracy, whole-network measures, no optimizer ranks."""
+    module = _confounders_module()
+    source = f"finetune/{name}/summary.json"
+    recomputed = module.confounders(load(source)["models"], hyperparameters=module.FINETUNE_HYPERPARAMETERS[name],
+                                    per_layer=False)
+    committed = load(f"finetune/{name}/confounders.json")
+    assert committed == {"source": f"benchmarks/results/{source}", **recomputed}
+    assert "median_rank_by_optimizer" not in committed and not any("@" in m for m in committed["tau_vs_hyperparameter"]["lr"])
+    assert "train_acc" in committed["gap_tau_vs_hyperparameter"]
+
+
 def test_confounders_match_independent_pair_count():
     """τ-a of Euclidean sharpness against lr counted pair by pair from the rows (no library code)."""
     rows = load("text_study_summary.json")["models"]
@@ -748,10 +762,121 @@ def test_finetune_reading_claims():
         check(t, v, "per-layer Rényi selection")
     assert "α = 0.5 on `blocks.0.mlp.fc1`" in FLAT and sel_v["choice"] == {
         "layer": "blocks.0.mlp.fc1.weight", "alpha": "0.5", "name": "layer_renyi_0.5@blocks.0.mlp.fc1.weight"}
-    lo, hi = claim(r"null in both fine-tune populations \(" + N + " to " + N + r"\)")
+    lo, hi = claim(r"null in the ViT and seed-only text fine-tunes \(" + N + " to " + N + r"\)")
     renyi = [s["kendall_tau"][g][m] for s in (vit, text) for g in ("error_gap", "loss_gap") for m in ("renyi_0.5", "renyi_1.5")]
     check(lo, min(renyi), "smallest fine-tune Rényi τ")
     check(hi, max(renyi), "largest fine-tune Rényi τ")
+
+
+def test_random_text_finetune_claims():
+    """The random-hyperparameter text population: its ranges, τ, paired Δτ, confounders and cost."""
+    s, c = load("finetune/text_random/summary.json"), load("finetune/text_random/confounders.json")
+    assert s["config"]["hparams"] == "random" and s["n_models"] == 48
+    assert int(claim(r"random hyperparameters: all \*\*" + N + r"\*\*")[0]) == s["n_models"]
+    learned = [r for r in s["models"] if r["id"] not in s["learned"]["excluded"]]
+    stuck = [r for r in s["models"] if r["id"] in s["learned"]["excluded"]]
+    a_lo, a_hi, n_l, n_s, lr_lo, lr_hi, ep_lo, ep_hi, e_lo, e_hi, l_lo, l_hi = claim(
+        r"Dev accuracy " + N + "–" + N + r"% for the " + N + r" that learned; " + N + r" \(lr " + N + " to " + N + ", "
+        + N + "–" + N + r" epochs\) stayed at the majority rate and are reported apart\. Error gaps " + N + " to " + N
+        + r" points, loss gaps " + N + "–" + N)
+    check(a_lo, 100 * min(r["test_acc"] for r in learned), "lowest dev accuracy that learned")
+    check(a_hi, 100 * max(r["test_acc"] for r in learned), "highest dev accuracy")
+    assert (int(n_l), int(n_s)) == (len(learned), len(stuck)) == (s["learned"]["n_models"], 3)
+    check(lr_lo, min(r["lr"] for r in stuck), "smallest lr of the stuck")
+    check(lr_hi, max(r["lr"] for r in stuck), "largest lr of the stuck")
+    assert (int(ep_lo), int(ep_hi)) == (min(r["epochs"] for r in stuck), max(r["epochs"] for r in stuck))
+    for t, v in zip((e_lo, e_hi), s["population"]["error_gap"], strict=True):
+        check(t, 100 * v, "random text error gaps")
+    for t, v in zip((l_lo, l_hi), s["population"]["loss_gap"], strict=True):
+        check(t, v, "random text loss gaps")
+
+    def tau(m, gap="error_gap"):
+        return [s["kendall_tau"][gap][m], *s["ci95"][gap][m]]
+
+    def diff(pair):
+        return s["tau_difference"]["error_gap"][pair]
+
+    got = claim(r"mixed metric ranks the error gaps at " + N + r" \[" + N + ", " + N + r"\] \(paper " + N
+                + r"\) and adaptive sharpness at " + N + r" \[" + N + ", " + N + r"\] \(paper " + N + r"\); the paired "
+                r"difference geodesic mix − adaptive is " + N + r" \[" + N + ", " + N + r"\], relative mixed ball "
+                + N + r" \[" + N + ", " + N + r"\]; the inverse metric does not beat adaptive \(" + N + r" \[" + N + ", "
+                + N + r"\]\)\. Against the loss gap the mixed metric gives " + N + r" \[" + N + ", " + N + r"\]\. "
+                r"Leaving out the 3 that never learned changes little \(mixed " + N + ", adaptive " + N + r"\)")
+    expected = [*tau("geodesic_mix"), s["paper"]["MNLI BERT"]["geodesic_mix"], *tau("adaptive"),
+                s["paper"]["MNLI BERT"]["adaptive"], *diff("geodesic_mix - adaptive"),
+                *diff("geodesic_mix_rel - adaptive"), *diff("geodesic_inv - adaptive"),
+                *tau("geodesic_mix", "loss_gap"), s["learned"]["kendall_tau"]["error_gap"]["geodesic_mix"],
+                s["learned"]["kendall_tau"]["error_gap"]["adaptive"]]
+    for t, v in zip(got, expected, strict=True):
+        check(t, v, "random text τ")
+    assert diff("geodesic_mix - adaptive")[1] > 0 and diff("geodesic_inv - adaptive")[1] < 0
+
+    def gap_vs(hp, source=c):
+        e = source["gap_tau_vs_hyperparameter"][hp]["error_gap"]
+        return [e["tau_a"], *e["ci95"]]
+
+    def vs(hp, m, source=c):
+        return source["tau_vs_hyperparameter"][hp][m]["tau_a"]
+
+    vit = load("finetune/vit/confounders.json")
+    got = claim(r"Training accuracy alone ranks the error gaps at " + N + r" \[" + N + ", " + N + r"\] and the "
+                r"learning rate at " + N + r" \[" + N + ", " + N + r"\]")
+    for t, v in zip(got, [*gap_vs("train_acc"), *gap_vs("lr")], strict=True):
+        check(t, v, "random text confounders")
+    got = claim(r"the relative mixed ball, average case, " + N + r" against the error gap, follows training accuracy at "
+                + N + r"; Euclidean sharpness " + N + r" and λ_max " + N + " rank the gaps too")
+    expected = [s["kendall_tau"]["error_gap"]["geodesic_mix_rel_avg"], vs("train_acc", "geodesic_mix_rel_avg"),
+                s["kendall_tau"]["error_gap"]["euclidean"], s["kendall_tau"]["error_gap"]["hessian_max_eigenvalue"]]
+    for t, v in zip(got, expected, strict=True):
+        check(t, v, "random text: the fit")
+    best = max(s["kendall_tau"]["error_gap"][m] for m in c["tau_vs_hyperparameter"]["lr"])
+    assert best == s["kendall_tau"]["error_gap"]["geodesic_mix_rel_avg"] < gap_vs("train_acc")[0]
+    fit, lo, hi, inv, ada, gap_lr = claim(
+        r"the fit ranks the gaps at only " + N + r", every first-order measure, λ_max and Tr H fall with the learning "
+        r"rate \(τ " + N + " to " + N + r"; geodesic inv " + N + ", adaptive " + N + r"\) while the gap rises with it \("
+        + N + r"\)")
+    first_order = [m for m in vit["tau_vs_hyperparameter"]["lr"]
+                   if m.startswith(("geodesic", "adaptive", "euclidean", "hessian"))]
+    lr_taus = [vs("lr", m, vit) for m in first_order]
+    assert len(first_order) == 11 and max(lr_taus) < 0
+    for t, v in zip((fit, hi, lo, inv, ada, gap_lr), (gap_vs("train_acc", vit)[0], min(lr_taus), max(lr_taus),
+                                                      vs("lr", "geodesic_inv", vit), vs("lr", "adaptive", vit),
+                                                      gap_vs("lr", vit)[0]), strict=True):
+        check(t, v, "vit fine-tune confounders")
+    sel = s["layer_renyi_selection"]["error_gap"]
+    got = claim(r"\(random hyperparameters: " + N + " → " + N + r" \[" + N + ", " + N + r"\]\)")
+    for t, v in zip(got, [sel["tau_selection"], sel["tau_evaluation"], *sel["ci95_evaluation"]], strict=True):
+        check(t, v, "random text per-layer Rényi selection")
+    got = claim(r"in the random-hyperparameter text fine-tunes it is negative \(α = 0\.5: " + N + r" \[" + N + ", " + N
+                + r"\]\)")
+    for t, v in zip(got, tau("renyi_0.5"), strict=True):
+        check(t, v, "random text Rényi")
+
+
+def _median_seconds(name: str) -> tuple[float, float]:
+    """Per-model medians of the fine-tune's training seconds and of its measuring seconds (the sum
+    over its committed measure units), over the models of the summary."""
+    s = load(f"finetune/{name}/summary.json")
+    measure = {}
+    for r in s["models"]:
+        for unit in (RESULTS / "finetune" / name / "measures" / r["id"]).glob("*.json"):
+            t = json.loads(unit.read_text())["result"]["seconds"]
+            measure[r["id"]] = measure.get(r["id"], 0.0) + (sum(t.values()) if isinstance(t, dict) else t)
+    assert len(measure) == s["n_models"]
+    return statistics.median(r["train_seconds"] for r in s["models"]), statistics.median(measure.values())
+
+
+def test_finetune_cost_paragraph():
+    (vit_ft, vit_m), (text_ft, text_m), (rand_ft, rand_m) = (_median_seconds(n) for n in ("vit", "text", "text_random"))
+    got = claim(r"fine-tuning " + N + r" s per ViT \(2–8 epochs on 4k images\) and " + N + r" s per BERT \(3 epochs on "
+                r"20k tweets; " + N + r" s with random hyperparameters, 1–4 epochs\); measuring " + N + r" s per ViT and "
+                + N + r" s per BERT \(" + N + r" s with random hyperparameters\)")
+    for t, v in zip(got, (vit_ft, text_ft, rand_ft, vit_m, text_m, rand_m), strict=True):
+        check(t, v, "fine-tune cost (per-model median)")
+    pre_vit, pre_text = claim(r"pretraining ViT " + N + r" s \(6 epochs.*?BERT " + N.replace(r"\d+(?:", r"[\d,]+(?:")
+                              + r" s \(one MLM epoch")
+    check(pre_vit, load("finetune/vit/summary.json")["timing"]["pretrain_s"], "ViT pretraining")
+    check(pre_text.replace(",", ""), load("finetune/text/summary.json")["timing"]["pretrain_s"], "BERT pretraining")
 
 
 def test_finetune_reading_without_the_underfit_models():
