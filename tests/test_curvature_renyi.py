@@ -166,3 +166,15 @@ def test_relu_rescaling_per_layer_invariant_full_network_not():
     assert abs(after["0.weight"] - before["0.weight"]) < 1e-9
     assert abs(after["2.weight"] - before["2.weight"]) < 1e-9
     assert abs(after["all"] - before["all"]) > 0.1
+
+
+def test_result_value_is_the_renyi_sharpness():
+    """``.value`` is the number the measure reports, −H_α (the package docstring: every result has
+    ``.value``), while ``estimate`` stays the entropy."""
+    spectrum = torch.tensor([4.0, 1.0, 1.0, 0.5], dtype=torch.float64)
+    for alpha in (0.5, 2.0):
+        result = renyi_entropy(spectrum, alpha)
+        assert result.estimate == pytest.approx(exact_renyi(spectrum, alpha), abs=1e-12)
+        assert result.value == pytest.approx(-exact_renyi(spectrum, alpha), abs=1e-12)
+    assert renyi_entropy(spectrum, "shannon").value == pytest.approx(-exact_shannon(spectrum), abs=1e-12)
+    assert renyi_entropy(spectrum).to_dict()["sharpness"] == renyi_entropy(spectrum).value

@@ -46,6 +46,12 @@ class RenyiResult:
         """Rényi sharpness ``-H_alpha`` (the negated entropy estimate: larger is sharper)."""
         return -self.estimate
 
+    @property
+    def value(self) -> float:
+        """The measure's number, the field every result shares: Rényi sharpness ``-H_alpha``
+        (``estimate`` is the entropy ``H_alpha``)."""
+        return self.sharpness
+
     def to_dict(self) -> dict:
         """The record as JSON-ready data (:func:`quotientsharp.serialize.jsonable`) plus ``sharpness``."""
         return {**jsonable(self), "sharpness": self.sharpness}
