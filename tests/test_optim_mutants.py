@@ -631,3 +631,52 @@ def test_distributed_warning_names_the_line_that_built_the_optimizer(monkeypatch
     assert len(ours) == 1
     where = (ours[0].filename, ours[0].lineno)
     assert where == (__file__, line) or {"mutmut", "mutants"} & set(Path(where[0]).parts), where
+
+
+# ----- shared helpers of optim/utils.py: reductions, validation ------------------------------------
+
+def test_global_norm_and_sum_reduce_in_the_widest_dtype_at_least_float32():
+    """float16 gradients are reduced in float32 (their norm, of 300 entries, would lose digits in
+    float16), and a float32/float64 mix in float64 (a float64 entry of 1e-9 survives beside 1.0)."""
+    from quotientsharp.optim.utils import global_norm, global_sum
+    half = [torch.full((300,), 0.1, dtype=torch.float16), torch.full((5,), -3.0, dtype=torch.float16)]
+    ref = torch.cat([t.double() for t in half])
+    n, s = global_norm(half), global_sum(half)
+    assert n.dtype == s.dtype == torch.float32
+    assert float(n) == pytest.approx(float(ref.norm()), rel=1e-6)
+    assert float(s) == pytest.approx(float(ref.abs().sum()), rel=1e-6)
+    mixed = [torch.ones(1, dtype=torch.float32), torch.full((1,), 1e-9, dtype=torch.float64)]
+    assert global_sum(mixed).dtype == torch.float64
+    assert float(global_sum(mixed)) == 1.0 + 1e-9
+    assert float(global_norm(mixed)) == math.sqrt(1.0 + 1e-18)
+
+
+@pytest.mark.parametrize("bad", [dict, nn.Linear])
+def test_base_optimizer_must_be_an_optimizer_class(bad):
+    """A class that is not a torch.optim.Optimizer is refused by name, before it is called."""
+    model = mlp()
+    with pytest.raises(TypeError, match="must be a torch.optim.Optimizer subclass"):
+        SAM(model.parameters(), bad, lr=0.1)
+
+
+def test_an_added_param_group_is_checked_under_its_own_number():
+    """The third group (index 2) is the one checked, and its error names it."""
+    a, b, c = (nn.Parameter(torch.randn(2)) for _ in range(3))
+    opt = SAM([{"params": [a]}, {"params": [b]}], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match=r"lr \(param group 2\)"):
+        opt.add_param_group({"params": [c], "lr": -1.0})
+    assert len(opt.param_groups) == len(opt.base_optimizer.param_groups) == 2
+
+
+def test_quotient_parameters_name_what_does_not_match():
+    """A quotient of another model, or an optimizer parameter the model does not have, is a
+    ValueError that says so (not a KeyError from deeper in)."""
+    from quotientsharp.optim.geodesic_sam import QuotientParameters
+    model = vit()
+    quotient = default_quotient(model, "mix", "adaptive", 0.0)
+    with pytest.raises(ValueError, match="quotient's parameters .* are not parameters of model="):
+        QuotientParameters(mlp(), quotient)
+    view = QuotientParameters(model, quotient)
+    stranger = nn.Parameter(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"shapes \[\(3, 2\)\] are not parameters of model="):
+        view.check([*model.parameters(), stranger])
