@@ -8,6 +8,7 @@ offers the group operations on a whole parameter dict.
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -51,6 +52,9 @@ class Quotient:
             raise ValueError(f"rest must be one of {sorted(REST)}, got {rest!r}")
         self.names = tuple(names)
         known = set(self.names)
+        if len(known) < len(self.names):
+            repeated = sorted(n for n, k in Counter(self.names).items() if k > 1)
+            raise ValueError(f"parameter names repeated: {repeated} (each parameter once)")
         owner: dict[str, SymmetryGroup] = {}
         for g in groups:
             for n in g.names:

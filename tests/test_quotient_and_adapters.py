@@ -84,6 +84,15 @@ def test_quotient_rejects_overlapping_or_unknown_groups(model):
         Quotient([], names, rest="riemann")
 
 
+def test_quotient_refuses_a_repeated_parameter_name(model):
+    """A name given twice would be counted twice in every norm of the rest (a silent wrong
+    number), so it is refused by name."""
+    names = [n for n, _ in model.named_parameters()]
+    with pytest.raises(ValueError, match=r"parameter names repeated: \['head.bias'\]"):
+        Quotient([], [*names, "head.bias"])
+    assert Quotient([], names).names == tuple(names)
+
+
 # ----------------------------------------------------------------------------- adapters
 def test_transformer_encoder_and_decoder_layers_are_found():
     enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
