@@ -342,7 +342,7 @@ def integrate_geodesic(
     linearize: Linearization | None = None,
 ) -> dict:
     """``gamma_xi(t)`` by RK4 in float64, with step doubling until the ``n``- and ``2n``-step
-    endpoints differ by less than ``tol * ||xi||`` (Euclidean norms); ``tol=None`` runs
+    endpoints differ by less than ``tol * ||xi|| |t|`` (Euclidean norms); ``tol=None`` runs
     ``n_steps`` once. Raises ``RuntimeError`` if ``max_steps`` is not enough. Differentiable
     (when grad is enabled and an input requires it) through the discrete adjoint of the accepted
     integration (:meth:`GeodesicTrajectory.vjp`), not through an autograd graph of every step."""

@@ -239,7 +239,7 @@ class SymmetryGroup(abc.ABC):
     def christoffel(self, w: Params, xi: Params) -> dict:
         """``Gamma_w(xi, xi) = M^{-1}[(D_xi M) xi - 1/2 grad_w(xi^T M xi)]`` by autodiff."""
         wr = self.restrict(w)
-        xi = dict(xi)
+        xi = {n: xi[n] for n in wr}  # jvp needs the primal's key order
         zero = T.zeros_like(xi)
 
         def metric_times_xi(p):  # covector M(p) xi = grad_zeta g_p(xi, zeta)
@@ -261,7 +261,7 @@ class SymmetryGroup(abc.ABC):
     def pushforward(self, w: Params, g: Any, xi: Params) -> dict:
         """Tangent map ``d psi_g (xi)`` (a jvp of the action)."""
         wr = self.restrict(w)
-        return jvp(lambda p: self.action(p, g), (wr,), (dict(xi),))[1]
+        return jvp(lambda p: self.action(p, g), (wr,), ({n: xi[n] for n in wr},))[1]
 
     def restrict_to_domain(self, w: Params, xi: Params) -> dict:
         """Hook to keep a feasible perturbation inside the geodesic's domain (identity here)."""

@@ -151,7 +151,10 @@ class SubAlgebra:
             return torch.rand(*shape, generator=generator, dtype=torch.float64, device=gdev)
 
         logc = math.log(max_cond) if max_cond is not None else 1.0
+        covered = {c for p in self.planes for c in p} | set(self.free)
+        rest = torch.tensor([c for c in range(h) if c not in covered], dtype=torch.long, device=gdev)
         A = torch.zeros(batch, h, h, dtype=torch.float64, device=gdev)
+        A[:, rest, rest] = 1.0  # identity where neither planes nor the free block act
         if self.planes:
             j = torch.tensor([p[0] for p in self.planes], device=gdev)
             k = torch.tensor([p[1] for p in self.planes], device=gdev)
