@@ -775,3 +775,59 @@ def test_random_elements_are_drawn_where_the_generator_lives():
     grp, ws = scaling_problem()
     s = grp.random_element(ws, generator=torch.Generator(device="cuda").manual_seed(0))
     assert [t.device.type for t in s] == ["cpu", "cpu"] and all(t.dtype == DT for t in s)
+
+
+def test_head_scaling_reused_on_other_shapes_restacks():
+    """Wider query rows: the query block no longer stacks with the key block. The group that saw
+    the first shapes must give what a fresh group gives (it kept the old stacks)."""
+    grp, w = scaling_problem()
+    xi = T.randn_like(w, gen(40))
+    p1 = grp.horizontal_projection(w, xi)
+    w2 = dict(w, Wq=randn(4, 5, seed=41))
+    xi2 = T.randn_like(w2, gen(42))
+    fresh, _ = scaling_problem()
+    close(grp.horizontal_projection(w2, xi2), fresh.horizontal_projection(w2, xi2))
+    assert len(grp.stacks) == 3
+    close(grp.horizontal_projection(w, xi), p1)  # and back
+
+
+def test_head_scaling_insert_works_first():
+    """``insert`` on a fresh group (no ``extract`` before it) lays the slices out by itself."""
+    grp, w = scaling_problem()
+    other, _ = scaling_problem()
+    close(other.insert(w, grp.extract(w)), w, rtol=0, atol=0)
+
+
+def test_head_scaling_domain_is_the_nonzero_heads_only():
+    """A head whose entries cancel in any odd power (1, -1) is not zero: no error; a zero head is."""
+    grp, w = scaling_problem()
+    w = {n: t.clone() for n, t in w.items()}
+    w["Wq"][0:2] = torch.tensor([[1.0, -1.0, 0.0], [0.0, 0.0, 0.0]], dtype=DT)
+    w["bq"][0:2] = 0.0
+    grp.check_domain(w)
+    w["Wq"][0, :2] = 0.0
+    with pytest.raises(ValueError, match="head slice 0 of stack 0 is zero"):
+        grp.check_domain(w)
+
+
+def test_diagonal_default_names_and_the_zero_count_of_its_warning():
+    """``DiagonalRescaling()`` acts on ``u`` and ``v``; the warning counts the entries with
+    ``u v = 0`` (an entry with ``u = 1`` is not one of them)."""
+    assert DiagonalRescaling().names == ("u", "v")
+    w = {"u": torch.tensor([1.0, 0.0, 1.0], dtype=DT), "v": torch.tensor([1.0, 1.0, 2.0], dtype=DT)}
+    xi = {"u": torch.tensor([0.2, 0.7, -0.1], dtype=DT), "v": torch.tensor([0.4, -0.3, 0.9], dtype=DT)}
+    with pytest.warns(UserWarning, match="DiagonalRescaling: 1 entries with u\\*v = 0"):
+        DiagonalRescaling().horizontal_projection(w, xi)
+
+
+def test_adaptive_closed_forms_at_w_equal_one_and_their_gradients_at_masked_entries():
+    """At ``w = 1`` the geodesic is ``exp(t xi)`` (not frozen); at ``w = 0`` the Christoffel term
+    and the geodesic are constant, so their gradients there are 0, not NaN (the safe divisor)."""
+    grp = PositiveRescaling(["a"])
+    w = {"a": torch.tensor([1.0, 0.0, -2.0], dtype=DT)}
+    xi = {"a": torch.tensor([0.3, 0.5, 0.4], dtype=DT, requires_grad=True)}
+    close(grp.geodesic_exact(w, xi, 0.5)["a"].detach(),
+          torch.tensor([math.exp(0.15), 0.0, -2.0 * math.exp(-0.1)], dtype=DT))
+    for f in (lambda: grp.christoffel(w, xi)["a"], lambda: grp.geodesic_exact(w, xi, 0.5)["a"]):
+        (g,) = torch.autograd.grad(f().sum(), xi["a"])
+        assert bool(torch.isfinite(g).all()) and float(g[1]) == 0.0

@@ -334,17 +334,16 @@ class AttentionGL(SymmetryGroup):
                 raise ValueError(
                     f"parameter {n!r} is only partly covered by GL blocks; a group must own whole "
                     "tensors (add the missing block, e.g. VO next to QK for a packed in_proj_weight)")
-        if self.stacks is None:
-            shapes: dict[tuple, list[int]] = {}
-            for i, b in enumerate(self.blocks):
-                key = (sum(_piece_rows(w, pc) for pc in b.G), sum(_piece_rows(w, pc) for pc in b.H), b.head_dim,
-                       b.algebra)
-                shapes.setdefault(key, []).append(i)
-            self.stacks = list(shapes.values())
+        shapes: dict[tuple, list[int]] = {}  # blocks of equal shapes stack (anew for new shapes)
+        for i, b in enumerate(self.blocks):
+            key = (sum(_piece_rows(w, pc) for pc in b.G), sum(_piece_rows(w, pc) for pc in b.H), b.head_dim,
+                   b.algebra)
+            shapes.setdefault(key, []).append(i)
+        self.stacks = list(shapes.values())
         self._validated = signature
 
     def _stacks(self, w: Params) -> list[list[int]]:
-        if self.stacks is None:
+        if self.stacks is None or self._validated != tuple((n, tuple(w[n].shape)) for n in self.names):
             self.validate(w)
         return self.stacks
 

@@ -94,24 +94,26 @@ class HeadScaling(SymmetryGroup):
         for n, c in cover.items():
             if int(c.max()) > 1 or (int(c.min()) == 0 and not self.shares_tensors):
                 raise ValueError(f"parameter {n!r} must be covered exactly once by the head slices of HeadScaling")
-        if self.stacks is None:
-            shapes: dict[tuple, list[int]] = {}
-            for i, b in enumerate(self.blocks):
-                shapes.setdefault((sum(piece_rows(w, pc) for pc in b.pieces), b.head_dim), []).append(i)
-            self.stacks = list(shapes.values())
+        shapes: dict[tuple, list[int]] = {}  # blocks of equal shapes stack (anew for new shapes)
+        for i, b in enumerate(self.blocks):
+            shapes.setdefault((sum(piece_rows(w, pc) for pc in b.pieces), b.head_dim), []).append(i)
+        self.stacks = list(shapes.values())
         self._signature = signature
+
+    def _layout(self, w: Params) -> None:
+        """Validate ``w`` (and stack its blocks) unless its shapes are the ones last validated."""
+        if self.stacks is None or self._signature != tuple((n, tuple(w[n].shape)) for n in self.names):
+            self.validate(w)
 
     def extract(self, w: Params) -> list[torch.Tensor]:
         """Head slices per stack, each ``(B_s, n, h)``."""
-        if self.stacks is None:
-            self.validate(w)
+        self._layout(w)
         return [torch.cat([extract_pieces(w, self.blocks[i].pieces, self.blocks[i].n_heads,
                                           self.blocks[i].head_dim) for i in s], 0) for s in self.stacks]
 
     def insert(self, base: Params, slices: Sequence[torch.Tensor]) -> dict:
         """Inverse of :meth:`extract` (bit-exact)."""
-        if self.stacks is None:
-            self.validate(base)
+        self._layout(base)
         out = {n: base[n] for n in self.names}
         for s, X in zip(self.stacks, slices):
             start = 0
