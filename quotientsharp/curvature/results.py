@@ -26,7 +26,7 @@ class Estimate:
 
     @property
     def estimate(self) -> float:
-        """Read-only alias of :attr:`value` (the field's former name)."""
+        """Read-only alias of ``value`` (the field's former name)."""
         return self.value
 
     def to_dict(self) -> dict:
