@@ -656,7 +656,7 @@ def _plain_integration(christoffel, w, xi, t, n_steps, tol, max_steps, on_step) 
     xi64 = {n: p.to(torch.float64) for n, p in xi.items()}
     end, _ = rk4_geodesic(christoffel, w64, xi64, t, n_steps, on_step)
     if tol is not None:
-        scale = float(torch.sqrt(T.dot(xi64, xi64))) * abs(t) + 1e-300
+        scale = _error_float(torch.sqrt(T.dot(xi64, xi64))) * abs(t) + 1e-300
         n = n_steps
         while True:
             if 2 * n > max_steps:
@@ -665,6 +665,17 @@ def _plain_integration(christoffel, w, xi, t, n_steps, tol, max_steps, on_step) 
             finer, _ = rk4_geodesic(christoffel, w64, xi64, t, 2 * n, on_step)
             d = T.sub(finer, end)
             end, n = finer, 2 * n
-            if float(torch.sqrt(T.dot(d, d))) <= tol * scale:
+            if _error_float(torch.sqrt(T.dot(d, d))) <= tol * scale:
                 break
     return {n: end[n].to(w[n].dtype) for n in end}
+
+
+def _error_float(x: torch.Tensor) -> float:
+    """``float(x)`` for the step-doubling test, with a clear error where a transform (``vmap``)
+    cannot give a Python number."""
+    try:
+        return float(x)
+    except RuntimeError as err:
+        raise RuntimeError("integrate_geodesic chooses its number of steps by comparing error estimates "
+                           "as Python floats, which torch.func.vmap cannot give; pass tol=None to "
+                           "integrate a fixed n_steps under vmap") from err

@@ -292,3 +292,19 @@ def test_gl_block_pullback_of_a_cotangent_taller_on_the_h_side(metric):
     for a, b in zip(got, want):
         assert a.shape == b.shape
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-10 * float(b.abs().max()))
+
+
+def test_under_vmap_fixed_steps_work_and_step_doubling_says_to_pass_tol_none():
+    """vmap over base points: ``tol=None`` integrates each sample (closed form ``w exp(t xi / w)``);
+    the step doubling needs Python floats, so it raises naming the way out."""
+    def chr_adaptive(w, v):
+        return {n: -v[n] ** 2 / w[n] for n in w}
+
+    x = 1.0 + torch.rand(3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def end(tol):
+        return torch.func.vmap(lambda p: integrate_geodesic(chr_adaptive, {"a": p}, {"a": 0.1 * p},
+                                                            n_steps=64, tol=tol)["a"])(x)
+    torch.testing.assert_close(end(None), x * torch.exp(torch.tensor(0.1, dtype=torch.float64)), rtol=1e-10, atol=0)
+    with pytest.raises(RuntimeError, match="pass tol=None"):
+        end(1e-10)
