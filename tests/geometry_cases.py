@@ -17,6 +17,48 @@ from quotientsharp.models.attention import MultiHeadSelfAttention
 DT = torch.float64
 
 
+class LogPair(SymmetryGroup):
+    """``(u, v) -> (a u, v / a)`` with the log metric ``sum xi_u^2/u^2 + xi_v^2/v^2``: only the four
+    required methods, so every other method is the generic default. Geodesics in closed form:
+    ``x(t) = x e^{xi t / x}`` per coordinate (``x'' = x'^2 / x``, so ``Gamma(v, v) = -v^2 / x``)."""
+
+    def __init__(self):
+        super().__init__(("u", "v"))
+
+    def action(self, w, g):
+        return {"u": w["u"] * g, "v": w["v"] / g}
+
+    def vertical(self, w, omega):
+        return {"u": omega * w["u"], "v": -omega * w["v"]}
+
+    def algebra_zeros(self, w):
+        return torch.zeros_like(w["u"])
+
+    def inner(self, w, xi, zeta):
+        return (xi["u"] * zeta["u"] / w["u"] ** 2).sum() + (xi["v"] * zeta["v"] / w["v"] ** 2).sum()
+
+
+class LogPairClosedGamma(LogPair):
+    """:class:`LogPair` with its closed-form ``Gamma(v, v) = -v^2 / x`` (the generic autodiff one is
+    checked against it in ``test_generic_geodesic_ode_rhs...``; this one keeps RK4 runs cheap)."""
+
+    def christoffel(self, w, xi):
+        return {n: -xi[n] ** 2 / w[n] for n in self.names}
+
+
+def log_pair_point(seed: int = 0):
+    """A point of :class:`LogPair` (``u`` in [0.5, 1.5), ``v`` in (-1.5, -0.5]) and a tangent of size ~0.3."""
+    g = torch.Generator().manual_seed(seed)
+    w = {"u": 0.5 + torch.rand(3, generator=g, dtype=DT), "v": -(0.5 + torch.rand(3, generator=g, dtype=DT))}
+    xi = {"u": 0.3 * torch.randn(3, generator=g, dtype=DT), "v": 0.3 * torch.randn(3, generator=g, dtype=DT)}
+    return w, xi
+
+
+def log_geodesic(w, xi, t=1.0):
+    """``w e^{xi t / w}`` per coordinate: the geodesic of :class:`LogPair`."""
+    return {n: w[n] * torch.exp(xi[n] * t / w[n]) for n in w}
+
+
 class LayerRescaling(SymmetryGroup):
     """A user-defined group, written as a user would: ``(W1, W2) -> (a W1, W2 / a)``, ``a > 0``,
     the whole-layer rescaling of a bias-free ReLU net ``W2 relu(W1 x)``, with the invariant metric

@@ -14,6 +14,7 @@ import threading
 
 import pytest
 import torch
+from geometry_cases import LogPair, LogPairClosedGamma, log_geodesic, log_pair_point
 from torch.func import functional_call
 
 from quotientsharp import tangent as T
@@ -53,27 +54,6 @@ def rel(a, b) -> float:
 
 
 # ============================================================================ SymmetryGroup defaults
-class LogPair(SymmetryGroup):
-    """``(u, v) -> (a u, v / a)`` with the log metric ``sum xi_u^2/u^2 + xi_v^2/v^2``: only the four
-    required methods, so every other method is the generic default. Geodesics in closed form:
-    ``x(t) = x e^{xi t / x}`` per coordinate (``x'' = x'^2 / x``, so ``Gamma(v, v) = -v^2 / x``)."""
-
-    def __init__(self):
-        super().__init__(("u", "v"))
-
-    def action(self, w, g):
-        return {"u": w["u"] * g, "v": w["v"] / g}
-
-    def vertical(self, w, omega):
-        return {"u": omega * w["u"], "v": -omega * w["v"]}
-
-    def algebra_zeros(self, w):
-        return torch.zeros_like(w["u"])
-
-    def inner(self, w, xi, zeta):
-        return (xi["u"] * zeta["u"] / w["u"] ** 2).sum() + (xi["v"] * zeta["v"] / w["v"] ** 2).sum()
-
-
 class FlatDense(SymmetryGroup):
     """A constant, non-diagonal metric ``xi^T S zeta`` on one vector ``x`` (no symmetry)."""
 
@@ -94,30 +74,11 @@ class FlatDense(SymmetryGroup):
         return xi["x"] @ self.S @ zeta["x"]
 
 
-class LogPairClosedGamma(LogPair):
-    """:class:`LogPair` with its closed-form ``Gamma(v, v) = -v^2 / x`` (the generic autodiff one is
-    checked against it in ``test_generic_geodesic_ode_rhs...``; this one keeps RK4 runs cheap)."""
-
-    def christoffel(self, w, xi):
-        return {n: -xi[n] ** 2 / w[n] for n in self.names}
-
-
 class WrongSecondOrder(LogPairClosedGamma):
     """A deliberately wrong second-order geodesic: the ``-t^2/2 Gamma`` term is dropped."""
 
     def geodesic_2nd(self, w, xi, t=1.0):
         return {n: w[n] + t * xi[n] for n in self.names}
-
-
-def log_pair_point(seed: int = 0):
-    g = gen(seed)
-    w = {"u": 0.5 + torch.rand(3, generator=g, dtype=DT), "v": -(0.5 + torch.rand(3, generator=g, dtype=DT))}
-    xi = {"u": 0.3 * torch.randn(3, generator=g, dtype=DT), "v": 0.3 * torch.randn(3, generator=g, dtype=DT)}
-    return w, xi
-
-
-def log_geodesic(w, xi, t):
-    return {n: w[n] * torch.exp(xi[n] * t / w[n]) for n in w}
 
 
 def test_generic_whiten_has_covariance_inverse_metric_and_unit_metric_norm():

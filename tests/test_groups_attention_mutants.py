@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from tensor_checks import assert_close_tree, gen, randn
 
 from quotientsharp import SymmetryGroup
 from quotientsharp import tangent as T
@@ -34,21 +35,8 @@ DT = torch.float64
 METRICS = ("inv", "mix")
 
 
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape, seed=0, dtype=DT):
-    return torch.randn(*shape, generator=gen(seed), dtype=dtype)
-
-
 def close(a, b, rtol=1e-10, atol=1e-12):
-    if isinstance(a, dict):
-        assert set(a) == set(b)
-        for n in a:
-            torch.testing.assert_close(a[n], b[n], rtol=rtol, atol=atol)
-    else:
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    assert_close_tree(a, b, rtol, atol)
 
 
 def softmax_attn(q, k, v):

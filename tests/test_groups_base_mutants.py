@@ -10,7 +10,7 @@ written by hand from dense matrices:
   ``Gamma^l = 1/2 g^{ls} (d_m g_sn + d_n g_sm - d_s g_mn) xi^m xi^n`` with ``d_k g_ij =
   2 w_k delta_ik delta_jk``); a rank-deficient vertical space (four algebra elements in two
   leaves, two of them generating the same vector), so ``V^T M V`` is singular;
-* :class:`Log`: the log metric ``sum xi^2 / w^2``, ``Gamma = -xi^2 / w``, geodesic ``w e^{t xi/w}``;
+* :class:`LogPairClosedGamma` (``geometry_cases``): the log metric ``sum xi^2 / w^2``, ``Gamma = -xi^2 / w``, geodesic ``w e^{t xi/w}``;
 * :class:`Weighted`: ``sum xi zeta w^2`` with translations, a metric that is *not* invariant (so the
   ``check_*`` diagnostics have known nonzero errors).
 All in float64 unless a test is about float32.
@@ -21,6 +21,8 @@ import math
 
 import pytest
 import torch
+from geometry_cases import LogPairClosedGamma, log_geodesic, log_pair_point
+from tensor_checks import assert_close_tree, gen, rk4_step
 from torch.func import vmap
 
 from quotientsharp import SymmetryGroup
@@ -29,17 +31,8 @@ from quotientsharp.groups import geodesic_error_slope, geodesic_error_slopes
 DT = torch.float64
 
 
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def close(a, b, rtol=1e-12, atol=1e-13):
-    if isinstance(a, dict):
-        assert list(a) == list(b), (list(a), list(b))
-        for n in a:
-            torch.testing.assert_close(a[n], b[n], rtol=rtol, atol=atol)
-    else:
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    assert_close_tree(a, b, rtol, atol, ordered=True)  # the defaults must keep the names' order
 
 
 def flat(t: dict) -> torch.Tensor:
@@ -115,53 +108,6 @@ def dense_projector(w):
     """``I - Vr (Vr^T M Vr)^{-1} Vr^T M`` with ``Vr`` the three independent columns."""
     M, Vr = dense_M(w), dense_V(w)[:, :3]
     return torch.eye(7, dtype=DT) - Vr @ torch.linalg.inv(Vr.T @ M @ Vr) @ Vr.T @ M
-
-
-class Log(SymmetryGroup):
-    """``(u, v) -> (a u, v / a)`` with the log metric and its closed-form Christoffel term."""
-
-    def __init__(self):
-        super().__init__(("u", "v"))
-
-    def action(self, w, g):
-        return {"u": w["u"] * g, "v": w["v"] / g}
-
-    def vertical(self, w, omega):
-        return {"u": omega * w["u"], "v": -omega * w["v"]}
-
-    def algebra_zeros(self, w):
-        return torch.zeros_like(w["u"])
-
-    def inner(self, w, xi, zeta):
-        return (xi["u"] * zeta["u"] / w["u"] ** 2).sum() + (xi["v"] * zeta["v"] / w["v"] ** 2).sum()
-
-    def christoffel(self, w, xi):
-        return {n: -xi[n] ** 2 / w[n] for n in self.names}
-
-
-def log_point(seed=0):
-    g = gen(seed)
-    w = {"u": 0.5 + torch.rand(3, generator=g, dtype=DT), "v": -(0.5 + torch.rand(3, generator=g, dtype=DT))}
-    xi = {"u": 0.3 * torch.randn(3, generator=g, dtype=DT), "v": 0.3 * torch.randn(3, generator=g, dtype=DT)}
-    return w, xi
-
-
-def log_geodesic(w, xi, t=1.0):
-    return {n: w[n] * torch.exp(t * xi[n] / w[n]) for n in ("u", "v")}
-
-
-def rk4_step(w, v, h):
-    """One classical RK4 step of ``(w, v)' = (v, v^2 / w)`` (``-Gamma`` of :class:`Log`), by hand."""
-    def f(x, y):
-        return y, {n: y[n] ** 2 / x[n] for n in x}
-
-    def ax(x, k, c):
-        return {n: x[n] + c * k[n] for n in x}
-    k1 = f(w, v)
-    k2 = f(ax(w, k1[0], h / 2), ax(v, k1[1], h / 2))
-    k3 = f(ax(w, k2[0], h / 2), ax(v, k2[1], h / 2))
-    k4 = f(ax(w, k3[0], h), ax(v, k3[1], h))
-    return {n: w[n] + h / 6 * (k1[0][n] + 2 * k2[0][n] + 2 * k3[0][n] + k4[0][n]) for n in w}
 
 
 class Weighted(SymmetryGroup):
@@ -339,9 +285,9 @@ def test_is_horizontal_is_the_largest_normalised_metric_cosine():
     assert float(z) == 0.0
     # a non-horizontal vector so small that its squared norm underflows to 0 is not reported as
     # horizontal (the 1e-300 guard only keeps 0/0 away)
-    lw, lxi = log_point()
+    lw, lxi = log_pair_point()
     tiny = {n: 1e-301 * t for n, t in lxi.items()}
-    assert float(Log().norm(lw, tiny)) == 0.0 and float(Log().is_horizontal(lw, tiny)) > 0
+    assert float(LogPairClosedGamma().norm(lw, tiny)) == 0.0 and float(LogPairClosedGamma().is_horizontal(lw, tiny)) > 0
     # float32 in, float64 out
     h32 = g.is_horizontal(*(dict((n, t.float()) for n, t in d.items()) for d in (w, xi)))
     assert h32.dtype == DT and float(h32) == pytest.approx(max(cos), rel=1e-5)
@@ -397,11 +343,11 @@ def test_generic_christoffel_is_the_closed_form_of_the_dense_metric():
     assert list(gam) == ["a", "b"]
     close(flat(gam), ref, rtol=1e-10, atol=1e-12)
     # the log metric: -xi^2 / w (generic default vs the closed form)
-    lw, lxi = log_point()
-    close(SymmetryGroup.christoffel(Log(), lw, lxi), {n: -lxi[n] ** 2 / lw[n] for n in ("u", "v")}, rtol=1e-12)
+    lw, lxi = log_pair_point()
+    close(SymmetryGroup.christoffel(LogPairClosedGamma(), lw, lxi), {n: -lxi[n] ** 2 / lw[n] for n in ("u", "v")}, rtol=1e-12)
     # a tangent whose keys come in another order than the group's names (it raised inside jvp)
     close(g.christoffel(w, reversed_keys(xi)), gam, rtol=1e-12)
-    close(SymmetryGroup.geodesic_2nd(Log(), lw, reversed_keys(lxi)),
+    close(SymmetryGroup.geodesic_2nd(LogPairClosedGamma(), lw, reversed_keys(lxi)),
           {n: lw[n] + lxi[n] + 0.5 * lxi[n] ** 2 / lw[n] for n in ("u", "v")}, rtol=1e-12)
     # geodesic_ode_rhs: (v, -Gamma(v, v)), a new dict for v
     dv, dacc = g.geodesic_ode_rhs(w, xi)
@@ -504,17 +450,17 @@ def test_geodesic_orders_and_second_order_formula():
 
 
 def test_geodesic_ode_and_exact_forward_their_options_and_check_the_domain():
-    g = Log()
-    w, xi = log_point(1)
+    g = LogPairClosedGamma()
+    w, xi = log_pair_point(1)
     # one RK4 step, no step doubling: exactly the hand step (n_steps and tol are passed through)
-    one = rk4_step(w, xi, 0.7)
+    one = rk4_step(g.christoffel, w, xi, 0.7)  # its closed-form Gamma, stepped by hand
     close(g.geodesic_ode(w, xi, 0.7, n_steps=1, tol=None), one, rtol=1e-13)
     close(g.geodesic_exact(w, xi, 0.7, n_steps=1, tol=None), one, rtol=1e-13)
     close(g.geodesic(w, xi, 0.7, order="exact", n_steps=1, tol=None), one, rtol=1e-13)
     close(g.geodesic(w, xi, 0.7, order="ode", n_steps=1, tol=None), one, rtol=1e-13)
     # a group's own closed form answers order="exact"; order="ode" still integrates
 
-    class Closed(Log):
+    class Closed(LogPairClosedGamma):
         def geodesic_exact(self, w, xi, t=1.0, **ode_kw):
             assert ode_kw == {"n_steps": 1, "tol": None}
             return log_geodesic(w, xi, t)
@@ -544,7 +490,7 @@ def test_geodesic_ode_and_exact_forward_their_options_and_check_the_domain():
     # check_domain is called along the integration
     calls = []
 
-    class Checked(Log):
+    class Checked(LogPairClosedGamma):
         def check_domain(self, p):
             calls.append(1)
             if float(p["u"].min()) > 1.0:
@@ -575,8 +521,8 @@ def test_geodesic_vjp_against_hand_jacobians():
     close(flat(g.geodesic_vjp(w, xi, c, order=2)), ref, rtol=1e-10, atol=1e-12)
     assert not xi["a"].requires_grad  # the input is not turned into a leaf
     # exact / ode orders with options: the log geodesic w e^{xi/w} has J^T c = c e^{xi/w}
-    lg = Log()
-    lw, lxi = log_point(2)
+    lg = LogPairClosedGamma()
+    lw, lxi = log_pair_point(2)
     lc = {"u": torch.tensor([1.0, -2.0, 0.5], dtype=DT), "v": torch.tensor([0.3, 0.7, -1.1], dtype=DT)}
     refl = {n: lc[n] * torch.exp(lxi[n] / lw[n]) for n in ("u", "v")}
     close(lg.geodesic_vjp(lw, lxi, lc, order="exact"), refl, rtol=1e-8, atol=1e-9)
@@ -586,7 +532,7 @@ def test_geodesic_vjp_against_hand_jacobians():
     assert max(float((v_one[n] - refl[n]).abs().max()) for n in refl) > 1e-6
 
     # a component of xi that no output depends on gets a zero cotangent, not None
-    class Frozen(Log):
+    class Frozen(LogPairClosedGamma):
         def geodesic_2nd(self, w, xi, t=1.0):
             return {"u": w["u"] + t * xi["u"], "v": w["v"] + t * xi["u"]}
 
@@ -595,8 +541,8 @@ def test_geodesic_vjp_against_hand_jacobians():
 
 
 def test_geodesic_error_slopes_against_the_closed_form_geodesic():
-    g = Log()
-    w, xi = log_point(3)
+    g = LogPairClosedGamma()
+    w, xi = log_pair_point(3)
     ts = (0.2, 0.1, 0.05, 0.025)
     x = torch.tensor([math.log(t) for t in ts], dtype=DT)
 
@@ -627,7 +573,7 @@ def test_geodesic_error_slopes_against_the_closed_form_geodesic():
     ok, msg = g.check_geodesic_order(w, xi, ts=(0.1, 0.05, 0.025))
     assert ok and msg.endswith("(expected 3)")
 
-    class FirstOnly(Log):
+    class FirstOnly(LogPairClosedGamma):
         def geodesic_2nd(self, w, xi, t=1.0):
             return {n: w[n] + t * xi[n] for n in self.names}
 
@@ -640,7 +586,7 @@ def test_geodesic_error_slopes_uses_one_fixed_step_rk4_reference_per_t():
     step doubling), once per ``t``; each order is evaluated at the same ``t``."""
     calls = []
 
-    class Spy(Log):
+    class Spy(LogPairClosedGamma):
         def geodesic_ode(self, w, xi, t=1.0, n_steps=64, tol=1e-10):
             calls.append(("ode", t, n_steps, tol))
             return log_geodesic(w, xi, t)
@@ -649,13 +595,13 @@ def test_geodesic_error_slopes_uses_one_fixed_step_rk4_reference_per_t():
             calls.append((2, t))
             return super().geodesic_2nd(w, xi, t)
 
-    w, xi = log_point(3)
+    w, xi = log_pair_point(3)
     s = geodesic_error_slopes(Spy(), w, xi, orders=(2,))
     assert calls == [c for t in (0.2, 0.1, 0.05, 0.025) for c in (("ode", t, 32, None), (2, t))]
     # with an exact reference the slope is the float64 least-squares fit of log error on log t
     ts = (0.2, 0.1, 0.05, 0.025)
     x = torch.tensor([math.log(t) for t in ts], dtype=DT)
-    y = torch.tensor([math.log(float(torch.sqrt(sum(((Log().geodesic_2nd(w, xi, t)[n] - log_geodesic(w, xi, t)[n]) ** 2)
+    y = torch.tensor([math.log(float(torch.sqrt(sum(((LogPairClosedGamma().geodesic_2nd(w, xi, t)[n] - log_geodesic(w, xi, t)[n]) ** 2)
                                                      .sum() for n in ("u", "v"))))) for t in ts], dtype=DT)
     fit = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y[:, None]).solution[0, 0]
     assert abs(s[2] - float(fit)) < 1e-12
@@ -713,8 +659,8 @@ def test_check_metric_invariance_values_messages_and_boundary():
     ok, msg = g.check_metric_invariance(w0, torch.tensor([1.0, 0.0], dtype=DT), e0, e0, tol=1.0)
     assert ok is False and msg == "relative metric change 1.00e+300 (tol 1e+00)"
     # an invariant metric (the log metric under rescaling) passes
-    lg = Log()
-    lw, lxi = log_point(4)
+    lg = LogPairClosedGamma()
+    lw, lxi = log_pair_point(4)
     a = torch.tensor([2.0, -0.5, 3.0], dtype=DT)
     ok, msg = lg.check_metric_invariance(lw, a, lxi, {n: t.flip(0) for n, t in lxi.items()})
     assert ok and msg.startswith("relative metric change")
@@ -739,12 +685,12 @@ def test_check_projection_values_messages_and_boundary():
     assert Doubling().check_projection(wz, {"x": torch.zeros(2, dtype=DT)}, tol=0.0) == (
         True, "idempotence error 0.00e+00, vertical leakage 0.00e+00 (tol 0e+00)")
 
-    class Leaky(Log):  # idempotent (identity) but not horizontal
+    class Leaky(LogPairClosedGamma):  # idempotent (identity) but not horizontal
         def horizontal_projection(self, w, xi):
             return dict(xi)
 
-    lw, lxi = log_point(5)
-    leak = float(Log().is_horizontal(lw, lxi))
+    lw, lxi = log_pair_point(5)
+    leak = float(LogPairClosedGamma().is_horizontal(lw, lxi))
     ok, msg = Leaky().check_projection(lw, lxi)
     assert ok is False and msg == f"idempotence error 0.00e+00, vertical leakage {leak:.2e} (tol 1e-10)"
     assert Leaky().check_projection(lw, lxi, tol=leak)[0] is True

@@ -23,6 +23,7 @@ import pickle
 import pytest
 import torch
 from geometry_cases import LayerRescaling
+from tensor_checks import assert_close_tree, gen, randn, rk4_step
 
 from quotientsharp import DiagonalRescaling, Euclidean, PositiveRescaling, SymmetryGroup
 from quotientsharp import tangent as T
@@ -34,21 +35,8 @@ from quotientsharp.groups.scaling import HeadScaling, ScaleBlock
 DT = torch.float64
 
 
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=gen(seed), dtype=DT)
-
-
 def close(a, b, rtol=1e-12, atol=1e-14):
-    if isinstance(a, dict):
-        assert set(a) == set(b)
-        for n in a:
-            torch.testing.assert_close(a[n], b[n], rtol=rtol, atol=atol)
-    else:
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    assert_close_tree(a, b, rtol, atol)
 
 
 def rel(a: dict, b: dict) -> float:
@@ -748,20 +736,6 @@ def cylinder_geodesic(W, x, t):
     perp = x - a * W
     phi = perp.norm() / W.norm()
     return torch.exp(a * t) * (torch.cos(phi * t) * W + torch.sin(phi * t) / phi * perp)
-
-
-def rk4_step(gam, w, v, t):
-    """One classical RK4 step of ``(w, v)' = (v, -Gamma_w(v, v))`` over ``[0, t]``, typed in."""
-    def f(p, u):
-        return u, T.scale(gam(p, u), -1.0)
-
-    def ax(p, d, c):
-        return {n: p[n] + c * d[n] for n in p}
-    k1 = f(w, v)
-    k2 = f(ax(w, k1[0], t / 2), ax(v, k1[1], t / 2))
-    k3 = f(ax(w, k2[0], t / 2), ax(v, k2[1], t / 2))
-    k4 = f(ax(w, k3[0], t), ax(v, k3[1], t))
-    return {n: w[n] + t / 6 * (k1[0][n] + 2 * k2[0][n] + 2 * k3[0][n] + k4[0][n]) for n in w}
 
 
 def gl_only(xi):

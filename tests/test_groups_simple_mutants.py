@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+from tensor_checks import assert_close_tree, gen, randn
 
 from quotientsharp import DiagonalRescaling, Euclidean, PositiveRescaling, SymmetryGroup
 from quotientsharp import tangent as T
@@ -26,21 +27,8 @@ from quotientsharp.groups.scaling import HeadScaling, ScaleBlock
 DT = torch.float64
 
 
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape, seed=0, dtype=DT):
-    return torch.randn(*shape, generator=gen(seed), dtype=dtype)
-
-
 def close(a, b, rtol=1e-12, atol=1e-14):
-    if isinstance(a, dict):
-        assert set(a) == set(b)
-        for n in a:
-            torch.testing.assert_close(a[n], b[n], rtol=rtol, atol=atol)
-    else:
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    assert_close_tree(a, b, rtol, atol)
 
 
 def generic_christoffel(group, w, xi):
