@@ -299,7 +299,7 @@ class AttentionGL(SymmetryGroup):
     # ------------------------------------------------------------------ layout
     def validate(self, w: Params) -> None:
         super().validate(w)
-        signature = tuple((n, tuple(w[n].shape)) for n in self.names)
+        signature = self.shape_signature(w)
         if getattr(self, "_validated", None) == signature:
             return
         cover = {n: torch.zeros(w[n].shape, dtype=torch.int32) for n in self.names}
@@ -343,7 +343,7 @@ class AttentionGL(SymmetryGroup):
         self._validated = signature
 
     def _stacks(self, w: Params) -> list[list[int]]:
-        if self.stacks is None or self._validated != tuple((n, tuple(w[n].shape)) for n in self.names):
+        if self.stacks is None or self._validated != self.shape_signature(w):
             self.validate(w)
         return self.stacks
 

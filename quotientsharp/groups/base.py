@@ -126,6 +126,11 @@ class SymmetryGroup(abc.ABC):
             raise KeyError(f"{type(self).__name__} acts on {missing}, which the given dict lacks")
         return {n: w[n] for n in self.names}
 
+    def shape_signature(self, w: Params) -> tuple:
+        """``((name, shape), ...)`` over :attr:`names`: what a layout checked by :meth:`validate`
+        depends on (groups that cache such a layout recheck it when this changes)."""
+        return tuple((n, tuple(w[n].shape)) for n in self.names)
+
     def validate(self, w: Params) -> None:
         """Raise ``ValueError`` if ``w`` does not fit the group (missing names, non-finite
         values, mixed devices/dtypes). Subclasses add shape checks."""

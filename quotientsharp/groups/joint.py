@@ -40,7 +40,7 @@ class JointGroup(SymmetryGroup):
 
     def validate(self, w: Params) -> None:
         super().validate(w)
-        signature = tuple((n, tuple(w[n].shape)) for n in self.names)
+        signature = self.shape_signature(w)
         if self._validated == signature:
             return
         cover = {n: torch.zeros(w[n].shape, dtype=torch.float64) for n in self.names}

@@ -76,7 +76,7 @@ class HeadScaling(SymmetryGroup):
     # ------------------------------------------------------------------ layout
     def validate(self, w: Params) -> None:
         super().validate(w)
-        signature = tuple((n, tuple(w[n].shape)) for n in self.names)
+        signature = self.shape_signature(w)
         if self._signature == signature:
             return
         cover = {n: torch.zeros(w[n].shape, dtype=torch.int32) for n in self.names}
@@ -102,7 +102,7 @@ class HeadScaling(SymmetryGroup):
 
     def _layout(self, w: Params) -> None:
         """Validate ``w`` (and stack its blocks) unless its shapes are the ones last validated."""
-        if self.stacks is None or self._signature != tuple((n, tuple(w[n].shape)) for n in self.names):
+        if self.stacks is None or self._signature != self.shape_signature(w):
             self.validate(w)
 
     def extract(self, w: Params) -> list[torch.Tensor]:
