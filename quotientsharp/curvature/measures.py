@@ -195,6 +195,9 @@ def parameter_norm(model: nn.Module, params: ParamSelector = "all", include_vect
     """‖θ‖₂ over the target block; ``include_vectors=False`` drops 1-D tensors (biases, norm scales)."""
     named = dict(model.named_parameters())
     names = [n for n in select_parameters(model, params) if include_vectors or named[n].ndim > 1]
+    if not names:
+        raise ValueError("parameter_norm: the target block has no parameter with more than one "
+                         "dimension; pass include_vectors=True to measure its vectors")
     squares = torch.stack([named[n].detach().to(torch.float64).pow(2).sum() for n in names])
     return Estimate(float(squares.sum().sqrt()), None, None, {"params": names, "include_vectors": include_vectors})
 
@@ -247,7 +250,7 @@ def _accuracy(model: nn.Module, params: dict, batches: list) -> float:
     for batch in batches:
         inputs, targets = split_batch(batch)
         correct += int((forward(model, params, inputs).argmax(-1) == targets).sum())
-        total += int(targets.shape[0])
+        total += targets.numel()  # every prediction: examples, or tokens of per-token outputs
     return correct / total
 
 

@@ -475,6 +475,9 @@ class ModelOperator(LinearOperator):
                     f"non-finite loss ({loss.item()}) on batch {i}: check the inputs, the "
                     "weights and the loss function"
                 )
+            if not loss.requires_grad:
+                raise ValueError(f"the loss does not depend on the target parameters {self.param_names}: "
+                                 "select parameters that the forward pass reads")
             grads = torch.autograd.grad(loss, list(leaves.values()), materialize_grads=True)
             return torch.cat([self.flatten(grads), torch.tensor([loss.item()], dtype=torch.float64, device=self.device)])
 
@@ -554,11 +557,16 @@ class HessianOperator(ModelOperator):
     def _reverse_over_reverse(self, batch: Any) -> Callable[[Params], list[torch.Tensor]]:
         leaves = {n: t.detach().requires_grad_() for n, t in self.target.items()}
         inputs = list(leaves.values())
-        grads = torch.autograd.grad(self.batch_loss(leaves, batch), inputs, create_graph=True)
+        # materialize_grads: a parameter the forward pass never reads has a zero gradient (and
+        # zero Hessian rows), not None
+        grads = torch.autograd.grad(self.batch_loss(leaves, batch), inputs, create_graph=True,
+                                    materialize_grads=True)
         live = [i for i, g in enumerate(grads) if g.requires_grad]  # others have zero Hessian rows
 
         def apply(V: Params) -> list[torch.Tensor]:
             columns = list(V.values())
+            if not live:  # the loss is at most linear in the target
+                return [torch.zeros_like(c) for c in columns]
             products = [
                 torch.autograd.grad([grads[i] for i in live], inputs, [columns[i][j] for i in live],
                                     retain_graph=True, materialize_grads=True)
