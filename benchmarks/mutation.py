@@ -21,11 +21,14 @@ trusted). A survivor that is not equivalent needs a test, not a triage line.
                                                           # does this test kill that mutant?
     python benchmarks/mutation.py --modules measures/solver.py --recheck tests/test_new.py
                                                           # record the survivors that new tests kill
+    python benchmarks/mutation.py --modules curvature/slq.py --forget   # drop a record (back to pending)
 
 Each run merges its modules into the JSON, so the core can be covered a few modules at a time;
 ``modules_pending`` lists what has not been run at the current code. A survivor that a test
 written after the run kills is recorded by ``--recheck`` (cheaper than rerunning mutmut, whose
-survivors rerun every test that reaches them). Not part of CI.
+survivors rerun every test that reaches them). A mutant a run did not reach, in a function
+unchanged since the recorded run, keeps its recorded status (``carry_over``): after a code
+change, a short run and a ``--recheck`` of what it left refresh a module. Not part of CI.
 """
 from __future__ import annotations
 
@@ -44,6 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "mutation.json"
 TRIAGE = ROOT / "benchmarks" / "mutation_triage"  # one JSON file per module group
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
+# mutmut files exit code 255 under "timeout", but it is no CPU-limit signal (those are ±24, 152): a
+# forked worker that died on its own. Such a mutant is checked again (--recheck), not counted.
+WORKER_DIED = "worker died (exit 255)"
 
 
 def core_modules() -> list[str]:
@@ -87,13 +93,37 @@ def read_results(modules: list[str]) -> dict[str, dict]:
         data = json.loads(meta.read_text())
         mutants = {}
         for name, code in sorted(data["exit_code_by_key"].items()):
-            status = status_by_exit_code[code]
+            status = WORKER_DIED if code == 255 else status_by_exit_code[code]
             entry = {"status": status}
             if status not in KILLED:
                 entry["diff"] = changed_lines(get_diff_for_mutant(name, path=mod))
             mutants[name] = entry
         out[mod] = {"function_hashes": data.get("hash_by_function_name", {}), "mutants": mutants}
     return out
+
+
+def function_of(name: str) -> str:
+    """The mangled function a mutant belongs to: ``pkg.mod.xǁCǁf__mutmut_3`` -> ``xǁCǁf``."""
+    return name.rsplit(".", 1)[1].rsplit("__mutmut_", 1)[0]
+
+
+def carry_over(old: dict, new: dict, rechecked: dict[str, dict]) -> int:
+    """Merge a module's recorded run ``old`` into the fresh read ``new`` (in place); return how
+    many mutants were carried.
+
+    A mutant this run did not reach (``not checked``) in a function whose hash is the recorded
+    one keeps its recorded status, as mutmut itself keeps results within ``./mutants``: the
+    mutant is the same code, and tests only grow. In a function whose hash changed, every
+    mutant is new (mutmut renumbers them), so its ``--recheck`` kills are dropped."""
+    same = {f for f, h in new["function_hashes"].items() if old["function_hashes"].get(f) == h}
+    for name in [n for n in rechecked if n in old["mutants"] and function_of(n) not in same]:
+        del rechecked[name]
+    carried = 0
+    for name, m in new["mutants"].items():
+        if m["status"] == "not checked" and function_of(name) in same and name in old["mutants"]:
+            new["mutants"][name] = old["mutants"][name]
+            carried += 1
+    return carried
 
 
 def is_equivalent(triage: dict[str, dict], name: str, diff: list[str]) -> bool:
@@ -183,6 +213,8 @@ def main() -> None:
                     help="run these tests against every untriaged survivor of the JSON in these modules "
                          "(tests written after the mutmut run) and record the kills")
     ap.add_argument("--table", action="store_true", help="print the README's table of the JSON")
+    ap.add_argument("--forget", action="store_true",
+                    help="drop these modules' records from the JSON (back to pending), e.g. a partial run")
     args, extra = ap.parse_known_args()  # extra: pytest options of --check / --recheck (e.g. -k)
     if args.table:
         print(markdown_table(json.loads(OUT.read_text())))
@@ -214,7 +246,14 @@ def main() -> None:
     modules = {m: r for m, r in previous.get("modules", {}).items() if m in core}
     rechecked = previous.get("rechecked", {})
     triage = {k: v for f in sorted(TRIAGE.glob("*.json")) for k, v in json.loads(f.read_text()).items()}
-    if args.recheck:
+    if args.forget:
+        if not args.modules:
+            ap.error("--forget needs --modules")
+        for mod in chosen:
+            for name in [n for n in rechecked if n in modules.get(mod, {}).get("mutants", {})]:
+                del rechecked[name]
+            modules.pop(mod, None)
+    elif args.recheck:
         fresh = read_results(chosen)
         stale = [m for m in chosen if m not in modules or m not in fresh
                  or fresh[m]["function_hashes"] != modules[m]["function_hashes"]]
@@ -229,7 +268,7 @@ def main() -> None:
             for name, m in modules[mod]["mutants"].items():
                 if name in kills:
                     rechecked[name] = {"tests": tests, "diff": todo[name]}
-                elif name in todo and m["status"] == "not checked":  # mutmut did not get to it
+                elif name in todo and m["status"] in ("not checked", WORKER_DIED):  # mutmut did not get to it
                     m["status"] = "survived (recheck)"
     else:
         if args.survivors:
@@ -249,7 +288,11 @@ def main() -> None:
                                           capture_output=True, text=True).stdout.strip()}
         for mod, res in fresh.items():  # a re-read keeps the stamp of the run it reads
             keep = args.report_only and mod in modules and res["function_hashes"] == modules[mod]["function_hashes"]
-            modules[mod] = {**res, "run": modules[mod]["run"] if keep else stamp}
+            run = modules[mod]["run"] if keep else stamp
+            carried = carry_over(modules[mod], res, rechecked) if mod in modules else 0
+            if carried and not keep:
+                run = {**stamp, "carried": carried, "carried_from": modules[mod]["run"]}
+            modules[mod] = {**res, "run": run}
 
     summary = summarise(modules, triage, rechecked)
     result = {"tool": "mutmut 3.8.1",

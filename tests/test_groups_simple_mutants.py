@@ -499,6 +499,22 @@ def test_head_scaling_layout_repr_and_summaries():
         HeadScaling([])
 
 
+def test_head_scaling_stack_of_three_blocks_round_trips():
+    """Three blocks of one shape (1, 2 and 1 heads of 2 rows of ``W``) form one stack of 4 heads:
+    extract lists the hand slices in block order, and insert writes each block's heads back to
+    its own rows (the offset into the stack accumulates over all earlier blocks)."""
+    grp = HeadScaling([ScaleBlock((Piece("W", "rows"),), 1, 2),
+                       ScaleBlock((Piece("W", "rows", offset=2),), 2, 2),
+                       ScaleBlock((Piece("W", "rows", offset=6),), 1, 2)])
+    w = {"W": randn(8, 3, seed=5)}
+    (W,) = grp.extract(w)
+    assert grp.stacks == [[0, 1, 2]]
+    close(list(W), [w["W"][2 * i:2 * i + 2].T for i in range(4)], rtol=0, atol=0)
+    marked = [W * torch.arange(1.0, 5.0, dtype=DT)[:, None, None]]  # head i scaled by i + 1
+    back = grp.insert({"W": torch.zeros_like(w["W"])}, marked)
+    close(back["W"], w["W"] * torch.arange(1.0, 5.0, dtype=DT).repeat_interleave(2)[:, None], rtol=0, atol=0)
+
+
 def test_head_scaling_validate_errors():
     grp, w = scaling_problem()
     bad = HeadScaling([ScaleBlock((Piece("Wq", "rows"),), 3, 2, label="L/q")])
