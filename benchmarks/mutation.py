@@ -268,7 +268,7 @@ def main() -> None:
             for name, m in modules[mod]["mutants"].items():
                 if name in kills:
                     rechecked[name] = {"tests": tests, "diff": todo[name]}
-                elif name in todo and m["status"] in ("not checked", WORKER_DIED):  # mutmut did not get to it
+                elif name in todo and m["status"] in ("not checked", WORKER_DIED):  # no mutmut verdict on it
                     m["status"] = "survived (recheck)"
     else:
         if args.survivors:
