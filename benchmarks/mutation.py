@@ -33,7 +33,9 @@ change, a short run and a ``--recheck`` of what it left refresh a module. Not pa
 from __future__ import annotations
 
 import argparse
+import fcntl
 import fnmatch
+import hashlib
 import json
 import os
 import subprocess
@@ -42,6 +44,8 @@ import tempfile
 import time
 import tomllib
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "mutation.json"
@@ -164,22 +168,105 @@ def summarise(modules: dict[str, dict], triage: dict[str, dict], rechecked: dict
     return {"score": score(totals), "counts": totals, "per_module": per_module, "survivors": survivors}
 
 
-def killed_by(mutants: list[str], pytest_args: list[str], workers: int, timeout: float = 600) -> set[str]:
+def covering_tests(mutants: list[str]) -> dict:
+    """mutmut's record (``mutants/mutmut-stats.json``) of the tests that reach each mutant's function,
+    and every test it knows (a test it does not know was written since, and is run for every mutant)."""
+    stats = json.loads((ROOT / "mutants" / "mutmut-stats.json").read_text())
+    reach = stats["tests_by_mangled_function_name"]
+    return {"known": sorted(stats["duration_by_test"]),
+            "by_mutant": {m: sorted(reach.get(m.replace("__init__.", "").rsplit("__mutmut_", 1)[0], ()))
+                          for m in mutants}}
+
+
+PROGRESS = ROOT / "mutants" / "screen-progress.jsonl"  # the verdicts of a screen not yet recorded
+
+
+def function_hashes(mutants: list[str]) -> dict[str, str]:
+    """mutmut's hash of each mutant's function in ``./mutants`` (its number means another mutant
+    once the function changes)."""
+    out, metas = {}, {}
+    for m in mutants:
+        module, function = m.rsplit(".", 1)
+        path = ROOT / "mutants" / (module.replace(".", "/") + ".py.meta")
+        if not path.exists():
+            path = ROOT / "mutants" / (module.replace(".", "/") + "/__init__.py.meta")
+        if path not in metas:
+            metas[path] = json.loads(path.read_text()).get("hash_by_function_name", {}) if path.exists() else {}
+        out[m] = metas[path].get(function.rsplit("__mutmut_", 1)[0], "")
+    return out
+
+
+def screen_key(pytest_args: list[str], every_test: bool) -> str:
+    """What a screen's verdicts depend on besides the mutant: the arguments and the test files' text."""
+    digest = hashlib.sha1(json.dumps([pytest_args, every_test]).encode())
+    for a in pytest_args:
+        path = ROOT / a.split("::")[0]
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def killed_by(mutants: list[str], pytest_args: list[str], workers: int, timeout: float = 600,
+              every_test: bool = False) -> set[str]:
     """The ``mutants`` that ``pytest_args`` kill, run against the package in ``./mutants`` (the
     tests are the working tree's, so tests written after the mutmut run count; they must pass
-    with no mutant switched on). Each run is forked from one warm process (mutation_screen.py)."""
+    with no mutant switched on). Each run is forked from one warm process (mutation_screen.py) and,
+    unless ``every_test``, runs only the given tests that reach the mutant's function (as mutmut
+    does) plus those mutmut has not seen. Each verdict is appended to ``PROGRESS`` as it comes, and
+    a screen with the same tests picks up there after an interruption."""
+    key, hashes = screen_key(pytest_args, every_test), function_hashes(mutants)
+    done = {}
+    if PROGRESS.exists():
+        for line in PROGRESS.read_text().splitlines():
+            entry = json.loads(line)
+            if entry["key"] == key and entry.get("function_hash") == hashes.get(entry["mutant"]):
+                done[entry["mutant"]] = entry["code"]
+    todo = [m for m in mutants if m not in done]
+    codes = {m: done[m] for m in mutants if m in done}
+    if not todo:  # every verdict saved (their screens ran the tests unmutated first)
+        return {m for m in mutants if codes[m] not in ("0", "5")}
     args = [str(ROOT / a) if a.startswith("tests") else a for a in pytest_args]
-    with tempfile.NamedTemporaryFile("w", suffix=".txt") as names:
-        names.write("\n".join(mutants))
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as names, \
+            tempfile.NamedTemporaryFile("w", suffix=".json") as cover, open(PROGRESS, "a") as log:
+        names.write("\n".join(todo))
         names.flush()
-        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mutation_screen.py"), names.name,
-                               str(workers), str(timeout), "--", *args],
-                              cwd=ROOT / "mutants", capture_output=True, text=True,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT / "mutants")))  # for spawned processes too
-    codes = dict(reversed(line.split(" ", 1)) for line in proc.stdout.splitlines())
+        json.dump(covering_tests(todo), cover)
+        cover.flush()
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "mutation_screen.py"), names.name, str(workers),
+               str(timeout), *([] if every_test else [cover.name]), "--", *args]
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "mutants"))  # for spawned processes too
+        with subprocess.Popen(cmd, cwd=ROOT / "mutants", stdout=subprocess.PIPE, text=True, env=env) as proc, \
+                tqdm(total=len(mutants) + 1, initial=len(codes), desc="screening mutants", unit="mutant") as bar:
+            for line in proc.stdout:  # "<exit code> <mutant>", one per finished run; TQDM_DISABLE=1 hides the bar
+                code, name = line.rstrip("\n").split(" ", 1)
+                codes[name] = code
+                if name != "-":
+                    log.write(json.dumps({"key": key, "mutant": name, "function_hash": hashes[name],
+                                          "code": code}) + "\n")
+                    log.flush()
+                bar.update()
     if codes.get("-") != "0":
         sys.exit(f"the tests fail without a mutant: python -m pytest {' '.join(pytest_args)}")
-    return {m for m in mutants if codes.get(m, "0") != "0"}
+    return {m for m in mutants if codes.get(m, "0") not in ("0", "5")}  # 5: no test reached it
+
+
+def forget_progress(mutants: set[str]) -> None:
+    """Drop the saved screen verdicts of ``mutants`` (recorded in the JSON now)."""
+    if PROGRESS.exists():
+        keep = [line for line in PROGRESS.read_text().splitlines() if json.loads(line)["mutant"] not in mutants]
+        PROGRESS.write_text("".join(line + "\n" for line in keep))
+
+
+def merge_latest(chosen: list[str], modules: dict, rechecked: dict) -> tuple[dict, dict]:
+    """This run's records of the ``chosen`` modules over the JSON as it is now on disk, so that
+    runs on other modules that finished meanwhile (e.g. a long ``--recheck``) keep their records."""
+    latest = json.loads(OUT.read_text()) if OUT.exists() else {}
+    mine = tuple(module_name(m) + "." for m in chosen)
+    merged = {m: r for m, r in latest.get("modules", {}).items() if m not in chosen}
+    merged.update({m: modules[m] for m in chosen if m in modules})
+    kills = {n: r for n, r in latest.get("rechecked", {}).items() if not n.startswith(mine)}
+    kills.update({n: r for n, r in rechecked.items() if n.startswith(mine)})
+    return dict(sorted(merged.items())), dict(sorted(kills.items()))
 
 
 def markdown_table(result: dict) -> str:
@@ -212,6 +299,11 @@ def main() -> None:
     ap.add_argument("--recheck", nargs="+", metavar="TEST",
                     help="run these tests against every untriaged survivor of the JSON in these modules "
                          "(tests written after the mutmut run) and record the kills")
+    ap.add_argument("--timeout", type=float, default=600,
+                    help="seconds per mutant in --check / --recheck before it is killed (and counts as killed)")
+    ap.add_argument("--every-test", action="store_true",
+                    help="in --check / --recheck, run every given test on each mutant, not only those that "
+                         "reach its function")
     ap.add_argument("--table", action="store_true", help="print the README's table of the JSON")
     ap.add_argument("--forget", action="store_true",
                     help="drop these modules' records from the JSON (back to pending), e.g. a partial run")
@@ -222,7 +314,7 @@ def main() -> None:
     if extra and not (args.check or args.recheck):
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.check:
-        killed = killed_by([args.check[0]], (args.check[1:] + extra) or ["tests"], 1)
+        killed = killed_by([args.check[0]], (args.check[1:] + extra) or ["tests"], 1, args.timeout, args.every_test)
         print("killed" if killed else "survived", args.check[0])
         return
 
@@ -243,6 +335,7 @@ def main() -> None:
         return
 
     previous = json.loads(OUT.read_text()) if OUT.exists() else {}
+    screened: set[str] = set()  # the mutants a --recheck screened
     modules = {m: r for m, r in previous.get("modules", {}).items() if m in core}
     rechecked = previous.get("rechecked", {})
     triage = {k: v for f in sorted(TRIAGE.glob("*.json")) for k, v in json.loads(f.read_text()).items()}
@@ -263,13 +356,14 @@ def main() -> None:
                 if m["status"] not in KILLED and name not in rechecked
                 and not is_equivalent(triage, name, m["diff"])}
         tests = args.recheck + extra
-        kills = killed_by(sorted(todo), tests, args.max_children)
+        kills = killed_by(sorted(todo), tests, args.max_children, args.timeout, args.every_test)
         for mod in chosen:
             for name, m in modules[mod]["mutants"].items():
                 if name in kills:
                     rechecked[name] = {"tests": tests, "diff": todo[name]}
                 elif name in todo and m["status"] in ("not checked", WORKER_DIED):  # no mutmut verdict on it
                     m["status"] = "survived (recheck)"
+        screened = set(todo)
     else:
         if args.survivors:
             names = [s["mutant"] for s in previous.get("survivors", [])
@@ -294,14 +388,18 @@ def main() -> None:
                 run = {**stamp, "carried": carried, "carried_from": modules[mod]["run"]}
             modules[mod] = {**res, "run": run}
 
-    summary = summarise(modules, triage, rechecked)
-    result = {"tool": "mutmut 3.8.1",
-              "formula": "killed / (total - equivalent); timeouts count as killed; a survivor of the mutmut "
-                         "run that tests written after it kill (--recheck) counts as killed",
-              "target": 0.90, **summary,
-              "modules_pending": [m for m in core if m not in modules],
-              "rechecked": rechecked, "modules": modules}
-    OUT.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    with open(Path(tempfile.gettempdir()) / "quotientsharp-mutation.lock", "w") as lock:  # other runs may write
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        modules, rechecked = merge_latest(chosen, modules, rechecked)
+        summary = summarise(modules, triage, rechecked)
+        result = {"tool": "mutmut 3.8.1",
+                  "formula": "killed / (total - equivalent); timeouts count as killed; a survivor of the mutmut "
+                             "run that tests written after it kill (--recheck) counts as killed",
+                  "target": 0.90, **summary,
+                  "modules_pending": [m for m in core if m not in modules],
+                  "rechecked": rechecked, "modules": modules}
+        OUT.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+        forget_progress(screened)  # recorded now
     untriaged = sum(s["triage"] == "untriaged" for s in summary["survivors"])
     print(f"score {summary['score']:.3f} over {len(modules)}/{len(core)} core modules "
           f"({summary['counts']['killed']}/{summary['counts']['total']} killed, "

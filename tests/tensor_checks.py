@@ -47,3 +47,22 @@ def rk4_step(gam: Callable[[dict, dict], dict], w: dict, v: dict, t: float) -> d
     k3 = f(ax(w, k2[0], t / 2), ax(v, k2[1], t / 2))
     k4 = f(ax(w, k3[0], t), ax(v, k3[1], t))
     return {n: w[n] + t / 6 * (k1[0][n] + 2 * k2[0][n] + 2 * k3[0][n] + k4[0][n]) for n in w}
+
+
+class DeviceProbe(StopIteration):
+    """Raised by :func:`meta_operator` at its first product."""
+
+
+def meta_operator(n: int):
+    """An ``(n, n)`` operator on the ``meta`` device (a stand-in for a GPU) whose first ``matvec``
+    or ``matmat`` records the device of its argument in ``seen`` and raises :class:`DeviceProbe`:
+    whether a routine sends its vectors to ``op.device`` shows on a CPU-only machine."""
+    from quotientsharp.curvature import FunctionOperator
+
+    seen: list[torch.device] = []
+
+    def product(v: torch.Tensor) -> torch.Tensor:
+        seen.append(v.device)
+        raise DeviceProbe
+
+    return FunctionOperator(n, product, product, device="meta"), seen

@@ -558,3 +558,32 @@ def test_christoffel_with_a_euclidean_rest_against_the_dense_construction():
     expected = parts["C"] @ v
     assert_close(op.christoffel_matvec(v), expected, rel=1e-10)
     assert expected[-4:].abs().max() == 0 and expected.abs().max() > 0  # att.o.bias: flat
+
+
+# --- QuotientHessianOperator.__init__: horizontal spaces of dimension 0 and 1 ------------------------
+def test_horizontal_dimension_zero_is_refused_and_one_is_the_scalar_quotient_hessian():
+    """Adaptive rest metric ``g(w) = 1/w²`` on a linear model: coordinates with ``w = 0`` are masked
+    (vertical), so all-zero weights leave no horizontal direction and one non-zero weight leaves one.
+    On it, ``A = M⁻¹(H − C) = w²(∂²L + Γ ∂L)`` with ``Γ = ½ g⁻¹ g' = −1/w``: ``w² ∂²L + w ∂L``."""
+    from quotientsharp.quotient import Quotient
+
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(8, 3, generator=gen, dtype=DT), torch.randn(8, 1, generator=gen, dtype=DT)
+    model = torch.nn.Linear(3, 1).double()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
+    quotient = Quotient([], ["weight", "bias"], rest="adaptive")
+    with pytest.raises(ValueError, match="horizontal space is trivial"):
+        QuotientHessianOperator(model, [(X, Y)], mse, quotient=quotient)
+    w = 0.7
+    with torch.no_grad():
+        model.weight[0, 1] = w
+    op = QuotientHessianOperator(model, [(X, Y)], mse, quotient=quotient)
+    assert (op.n, op.kernel_dim, op.n_horizontal) == (4, 3, 1)
+    x = X[:, 1]
+    residual = w * x - Y[:, 0]
+    d2, d1 = 2 * (x * x).mean(), 2 * (residual * x).mean()  # ∂²L, ∂L of mean((w x − y)²)
+    expected = torch.zeros(4, 4, dtype=DT)
+    expected[1, 1] = w * w * d2 + w * d1
+    assert_close(op.to_dense(), expected, rel=1e-12)
