@@ -186,13 +186,13 @@ def function_hashes(mutants: list[str]) -> dict[str, str]:
     once the function changes)."""
     out, metas = {}, {}
     for m in mutants:
-        module, function = m.rsplit(".", 1)
+        module = m.rsplit(".", 1)[0]
         path = ROOT / "mutants" / (module.replace(".", "/") + ".py.meta")
         if not path.exists():
             path = ROOT / "mutants" / (module.replace(".", "/") + "/__init__.py.meta")
         if path not in metas:
             metas[path] = json.loads(path.read_text()).get("hash_by_function_name", {}) if path.exists() else {}
-        out[m] = metas[path].get(function.rsplit("__mutmut_", 1)[0], "")
+        out[m] = metas[path].get(function_of(m), "")
     return out
 
 

@@ -5,8 +5,9 @@
 The parent imports torch, pytest and the package once (one thread, so forking is safe) and
 collects the tests; each mutant then runs in a forked child with ``MUTANT_UNDER_TEST`` set (as
 mutmut's trampolines read it), so no state a mutant leaves behind reaches the next run. Prints
-``<exit code> <mutant>`` per line (first line: the run with no mutant, named ``-``); a child that
-exceeds TIMEOUT seconds is killed (``-9``: a mutant that never ends counts as killed).
+``<exit code> <mutant>`` per line (the run with no mutant, named ``-``, comes before every run
+that forks); a child that exceeds TIMEOUT seconds is killed (``-9``: a mutant that never ends
+counts as killed).
 
 With ``COVERING_JSON`` (``{"known": [test ids], "by_mutant": {mutant: [test ids]}}``, mutmut's
 record of which tests reach each function) a mutant runs only the collected tests that reach its
