@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quotientsharp.functional import map_tensors
+
 Batch = Any  # an (inputs, targets) pair or a dict of keyword tensors with "labels"
 
 LOSSES: dict[str, Callable] = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
@@ -129,11 +131,7 @@ def make_batches(examples: tuple | dict, batch_size: int, n_batches: int, shuffl
 
 def _place(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """Move a batch to ``device`` and cast its floating tensors to ``dtype``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, dtype) if batch.is_floating_point() else batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _place(v, device, dtype) for k, v in batch.items()}
-    return type(batch)(_place(v, device, dtype) for v in batch)
+    return map_tensors(lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device), batch)
 
 
 # --------------------------------------------------------------------------- measures

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .functional import batch_size, to_device
+from .functional import batch_size, map_tensors, to_device
 
 SPLITS = ("batches", "examples")
 KEYWORDS = ("process_group", "distributed", "split")
@@ -129,13 +129,7 @@ def checksum(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 def _part(obj: Any, rank: int, world: int) -> Any:
     """This rank's share of the examples of a (nested) batch."""
-    if isinstance(obj, torch.Tensor):
-        return obj.tensor_split(world)[rank]
-    if isinstance(obj, Mapping):
-        return {k: _part(v, rank, world) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_part(v, rank, world) for v in obj)
-    return obj
+    return map_tensors(lambda t: t.tensor_split(world)[rank], obj)
 
 
 class _SumValue(torch.autograd.Function):

@@ -1,14 +1,15 @@
 """Functional plumbing shared by every measure: parameters as dicts, batches, losses.
 
-A *batch* is what a data loader yields: a ``(inputs, targets)`` pair (inputs a tensor or a tuple
-of tensors), or a dict of keyword inputs holding the targets under ``"labels"`` (HuggingFace
-style). Models are called through :func:`torch.func.functional_call` so that any parameter dict
-(perturbed weights, a tangent-space endpoint) can be plugged in without touching the module.
+A *batch* is what a data loader yields: an ``(inputs, targets)`` pair (a tuple, list or
+namedtuple; inputs a tensor or a tuple of tensors), or a dict of keyword inputs holding the
+targets under ``"labels"`` (HuggingFace style). Models are called through
+:func:`torch.func.functional_call` so that any parameter dict (perturbed weights, a tangent-space
+endpoint) can be plugged in without touching the module.
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -58,15 +59,26 @@ def batch_size(batch: Any) -> int:
     return int(split_batch(batch)[1].shape[0])
 
 
+def same_sequence(seq: tuple | list, items: Iterable) -> tuple | list:
+    """A tuple or list of ``seq``'s type holding ``items`` (a namedtuple takes them as arguments)."""
+    return type(seq)(*items) if hasattr(seq, "_fields") else type(seq)(items)
+
+
+def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
+    """``obj`` (a tensor, or dicts, tuples, namedtuples and lists of them) with ``fn`` applied to
+    every tensor; anything else is kept as it is."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return {k: map_tensors(fn, v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return same_sequence(obj, (map_tensors(fn, v) for v in obj))
+    return obj
+
+
 def to_device(obj: Any, device: torch.device | str) -> Any:
     """Move every tensor in a (nested) batch to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(v, device) for v in obj)
-    return obj
+    return map_tensors(lambda t: t.to(device), obj)
 
 
 def forward(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Any) -> torch.Tensor:

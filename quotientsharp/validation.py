@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .functional import same_sequence
+
 
 def _as_real(value: Any) -> float | None:
     """``value`` as a float if it is a real number (bool excluded) or a one-element tensor."""
@@ -134,8 +136,8 @@ def _conform(obj: Any, dtype: torch.dtype | None, devices: set, path: str, where
         return obj.to(dtype) if dtype is not None and obj.is_floating_point() and obj.dtype != dtype else obj
     if isinstance(obj, Mapping):
         return {k: _conform(v, dtype, devices, f"{path}[{k!r}]", where) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)) and not hasattr(obj, "_fields"):
-        return type(obj)(_conform(v, dtype, devices, f"{path}[{i}]", where) for i, v in enumerate(obj))
+    if isinstance(obj, (tuple, list)):
+        return same_sequence(obj, (_conform(v, dtype, devices, f"{path}[{i}]", where) for i, v in enumerate(obj)))
     return obj
 
 
@@ -156,7 +158,7 @@ def conform_batch(batch: Any, dtype: torch.dtype | None, devices: Iterable[torch
         inputs = conform_inputs({k: v for k, v in batch.items() if k != "labels"}, dtype, devices, where, index)
         return {**inputs, **({"labels": batch["labels"]} if "labels" in batch else {})}
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return type(batch)((conform_inputs(batch[0], dtype, devices, where, index), batch[1]))
+        return same_sequence(batch, (conform_inputs(batch[0], dtype, devices, where, index), batch[1]))
     return batch
 
 

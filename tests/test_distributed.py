@@ -57,6 +57,7 @@ def check_hessian():
     model, batches = setup(1)  # rank 1 holds no batch
     single = HessianOperator(model, batches, F.cross_entropy)
     op = HessianOperator(model, batches, F.cross_entropy, process_group=dist.group.WORLD)
+    assert len(op.batches) == (1 if dist.get_rank() == 0 else 0)  # the group alone shards the batches
     v = torch.randn(op.n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     torch.testing.assert_close(op @ v, single @ v, rtol=0, atol=0)
 

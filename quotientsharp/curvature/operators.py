@@ -36,6 +36,7 @@ from quotientsharp.functional import (
     eval_mode,
     forward,
     has_batchnorm,
+    map_tensors,
     math_attention,
     model_device_dtype,
     split_batch,
@@ -276,13 +277,7 @@ def batch_statistics_only(model: nn.Module) -> Iterator[None]:
 
 
 def _cast_floating(obj: Any, dtype: torch.dtype) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return {k: _cast_floating(v, dtype) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_cast_floating(v, dtype) for v in obj)
-    return obj
+    return map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, obj)
 
 
 class ModelOperator(LinearOperator):
@@ -582,7 +577,18 @@ class HessianOperator(ModelOperator):
         def hvp(v: Params) -> Params:
             return jvp(gradient_fn, (self.target,), (v,))[1]
 
-        return vmap(hvp)
+        def apply(V: Params) -> Params:
+            try:
+                return vmap(hvp)(V)
+            except RuntimeError as err:  # torch 2.13: F.mse_loss (ZeroTensor), F.huber_loss (no rule)
+                if "ZeroTensor" not in str(err) and "forward AD" not in str(err):
+                    raise
+                raise RuntimeError(
+                    f"{type(self).__name__}(mode='forward_over_reverse'): torch's forward-mode AD cannot "
+                    f"differentiate the gradient of this model and loss_fn ({err}); use "
+                    "mode='reverse_over_reverse' (the default)") from err
+
+        return apply
 
     def _finite_difference(self, batch: Any) -> Callable[[Params], list[torch.Tensor]]:
         def gradient_at(point: Params) -> tuple[torch.Tensor, ...]:
@@ -616,7 +622,10 @@ class GGNOperator(ModelOperator):
 
     ``J_b``: Jacobian of the batch outputs w.r.t. the target, ``∇²_f ℓ_b``: Hessian of the (mean)
     batch loss w.r.t. the outputs. PSD when the loss is convex in the outputs (cross-entropy,
-    MSE). Per batch, ``G_b v`` = vjp(J_bᵀ, jvp(∇_f ℓ_b, J_b v)), vmapped over columns.
+    MSE). Per batch, ``G_b v = J_bᵀ (∇²_f ℓ_b (J_b v))``, vmapped over columns: ``J_b v`` by
+    ``jvp``, then the output Hessian (symmetric) as the vjp of ``∇_f ℓ_b``, then ``J_bᵀ`` by vjp.
+    Only the model goes through forward-mode AD: torch 2.13 fails forward-over-reverse through
+    ``F.mse_loss`` (a ZeroTensor error) and has none for ``F.huber_loss``.
     """
 
     def batch_product(self, batch: Any) -> Callable[[Params], Params]:
@@ -626,10 +635,10 @@ class GGNOperator(ModelOperator):
             return forward(self.model, {**self.frozen, **target}, inputs)
 
         outputs, pullback = vjp(outputs_of, self.target)
-        output_gradient = grad(lambda out: self.loss_fn(out, targets))
+        _, output_hessian = vjp(grad(lambda out: self.loss_fn(out, targets)), outputs)
 
         def ggnvp(v: Params) -> Params:
             jv = jvp(outputs_of, (self.target,), (v,))[1]
-            return pullback(jvp(output_gradient, (outputs,), (jv,))[1])[0]
+            return pullback(output_hessian(jv)[0])[0]
 
         return vmap(ggnvp)
