@@ -1,0 +1,209 @@
+"""More behavioural tests of ``AttentionGL`` aimed at surviving mutants (issue 18), on the five
+hand-written layouts of ``test_groups_attention_mutants`` (separate projections, packed
+``nn.MultiheadAttention``, GPT-2 ``Conv1D``, grouped-query attention, GPT-NeoX fused QKV).
+
+References: the weights themselves (writing back the factors cut out of float64 weights into
+float32 weights must give those weights rounded to float32, in every layout).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_groups_attention_mutants import CASES
+
+from quotientsharp.groups.attention import AttentionGL, GLBlock, Piece
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__)
+def test_factors_written_into_float32_weights_are_cast_to_them(case):
+    """``insert`` of float64 factors into float32 weights keeps each weight's dtype: the result is
+    the float64 weights (whose factors they are) rounded to float32."""
+    c = case()
+    group = AttentionGL(c.blocks, "inv")
+    w32 = {n: x.float() for n, x in c.w.items()}
+    out = group.insert(w32, group.extract(c.w))
+    for n, x in c.w.items():
+        assert out[n].dtype == torch.float32, n
+        assert torch.equal(out[n], x.float()), n
+
+
+def _factor_after_a_bias(strided: bool):
+    """One GL block (2 heads of size 2) whose G factor is a bias followed by two weights of 3 and
+    5 input rows: contiguous heads (runs), or heads at stride 3 (strided pieces, in weights of 6
+    rows that the group shares with nothing else)."""
+    g = torch.Generator().manual_seed(3)
+    n = 6 if strided else 4
+    w = {"qb": torch.randn(n, generator=g, dtype=torch.float64), "q": torch.randn(n, 3, generator=g, dtype=torch.float64),
+         "q2": torch.randn(n, 5, generator=g, dtype=torch.float64), "k": torch.randn(n, 3, generator=g, dtype=torch.float64)}
+    kw = {"offset": 0, "stride": 3} if strided else {}
+    block = GLBlock(G=(Piece("qb", "bias", **kw), Piece("q", "rows", **kw), Piece("q2", "rows", **kw)),
+                    H=(Piece("k", "rows", **kw),), n_heads=2, head_dim=2, label="b")
+    return w, AttentionGL([block], "inv", shares_tensors=strided)
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_insert_writes_every_piece_from_its_own_rows(strided):
+    """G = [qb; q^T; q2^T] per head (1 + 3 + 5 rows): writing back the factors of other weights
+    gives those weights (on the heads' rows), and the rows of G are the pieces in order."""
+    w, group = _factor_after_a_bias(strided)
+    other = {n: x + 1.0 for n, x in w.items()}
+    out = group.insert(w, group.extract(other))
+    heads = [0, 1, 3, 4] if strided else [0, 1, 2, 3]
+    for n in w:
+        assert torch.equal(out[n][heads], other[n][heads]), n
+        rest = [i for i in range(w[n].shape[0]) if i not in heads]
+        assert torch.equal(out[n][rest], w[n][rest]), n
+    (G, _), = group.extract(w)
+    first = heads[:2]
+    torch.testing.assert_close(G[0], torch.cat([w["qb"][first][None], w["q"][first].T, w["q2"][first].T]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("piece", [Piece("o", "cols"), Piece("b", "bias")])
+def test_a_factor_with_fewer_rows_than_the_head_dim_is_refused(piece):
+    """The rows a piece adds to its factor: ``p.shape[0]`` for columns of ``o`` (here 1, not the
+    4 columns it spans), 1 for a bias; fewer than ``h = 2`` rows is a degenerate orbit."""
+    w = {"v": torch.randn(4, 3, dtype=torch.float64), "o": torch.randn(1, 4, dtype=torch.float64),
+         "b": torch.randn(4, dtype=torch.float64)}
+    block = GLBlock(G=(Piece("v", "rows"),), H=(piece,), n_heads=2, head_dim=2, label="vo")
+    group = AttentionGL([block], "inv", shares_tensors=True)
+    with pytest.raises(ValueError, match=r"^vo: factor H has 1 rows < head dim 2"):
+        group.validate({"v": w["v"], piece.name: w[piece.name]})
+
+
+def test_norm_of_a_riemannian_gradient_changed_in_place_is_recomputed():
+    """``norm_sq(w, d)`` of ``d = riemannian_gradient(w, egrad)`` may reuse ``<egrad, d>``, but
+    only while ``d`` is unmodified: after ``d *= 2`` in place it is ``g(2d, 2d) = 4 g(d, d)``, the
+    metric's own ``inner``."""
+    c = CASES[0]()
+    group = AttentionGL(c.blocks, "inv")
+    g = torch.Generator().manual_seed(5)
+    egrad = {n: torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()}
+    d = group.riemannian_gradient(c.w, egrad)
+    before = group.norm_sq(c.w, d)
+    torch.testing.assert_close(before, group.inner(c.w, d, d), rtol=1e-12, atol=0)
+    for x in d.values():
+        x.mul_(2.0)
+    torch.testing.assert_close(group.norm_sq(c.w, d), 4 * before, rtol=1e-12, atol=0)
+    d = group.riemannian_gradient(c.w, egrad)  # now the weights change too: g at the new weights
+    w = c.w
+    for x in (*w.values(), *d.values()):
+        x.mul_(1.5)
+    torch.testing.assert_close(group.norm_sq(w, d), group.inner(w, d, d), rtol=1e-12, atol=0)
+
+
+def test_a_singular_head_is_named_on_the_differentiable_path_too():
+    """Weights that require grad take the extract path (no views): a dead head still raises
+    naming its layer and head."""
+    from quotientsharp.groups.gl_math import SingularHeadError
+    c = CASES[0]()
+    group = AttentionGL(c.blocks, "inv")
+    w = {n: x.clone() for n, x in c.w.items()}
+    w["l1.k"][2:4] = 0.0
+    w["l1.kb"][2:4] = 0.0
+    w = {n: x.requires_grad_(True) for n, x in w.items()}
+    xi = {n: torch.ones_like(x) for n, x in w.items()}
+    with pytest.raises(SingularHeadError, match=r"H \(W_K / W_O side\) in l1/qk/head 1"):
+        group.horizontal_projection(w, xi)
+
+
+def test_float32_weights_get_float64_gram_matrices():
+    """An ill-conditioned head (two rows of W_Q 1e-3 apart: G^T G has a condition number of about
+    1e6) in float32 weights: the projection agrees with the float64 computation on the same float32
+    values to 1e-3 of its scale (measured: 7e-5); float32 Gram matrices are off by 0.2."""
+    c = CASES[0]()
+    w = {n: x.clone() for n, x in c.w.items()}
+    w["l0.q"][1] = w["l0.q"][0] + 1e-3 * w["l0.q"][1]
+    w["l0.qb"][1] = w["l0.qb"][0] + 1e-3 * w["l0.qb"][1]
+    w32 = {n: x.float() for n, x in w.items()}
+    w64 = {n: x.double() for n, x in w32.items()}
+    g = torch.Generator().manual_seed(2)
+    xi64 = {n: torch.randn(x.shape, generator=g, dtype=torch.float64) for n, x in w.items()}
+    xi32 = {n: x.float() for n, x in xi64.items()}
+    group = AttentionGL(c.blocks, "inv")
+    want = group.horizontal_projection(w64, {n: x.double() for n, x in xi32.items()})
+    got = group.horizontal_projection(w32, xi32)
+    scale = max(float(x.abs().max()) for x in want.values())
+    for n in want:
+        assert got[n].dtype == torch.float32
+        torch.testing.assert_close(got[n].double(), want[n], rtol=0, atol=1e-3 * scale)
+
+
+def test_a_group_reused_on_weights_of_other_shapes_integrates_their_geodesic():
+    """The same group on models of residual width 2, 3 and 4 (factors of at most 2h = 4 rows:
+    zero-padded, not QR-compressed): each exact geodesic is the plain RK4 of the group's
+    Christoffel form (the base class's integration) on those weights."""
+    from quotientsharp import SymmetryGroup
+    c = CASES[0]()
+    group = AttentionGL(c.blocks, "inv")
+    g = torch.Generator().manual_seed(9)
+    for width in (2, 3, 4):
+        def shape(n, x):  # W_Q, W_K, W_V read the residual stream; W_O writes back into it
+            return x.shape if x.ndim == 1 else ((width, x.shape[1]) if n.endswith(".o") else (x.shape[0], width))
+        w = {n: torch.randn(shape(n, x), generator=g, dtype=x.dtype) for n, x in c.w.items()}
+        xi = {n: 0.05 * torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in w.items()}
+        got = group.geodesic_ode(w, xi, n_steps=16, tol=None)
+        want = SymmetryGroup.geodesic_ode(group, w, xi, 1.0, 16, None)
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-9, atol=1e-11)
+
+
+def test_a_relaxed_group_integrates_its_relaxed_geodesic():
+    """``eps_rel`` and ``eps`` reach the packed ODE: the exact geodesic of a relaxed group is the
+    plain RK4 of its own (relaxed) Christoffel form, and differs from the unrelaxed one."""
+    from quotientsharp import SymmetryGroup
+    c = CASES[0]()
+    g = torch.Generator().manual_seed(4)
+    xi = {n: 0.05 * torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()}
+    relaxed = AttentionGL(c.blocks, "inv", eps_rel=0.3, eps=0.2)
+    got = relaxed.geodesic_ode(c.w, xi, n_steps=16, tol=None)
+    want = SymmetryGroup.geodesic_ode(relaxed, c.w, xi, 1.0, 16, None)
+    plain = AttentionGL(c.blocks, "inv").geodesic_ode(c.w, xi, n_steps=16, tol=None)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-9, atol=1e-11)
+    assert any(not torch.allclose(got[n], plain[n], rtol=1e-6, atol=0) for n in got)
+
+
+def test_the_kept_integration_serves_only_its_own_velocity(monkeypatch):
+    """``geodesic_vjp(order="exact")`` reuses the integration ``geodesic_ode`` kept for the same
+    ``w`` and ``xi`` (no second integration); for another velocity (a new tensor whose version
+    counter is also 0) it integrates anew: the adjoint of a fresh group."""
+    import quotientsharp.groups.attention as attention
+    runs = []
+    integrate = attention.geodesic_trajectory
+    monkeypatch.setattr(attention, "geodesic_trajectory", lambda *a, **k: (runs.append(1), integrate(*a, **k))[1])
+    c = CASES[0]()
+    g = torch.Generator().manual_seed(6)
+    xi1, xi2, cot = ({n: s * torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()}
+                     for s in (0.05, 0.08, 1.0))
+    group = AttentionGL(c.blocks, "inv")
+    group.geodesic_ode(c.w, xi1, n_steps=16, tol=None)
+    group.geodesic_vjp(c.w, xi1, cot, order="exact", n_steps=16, tol=None)
+    assert len(runs) == 1
+    got = group.geodesic_vjp(c.w, xi2, cot, order="exact", n_steps=16, tol=None)
+    assert len(runs) == 2
+    group.geodesic_ode(c.w, xi1)  # the defaults of both (64 steps, tol 1e-10) are the same run
+    group.geodesic_vjp(c.w, xi1, cot, order="exact")
+    assert len(runs) == 3
+    want = AttentionGL(c.blocks, "inv").geodesic_vjp(c.w, xi2, cot, order="exact", n_steps=16, tol=None)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=1e-14)
+
+
+def test_three_blocks_in_one_stack_on_the_views_path():
+    """Three layers of equal shapes stack their QK blocks: the views path (plain tensors; each
+    block's heads at its own offset in the stack) gives the extract path's projection (tensors
+    that require grad)."""
+    g = torch.Generator().manual_seed(12)
+    w, blocks = {}, []
+    for layer in range(3):
+        for n in "qk":
+            w[f"l{layer}.{n}"] = torch.randn(4, 3, generator=g, dtype=torch.float64)
+        blocks.append(GLBlock(G=(Piece(f"l{layer}.q", "rows"),), H=(Piece(f"l{layer}.k", "rows"),), n_heads=2,
+                              head_dim=2, label=f"l{layer}/qk"))
+    group = AttentionGL(blocks, "inv")
+    assert group._stacks(w) == [[0, 1, 2]]
+    xi = {n: torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in w.items()}
+    fast = group.horizontal_projection(w, xi)
+    traced = group.horizontal_projection({n: x.clone().requires_grad_(True) for n, x in w.items()}, xi)
+    for n in w:
+        torch.testing.assert_close(fast[n], traced[n].detach(), rtol=1e-12, atol=1e-13)
