@@ -207,3 +207,30 @@ def test_three_blocks_in_one_stack_on_the_views_path():
     traced = group.horizontal_projection({n: x.clone().requires_grad_(True) for n, x in w.items()}, xi)
     for n in w:
         torch.testing.assert_close(fast[n], traced[n].detach(), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("op", ["horizontal_projection", "christoffel", "geodesic_2nd"])
+def test_the_views_path_writes_outputs_for_non_contiguous_weights(op):
+    """Weights held as transposed views (non-contiguous): the views path's outputs are fresh
+    contiguous tensors its reshaped views write into, so it gives the extract path's result
+    (tensors that require grad)."""
+    c = CASES[0]()
+    w = {n: (x.T.contiguous().T if x.ndim == 2 else x) for n, x in c.w.items()}
+    assert not all(x.is_contiguous() for x in w.values())
+    g = torch.Generator().manual_seed(13)
+    xi = {n: 0.1 * torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in w.items()}
+    group = AttentionGL(c.blocks, "inv")
+    fast = getattr(group, op)(w, xi)
+    traced = getattr(group, op)({n: x.clone().requires_grad_(True) for n, x in w.items()}, xi)
+    for n in w:
+        torch.testing.assert_close(fast[n], traced[n].detach(), rtol=1e-12, atol=1e-13)
+
+
+def test_a_tangent_output_takes_the_dtype_of_its_vector():
+    """A float32 tangent at float64 weights: the projection is a float32 tangent (the point's
+    dtype is for points: ``geodesic_2nd`` returns float64)."""
+    c = CASES[0]()
+    xi = {n: torch.ones(x.shape, dtype=torch.float32) for n, x in c.w.items()}
+    group = AttentionGL(c.blocks, "inv")
+    assert {x.dtype for x in group.horizontal_projection(c.w, xi).values()} == {torch.float32}
+    assert {x.dtype for x in group.geodesic_2nd(c.w, xi).values()} == {torch.float64}
