@@ -103,11 +103,9 @@ def test_float64_operator_of_a_float32_model_is_the_float64_models_hessian():
 
 def test_inputs_are_cast_to_the_models_dtype_without_a_dtype_option():
     """With no ``dtype``, float64 inputs to a float32 model are cast to float32 (float32 targets)."""
-    def with_inputs(dtype):
-        return [({"x": x.to(dtype)}, y) for x, y in
-                [(b[0]["x"], b[1]) for b in regression_batches(torch.float64)]]
-    to_float32 = [(i, y.float()) for i, y in with_inputs(torch.float64)]
-    stored = [(i, y.float()) for i, y in with_inputs(torch.float32)]
+    def with_inputs(dtype):  # float32 targets either way
+        return [({"x": i["x"].to(dtype)}, y.float()) for i, y in regression_batches(torch.float64)]
+    to_float32, stored = with_inputs(torch.float64), with_inputs(torch.float32)
     a = HessianOperator(regressor(torch.float32), to_float32, F.mse_loss)
     b = HessianOperator(regressor(torch.float32), stored, F.mse_loss)
     assert a.batches[0][0]["x"].dtype == torch.float32

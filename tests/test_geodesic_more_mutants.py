@@ -22,6 +22,8 @@ from quotientsharp.geodesic import (
     geodesic_order,
     geodesic_trajectory,
     gl_stacked_christoffel,
+    rk4_geodesic,
+    rk4_trajectory,
 )
 from quotientsharp.groups.gl_math import SINGULAR_RTOL, SingularHeadError
 
@@ -169,7 +171,6 @@ def test_stacked_pullback_of_a_taller_cotangent_when_rows_equal_the_head_dimensi
 def test_rk4_defaults_are_t1_and_64_steps():
     """``rk4_geodesic`` / ``rk4_trajectory`` without ``t`` and ``n_steps``: 64 steps over [0, 1]
     (the same numbers as asking for them), within RK4's error of ``w exp(xi / w)``."""
-    from quotientsharp.geodesic import rk4_geodesic, rk4_trajectory
     w, xi = {"a": torch.tensor([1.0, 2.0], dtype=DT)}, {"a": torch.tensor([0.3, -0.5], dtype=DT)}
     steps = []
     end, _ = rk4_geodesic(_adaptive_christoffel, w, xi, on_step=steps.append)
@@ -299,7 +300,6 @@ def test_compressed_gl_geodesic_and_its_vjp_are_the_raw_blocks(metric):
 
     leaves_w = {n: x.clone().requires_grad_(True) for n, x in _as_dict(w).items()}
     leaves_v = {n: x.clone().requires_grad_(True) for n, x in _as_dict(xi).items()}
-    from quotientsharp.geodesic import rk4_geodesic
     ref, _ = rk4_geodesic(_hand_christoffel(metric), leaves_w, leaves_v, 1.0, 16)
     c = _as_dict(cot)
     grads = torch.autograd.grad(sum((ref[n] * c[n]).sum() for n in ref), [*leaves_w.values(), *leaves_v.values()])

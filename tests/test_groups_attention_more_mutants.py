@@ -11,7 +11,9 @@ import pytest
 import torch
 from test_groups_attention_mutants import CASES
 
+from quotientsharp import SymmetryGroup
 from quotientsharp.groups.attention import AttentionGL, GLBlock, Piece
+from quotientsharp.groups.gl_math import SingularHeadError
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__)
@@ -94,7 +96,6 @@ def test_norm_of_a_riemannian_gradient_changed_in_place_is_recomputed():
 def test_a_singular_head_is_named_on_the_differentiable_path_too():
     """Weights that require grad take the extract path (no views): a dead head still raises
     naming its layer and head."""
-    from quotientsharp.groups.gl_math import SingularHeadError
     c = CASES[0]()
     group = AttentionGL(c.blocks, "inv")
     w = {n: x.clone() for n, x in c.w.items()}
@@ -132,7 +133,6 @@ def test_a_group_reused_on_weights_of_other_shapes_integrates_their_geodesic():
     """The same group on models of residual width 2, 3 and 4 (factors of at most 2h = 4 rows:
     zero-padded, not QR-compressed): each exact geodesic is the plain RK4 of the group's
     Christoffel form (the base class's integration) on those weights."""
-    from quotientsharp import SymmetryGroup
     c = CASES[0]()
     group = AttentionGL(c.blocks, "inv")
     g = torch.Generator().manual_seed(9)
@@ -150,7 +150,6 @@ def test_a_group_reused_on_weights_of_other_shapes_integrates_their_geodesic():
 def test_a_relaxed_group_integrates_its_relaxed_geodesic():
     """``eps_rel`` and ``eps`` reach the packed ODE: the exact geodesic of a relaxed group is the
     plain RK4 of its own (relaxed) Christoffel form, and differs from the unrelaxed one."""
-    from quotientsharp import SymmetryGroup
     c = CASES[0]()
     g = torch.Generator().manual_seed(4)
     xi = {n: 0.05 * torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()}
