@@ -279,10 +279,11 @@ def markdown_table(result: dict) -> str:
     lines = ["| module | mutants | killed | equivalent | not killed | score |", "|---|---|---|---|---|---|"]
     lines += [row(f"`{mod.removeprefix('quotientsharp/')}`", c, c["score"]) for mod, c in result["per_module"].items()
               if c["total"]]  # a module without mutants (an __init__) has no score
-    lines.append(row("**measured so far**", result["counts"], result["score"], bold=True))
-    n_pending = len(result["modules_pending"])
-    return "\n".join(lines) + (f"\n\nnot yet run: {n_pending} of {n_pending + len(result['modules'])} core modules "
-                               f"({', '.join(m.removeprefix('quotientsharp/') for m in result['modules_pending'])}).")
+    pending = [m.removeprefix("quotientsharp/") for m in result["modules_pending"]]
+    lines.append(row("**measured so far**" if pending else "**core**", result["counts"], result["score"], bold=True))
+    n = len(pending) + len(result["modules"])
+    return "\n".join(lines) + (f"\n\nnot yet run: {len(pending)} of {n} core modules ({', '.join(pending)})."
+                               if pending else f"\n\nall {n} core modules measured.")
 
 
 def main() -> None:

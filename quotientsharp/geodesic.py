@@ -674,7 +674,7 @@ def _error_float(x: torch.Tensor) -> float:
     """``float(x)`` for the step-doubling test, with a clear error where a transform (``vmap``)
     cannot give a Python number."""
     try:
-        return float(x)
+        return float(x.detach())  # a step count's test, no graph (float() of a traced tensor warns)
     except RuntimeError as err:
         raise RuntimeError("integrate_geodesic chooses its number of steps by comparing error estimates "
                            "as Python floats, which torch.func.vmap cannot give; pass tol=None to "

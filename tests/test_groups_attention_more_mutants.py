@@ -7,6 +7,10 @@ float32 weights must give those weights rounded to float32, in every layout).
 """
 from __future__ import annotations
 
+import contextlib
+import math
+import warnings
+
 import pytest
 import torch
 from test_groups_attention_mutants import CASES
@@ -14,6 +18,21 @@ from test_groups_attention_mutants import CASES
 from quotientsharp import SymmetryGroup
 from quotientsharp.groups.attention import AttentionGL, GLBlock, Piece
 from quotientsharp.groups.gl_math import SingularHeadError
+from quotientsharp.groups.residual import SubAlgebra
+
+
+@contextlib.contextmanager
+def warnings_as_errors():
+    """Every warning raises, torch's warn-once ones included (an earlier test may have used up
+    their one warning)."""
+    always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            yield
+    finally:
+        torch.set_warn_always(always)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__)
@@ -103,8 +122,9 @@ def test_a_singular_head_is_named_on_the_differentiable_path_too():
     w["l1.kb"][2:4] = 0.0
     w = {n: x.requires_grad_(True) for n, x in w.items()}
     xi = {n: torch.ones_like(x) for n, x in w.items()}
-    with pytest.raises(SingularHeadError, match=r"H \(W_K / W_O side\) in l1/qk/head 1"):
-        group.horizontal_projection(w, xi)
+    with warnings_as_errors():  # the check reads its eigenvalues without a graph
+        with pytest.raises(SingularHeadError, match=r"H \(W_K / W_O side\) in l1/qk/head 1"):
+            group.horizontal_projection(w, xi)
 
 
 def test_float32_weights_get_float64_gram_matrices():
@@ -188,11 +208,8 @@ def test_the_kept_integration_serves_only_its_own_velocity(monkeypatch):
         torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=1e-14)
 
 
-def test_three_blocks_in_one_stack_on_the_views_path():
-    """Three layers of equal shapes stack their QK blocks: the views path (plain tensors; each
-    block's heads at its own offset in the stack) gives the extract path's projection (tensors
-    that require grad)."""
-    g = torch.Generator().manual_seed(12)
+def _three_stacked_blocks(g: torch.Generator) -> tuple[dict, AttentionGL]:
+    """Three layers of equal shapes (2 heads of size 2 each) whose QK blocks form one stack."""
     w, blocks = {}, []
     for layer in range(3):
         for n in "qk":
@@ -201,6 +218,15 @@ def test_three_blocks_in_one_stack_on_the_views_path():
                               head_dim=2, label=f"l{layer}/qk"))
     group = AttentionGL(blocks, "inv")
     assert group._stacks(w) == [[0, 1, 2]]
+    return w, group
+
+
+def test_three_blocks_in_one_stack_on_the_views_path():
+    """Three layers of equal shapes stack their QK blocks: the views path (plain tensors; each
+    block's heads at its own offset in the stack) gives the extract path's projection (tensors
+    that require grad)."""
+    g = torch.Generator().manual_seed(12)
+    w, group = _three_stacked_blocks(g)
     xi = {n: torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in w.items()}
     fast = group.horizontal_projection(w, xi)
     traced = group.horizontal_projection({n: x.clone().requires_grad_(True) for n, x in w.items()}, xi)
@@ -233,3 +259,205 @@ def test_a_tangent_output_takes_the_dtype_of_its_vector():
     group = AttentionGL(c.blocks, "inv")
     assert {x.dtype for x in group.horizontal_projection(c.w, xi).values()} == {torch.float32}
     assert {x.dtype for x in group.geodesic_2nd(c.w, xi).values()} == {torch.float64}
+
+
+def test_insert_writes_each_of_three_stacked_blocks_from_its_own_heads():
+    """The stacked factors hold block ``i``'s heads at rows ``2i, 2i + 1``: writing back the
+    factors of other weights gives those weights, layer by layer."""
+    g = torch.Generator().manual_seed(14)
+    w, group = _three_stacked_blocks(g)
+    other = {n: torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in w.items()}
+    (G, H), = group.extract(other)
+    torch.testing.assert_close(G[4:6], other["l2.q"].reshape(2, 2, 3).transpose(1, 2), rtol=0, atol=0)
+    out = group.insert(w, [(G, H)])
+    for n in w:
+        assert torch.equal(out[n], other[n]), n
+
+
+def test_norm_after_the_egrad_of_a_riemannian_gradient_changed_in_place_is_recomputed():
+    """The shortcut ``g(d, d) = <egrad, d>`` holds only for the ``egrad`` that ``d`` was computed
+    from: after ``egrad *= 3`` in place, ``norm_sq(w, d)`` is still the metric's ``g(d, d)``."""
+    c = CASES[0]()
+    group = AttentionGL(c.blocks, "inv")
+    g = torch.Generator().manual_seed(15)
+    egrad = {n: torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()}
+    d = group.riemannian_gradient(c.w, egrad)
+    want = group.inner(c.w, d, d)
+    torch.testing.assert_close(group.norm_sq(c.w, d), want, rtol=1e-12, atol=0)
+    for x in egrad.values():
+        x.mul_(3.0)
+    torch.testing.assert_close(group.norm_sq(c.w, d), want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("which", ["w", "xi", "zeta"])
+def test_the_metric_is_differentiable_in_each_argument_alone(which):
+    """``inner(w, xi, zeta)`` and ``norm_sq(w, xi)`` with only one argument requiring grad (the
+    same tensors the metric just read without grad, so their cached Gram matrices are at hand):
+    the gradients are those of the fully traced computation (every argument requiring grad)."""
+    c = CASES[0]()
+    group = AttentionGL(c.blocks, "inv")
+    g = torch.Generator().manual_seed(16)
+    args = {"w": c.w, "xi": {n: torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()},
+            "zeta": {n: torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()}}
+    traced = {k: {n: x.clone().requires_grad_(True) for n, x in d.items()} for k, d in args.items()}
+    names = list(c.w)
+    want_inner = torch.autograd.grad(group.inner(*traced.values()), [traced[which][n] for n in names])
+    want_norm = (torch.autograd.grad(group.norm_sq(traced["w"], traced["xi"]), [traced[which][n] for n in names])
+                 if which != "zeta" else None)
+    group.inner(*args.values())  # plain tensors: the views path caches their Gram matrices
+    group.norm_sq(args["w"], args["xi"])
+    for x in args[which].values():
+        x.requires_grad_(True)
+    got = torch.autograd.grad(group.inner(*args.values()), [args[which][n] for n in names])
+    for n, a, b in zip(names, got, want_inner):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=n)
+    if want_norm is not None:
+        got = torch.autograd.grad(group.norm_sq(args["w"], args["xi"]), [args[which][n] for n in names])
+        for n, a, b in zip(names, got, want_norm):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=n)
+
+
+def test_geodesic_vjp_defaults_to_order_2_and_is_the_identity_at_order_1(monkeypatch):
+    """The default order is the second-order geodesic's (``c - 1/2 (D Gamma)^T c``, not ``c``),
+    in closed form: no autograd through ``geodesic`` (which fails here), and equal to the base
+    class's autograd VJP; order 1 (``w + xi``) has the identity as its Jacobian."""
+    c = CASES[0]()
+    group = AttentionGL(c.blocks, "inv")
+    g = torch.Generator().manual_seed(17)
+    xi, cot = ({n: s * torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()} for s in (0.3, 1.0))
+    autograd = SymmetryGroup.geodesic_vjp(group, c.w, xi, cot, order=2)
+
+    def no_autograd(*args, **kwargs):
+        raise AssertionError("the order-2 VJP went through autograd of geodesic()")
+    monkeypatch.setattr(group, "geodesic", no_autograd)
+    default = group.geodesic_vjp(c.w, xi, cot)
+    second = group.geodesic_vjp(c.w, xi, cot, order=2)
+    first = group.geodesic_vjp(c.w, xi, cot, order=1)
+    for n in c.w:
+        assert torch.equal(default[n], second[n]), n
+        assert torch.equal(first[n], cot[n]), n
+        torch.testing.assert_close(second[n], autograd[n], rtol=1e-12, atol=1e-14)
+    assert any(not torch.allclose(second[n], cot[n], rtol=1e-6, atol=0) for n in c.w)
+
+
+def test_the_ode_order_reuses_the_kept_integration_too(monkeypatch):
+    """``order="ode"`` is served like ``"exact"``: by the adjoint of the integration that
+    ``geodesic_ode`` kept (no second run), equal to a fresh group's."""
+    import quotientsharp.groups.attention as attention
+    runs = []
+    integrate = attention.geodesic_trajectory
+    monkeypatch.setattr(attention, "geodesic_trajectory", lambda *a, **k: (runs.append(1), integrate(*a, **k))[1])
+    c = CASES[0]()
+    g = torch.Generator().manual_seed(18)
+    xi, cot = ({n: s * torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()} for s in (0.05, 1.0))
+    group = AttentionGL(c.blocks, "inv")
+    group.geodesic_ode(c.w, xi, n_steps=16, tol=None)
+    got = group.geodesic_vjp(c.w, xi, cot, order="ode", n_steps=16, tol=None)
+    assert len(runs) == 1
+    want = AttentionGL(c.blocks, "inv").geodesic_vjp(c.w, xi, cot, order="exact", n_steps=16, tol=None)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=1e-14)
+
+
+def test_the_exact_geodesic_keeps_its_options_under_torch_func_and_autograd():
+    """With 4 steps the tolerance matters (step doubling to 1e-6 changes the endpoint, and differs
+    from the default 1e-10's): the endpoint at
+    ``t = 0.7`` inside ``torch.func.grad`` (the base class's RK4 on ``christoffel``) and with
+    weights that require grad (the adjoint node) is the packed integration's with the same ``t``,
+    ``n_steps`` and ``tol``; at ``t = 1`` the ``torch.func`` gradient is the discrete adjoint's
+    VJP."""
+    c = CASES[0]()
+    group = AttentionGL(c.blocks, "inv")
+    g = torch.Generator().manual_seed(19)
+    xi, cot = ({n: s * torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()} for s in (0.4, 1.0))
+    opts = {"n_steps": 4, "tol": 1e-6}
+
+    def loss(v, t):
+        end = group.geodesic_ode(c.w, v, t, **opts)
+        return sum((end[n] * cot[n]).sum() for n in end), end
+    for t in (0.7, 1.0):
+        want = group.geodesic_ode(c.w, xi, t, **opts)
+        for other in (None, 1e-10):
+            end = group.geodesic_ode(c.w, xi, t, n_steps=4, tol=other)
+            assert any(not torch.allclose(want[n], end[n], rtol=1e-8, atol=0) for n in want)
+        with warnings_as_errors():  # the step-doubling test reads its error estimates without a graph
+            grad, end = torch.func.grad(loss, has_aux=True)(xi, t)
+        traced = group.geodesic_ode({n: x.clone().requires_grad_(True) for n, x in c.w.items()}, xi, t, **opts)
+        for n in want:
+            torch.testing.assert_close(end[n], want[n], rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(traced[n].detach(), want[n], rtol=1e-12, atol=1e-14)
+    vjp = group.geodesic_vjp(c.w, xi, cot, order="exact", **opts)
+    for n in vjp:
+        torch.testing.assert_close(grad[n], vjp[n], rtol=1e-8, atol=1e-10)
+
+
+def test_random_element_with_a_condition_number_is_reproducible_from_its_generator():
+    """Heads of size 3 (one singular value drawn log-uniformly between 1 and ``max_cond``): the
+    same seed gives the same elements, another seed others; the extreme singular values are 1
+    and 50, the middle one ``50^u`` for the generator's uniform draw ``u``."""
+    w = {"q": torch.randn(6, 4, dtype=torch.float64), "k": torch.randn(6, 4, dtype=torch.float64)}
+    group = AttentionGL([GLBlock(G=(Piece("q", "rows"),), H=(Piece("k", "rows"),), n_heads=2, head_dim=3,
+                                 label="qk")], "inv")
+    a, b, other = (group.random_element(w, max_cond=50.0, generator=torch.Generator().manual_seed(s))[0]
+                   for s in (7, 7, 8))
+    assert torch.equal(a, b)
+    s = torch.linalg.svdvals(a)
+    torch.testing.assert_close(s[:, 0], torch.full((2,), 50.0, dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(s[:, 2], torch.ones(2, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert bool(((s[:, 1] > 1) & (s[:, 1] < 50)).all())
+    # log-uniform: log s / log 50 is the generator's uniform draw after the Gaussian matrix
+    g = torch.Generator().manual_seed(7)
+    torch.randn(2, 3, 3, generator=g, dtype=torch.float64)
+    u = torch.rand(2, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(torch.log(s[:, 1]) / math.log(50.0), u[:, 1], rtol=1e-13, atol=0)
+    assert not torch.allclose(torch.linalg.svdvals(other)[:, 1], s[:, 1])
+
+
+def test_algebra_zeros_take_the_weights_dtype_on_full_and_sub_algebra_stacks():
+    """Float64 weights: float64 zeros of shape ``(B, h, h)`` (full gl) and ``(B, dim)`` (a
+    sub-algebra stack)."""
+    c = CASES[0]()
+    full = AttentionGL(c.blocks, "inv").algebra_zeros(c.w)
+    assert [(tuple(z.shape), z.dtype) for z in full] == [((4, 2, 2), torch.float64)] * 2
+    w = {"q": torch.randn(4, 5, dtype=torch.float64), "k": torch.randn(4, 5, dtype=torch.float64)}
+    rotary = AttentionGL([GLBlock(G=(Piece("q", "rows"),), H=(Piece("k", "rows"),), n_heads=1, head_dim=4,
+                                  label="qk", algebra=SubAlgebra.rotary(4))], "inv")
+    z, = rotary.algebra_zeros(w)
+    assert (tuple(z.shape), z.dtype) == ((1, SubAlgebra.rotary(4).dim), torch.float64)
+    assert not bool(z.any())
+
+
+@pytest.mark.parametrize("traced", ["d", "w"])
+def test_norm_of_a_riemannian_gradient_made_to_require_grad_is_differentiated_as_the_metric(traced):
+    """``d = riemannian_gradient(w, egrad)`` on plain tensors, then ``d`` (with ``egrad``) or ``w``
+    set to require grad: ``norm_sq(w, d)`` is ``g_w(d, d)`` with the gradients of the metric's
+    ``inner`` on fresh leaves (``2 M d`` in ``d``, none in ``egrad``), not those of the shortcut
+    ``<egrad, d>`` (``egrad`` in ``d``, nothing in ``w``)."""
+    c = CASES[0]()
+    group = AttentionGL(c.blocks, "inv")
+    g = torch.Generator().manual_seed(20)
+    egrad = {n: torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()}
+    d = group.riemannian_gradient(c.w, egrad)
+    leaves = [*d.values(), *egrad.values()] if traced == "d" else list(c.w.values())
+    for x in leaves:
+        x.requires_grad_(True)
+    value = group.norm_sq(c.w, d)
+    got = torch.autograd.grad(value, leaves, allow_unused=True)
+    fresh_w, fresh_d = ({n: x.detach().clone().requires_grad_(True) for n, x in t.items()} for t in (c.w, d))
+    want_value = group.inner(fresh_w, fresh_d, fresh_d)
+    want = torch.autograd.grad(want_value, list((fresh_d if traced == "d" else fresh_w).values()))
+    for n, a, b in zip(c.w, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=n)
+    assert all(e is None for e in got[len(want):])
+    torch.testing.assert_close(value.detach(), want_value.detach(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["rows", "cols"])
+def test_a_weight_slice_of_a_vector_is_refused_by_name(kind):
+    """``rows`` and ``cols`` pieces slice matrices: a 1-D tensor there is a clear ``ValueError``
+    naming the parameter and the slice kind (not an ``IndexError`` from its missing dimension)."""
+    w = {"q": torch.randn(4, 3, dtype=torch.float64), "k": torch.randn(4, dtype=torch.float64)}
+    group = AttentionGL([GLBlock(G=(Piece("q", "rows"),), H=(Piece("k", kind),), n_heads=2, head_dim=2,
+                                 label="qk")], "inv")
+    with pytest.raises(ValueError, match=rf"^qk: parameter 'k' of shape \(4,\) does not fit a '{kind}' slice"):
+        group.validate(w)

@@ -562,15 +562,17 @@ class AttentionGL(SymmetryGroup):
     def norm_sq(self, w: Params, xi: Params) -> torch.Tensor:
         """``g_w(xi, xi)``, reading the blocks of ``xi`` once; for the unchanged output ``d`` of the
         last :meth:`riemannian_gradient` call at ``w``, ``<egrad, d>_F`` (``Pi`` is g-orthogonal, so
-        ``g(d, d) = g(g^{-1} egrad, d)``): one elementwise pass instead of two Gram matrices."""
+        ``g(d, d) = g(g^{-1} egrad, d)``): one elementwise pass instead of two Gram matrices. Under
+        autograd, ``g_w(xi, xi)`` itself (the shortcut's gradient in ``xi`` would be ``egrad``)."""
         dt = next(iter(xi.values())).dtype
-        memo = getattr(self, "_rgrad_memo", None)
+        fast = self._fast(w, xi)
+        memo = getattr(self, "_rgrad_memo", None) if fast else None
         if memo is not None and _same(memo[0], w, self.names) and _same(memo[1], xi, self.names):
             egrad = [r() for r, _ in memo[2]]
             if all(e is not None and e._version == v for e, (_, v) in zip(egrad, memo[2])):
-                return sum((e * xi[n]).sum(dtype=torch.float64) for e, n in zip(egrad, self.names)).to(dt)
+                return sum((e.detach() * xi[n]).sum(dtype=torch.float64) for e, n in zip(egrad, self.names)).to(dt)
         fs = self._factors(w)
-        blocks = ([self._blocks(xi, s) for s in range(len(fs))] if self._fast(w, xi) else self.extract(xi))
+        blocks = [self._blocks(xi, s) for s in range(len(fs))] if fast else self.extract(xi)
         return sum(M.gl_inner(self.metric, f, xG, xH, xG, xH).sum() for f, (xG, xH) in zip(fs, blocks)).to(dt)
 
     def horizontal_projection(self, w: Params, xi: Params) -> dict:

@@ -72,6 +72,7 @@ SINGULAR_RTOL = 1e3 * torch.finfo(torch.float64).eps
 def check_gram(ev: torch.Tensor, side: str, labels: list[str] | None, eps_rel: float, eps_abs: float) -> None:
     """Raise :class:`SingularHeadError` for the first block whose Gram eigenvalues ``ev`` ``(B, h)``
     (ascending) are singular: ``lambda_max = 0`` or ``lambda_min <= SINGULAR_RTOL lambda_max``."""
+    ev = ev.detach()  # a check, no graph: float() of a tensor that requires grad warns
     top = ev[:, -1]
     bad = (top <= 0) | (ev[:, 0] <= SINGULAR_RTOL * top)
     if not bool(bad.any()):
