@@ -16,7 +16,7 @@ import torch
 from test_groups_attention_mutants import CASES
 
 from quotientsharp import SymmetryGroup
-from quotientsharp.groups.attention import AttentionGL, GLBlock, Piece
+from quotientsharp.groups.attention import AttentionGL, GLBlock, Piece, insert_pieces
 from quotientsharp.groups.gl_math import SingularHeadError
 from quotientsharp.groups.residual import SubAlgebra
 
@@ -461,3 +461,13 @@ def test_a_weight_slice_of_a_vector_is_refused_by_name(kind):
                                  label="qk")], "inv")
     with pytest.raises(ValueError, match=rf"^qk: parameter 'k' of shape \(4,\) does not fit a '{kind}' slice"):
         group.validate(w)
+
+
+@pytest.mark.parametrize("kind", ["rows", "cols", "bias"])
+def test_strided_heads_are_written_with_indices_on_the_weights_device(kind):
+    """``insert_pieces`` of heads at a stride builds its head index on the weight's device: here
+    the ``meta`` device (a CPU stand-in for a GPU), which refuses a CPU index."""
+    shape, rows = {"rows": ((6, 3), 3), "cols": ((3, 6), 3), "bias": ((6,), 1)}[kind]
+    out = {"q": torch.zeros(shape, device="meta")}
+    insert_pieces(out, (Piece("q", kind, offset=0, stride=3),), torch.ones(2, rows, 2, device="meta"), 2, 2)
+    assert out["q"].device.type == "meta" and tuple(out["q"].shape) == shape
