@@ -15,6 +15,7 @@ import pytest
 import torch
 from test_groups_attention_mutants import CASES
 
+import quotientsharp.groups.attention as attention
 from quotientsharp import SymmetryGroup
 from quotientsharp.groups.attention import AttentionGL, GLBlock, Piece, insert_pieces
 from quotientsharp.groups.gl_math import SingularHeadError
@@ -33,6 +34,20 @@ def warnings_as_errors():
             yield
     finally:
         torch.set_warn_always(always)
+
+
+def normal_like(d: dict, g: torch.Generator, scale: float = 1.0) -> dict:
+    """``scale * N(0, 1)`` draws from ``g`` shaped like the tensors of ``d`` (and of their dtypes)."""
+    return {n: scale * torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in d.items()}
+
+
+@pytest.fixture
+def integrations(monkeypatch) -> list:
+    """A list that grows by one at every RK4 integration ``AttentionGL`` runs."""
+    runs = []
+    integrate = attention.geodesic_trajectory
+    monkeypatch.setattr(attention, "geodesic_trajectory", lambda *a, **k: (runs.append(1), integrate(*a, **k))[1])
+    return runs
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__)
@@ -98,7 +113,7 @@ def test_norm_of_a_riemannian_gradient_changed_in_place_is_recomputed():
     c = CASES[0]()
     group = AttentionGL(c.blocks, "inv")
     g = torch.Generator().manual_seed(5)
-    egrad = {n: torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()}
+    egrad = normal_like(c.w, g)
     d = group.riemannian_gradient(c.w, egrad)
     before = group.norm_sq(c.w, d)
     torch.testing.assert_close(before, group.inner(c.w, d, d), rtol=1e-12, atol=0)
@@ -160,7 +175,7 @@ def test_a_group_reused_on_weights_of_other_shapes_integrates_their_geodesic():
         def shape(n, x):  # W_Q, W_K, W_V read the residual stream; W_O writes back into it
             return x.shape if x.ndim == 1 else ((width, x.shape[1]) if n.endswith(".o") else (x.shape[0], width))
         w = {n: torch.randn(shape(n, x), generator=g, dtype=x.dtype) for n, x in c.w.items()}
-        xi = {n: 0.05 * torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in w.items()}
+        xi = normal_like(w, g, 0.05)
         got = group.geodesic_ode(w, xi, n_steps=16, tol=None)
         want = SymmetryGroup.geodesic_ode(group, w, xi, 1.0, 16, None)
         for n in want:
@@ -172,7 +187,7 @@ def test_a_relaxed_group_integrates_its_relaxed_geodesic():
     plain RK4 of its own (relaxed) Christoffel form, and differs from the unrelaxed one."""
     c = CASES[0]()
     g = torch.Generator().manual_seed(4)
-    xi = {n: 0.05 * torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()}
+    xi = normal_like(c.w, g, 0.05)
     relaxed = AttentionGL(c.blocks, "inv", eps_rel=0.3, eps=0.2)
     got = relaxed.geodesic_ode(c.w, xi, n_steps=16, tol=None)
     want = SymmetryGroup.geodesic_ode(relaxed, c.w, xi, 1.0, 16, None)
@@ -182,27 +197,22 @@ def test_a_relaxed_group_integrates_its_relaxed_geodesic():
     assert any(not torch.allclose(got[n], plain[n], rtol=1e-6, atol=0) for n in got)
 
 
-def test_the_kept_integration_serves_only_its_own_velocity(monkeypatch):
+def test_the_kept_integration_serves_only_its_own_velocity(integrations):
     """``geodesic_vjp(order="exact")`` reuses the integration ``geodesic_ode`` kept for the same
     ``w`` and ``xi`` (no second integration); for another velocity (a new tensor whose version
     counter is also 0) it integrates anew: the adjoint of a fresh group."""
-    import quotientsharp.groups.attention as attention
-    runs = []
-    integrate = attention.geodesic_trajectory
-    monkeypatch.setattr(attention, "geodesic_trajectory", lambda *a, **k: (runs.append(1), integrate(*a, **k))[1])
     c = CASES[0]()
     g = torch.Generator().manual_seed(6)
-    xi1, xi2, cot = ({n: s * torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()}
-                     for s in (0.05, 0.08, 1.0))
+    xi1, xi2, cot = (normal_like(c.w, g, s) for s in (0.05, 0.08, 1.0))
     group = AttentionGL(c.blocks, "inv")
     group.geodesic_ode(c.w, xi1, n_steps=16, tol=None)
     group.geodesic_vjp(c.w, xi1, cot, order="exact", n_steps=16, tol=None)
-    assert len(runs) == 1
+    assert len(integrations) == 1
     got = group.geodesic_vjp(c.w, xi2, cot, order="exact", n_steps=16, tol=None)
-    assert len(runs) == 2
+    assert len(integrations) == 2
     group.geodesic_ode(c.w, xi1)  # the defaults of both (64 steps, tol 1e-10) are the same run
     group.geodesic_vjp(c.w, xi1, cot, order="exact")
-    assert len(runs) == 3
+    assert len(integrations) == 3
     want = AttentionGL(c.blocks, "inv").geodesic_vjp(c.w, xi2, cot, order="exact", n_steps=16, tol=None)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=1e-14)
@@ -227,7 +237,7 @@ def test_three_blocks_in_one_stack_on_the_views_path():
     that require grad)."""
     g = torch.Generator().manual_seed(12)
     w, group = _three_stacked_blocks(g)
-    xi = {n: torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in w.items()}
+    xi = normal_like(w, g)
     fast = group.horizontal_projection(w, xi)
     traced = group.horizontal_projection({n: x.clone().requires_grad_(True) for n, x in w.items()}, xi)
     for n in w:
@@ -243,7 +253,7 @@ def test_the_views_path_writes_outputs_for_non_contiguous_weights(op):
     w = {n: (x.T.contiguous().T if x.ndim == 2 else x) for n, x in c.w.items()}
     assert not all(x.is_contiguous() for x in w.values())
     g = torch.Generator().manual_seed(13)
-    xi = {n: 0.1 * torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in w.items()}
+    xi = normal_like(w, g, 0.1)
     group = AttentionGL(c.blocks, "inv")
     fast = getattr(group, op)(w, xi)
     traced = getattr(group, op)({n: x.clone().requires_grad_(True) for n, x in w.items()}, xi)
@@ -266,7 +276,7 @@ def test_insert_writes_each_of_three_stacked_blocks_from_its_own_heads():
     factors of other weights gives those weights, layer by layer."""
     g = torch.Generator().manual_seed(14)
     w, group = _three_stacked_blocks(g)
-    other = {n: torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in w.items()}
+    other = normal_like(w, g)
     (G, H), = group.extract(other)
     torch.testing.assert_close(G[4:6], other["l2.q"].reshape(2, 2, 3).transpose(1, 2), rtol=0, atol=0)
     out = group.insert(w, [(G, H)])
@@ -280,7 +290,7 @@ def test_norm_after_the_egrad_of_a_riemannian_gradient_changed_in_place_is_recom
     c = CASES[0]()
     group = AttentionGL(c.blocks, "inv")
     g = torch.Generator().manual_seed(15)
-    egrad = {n: torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()}
+    egrad = normal_like(c.w, g)
     d = group.riemannian_gradient(c.w, egrad)
     want = group.inner(c.w, d, d)
     torch.testing.assert_close(group.norm_sq(c.w, d), want, rtol=1e-12, atol=0)
@@ -297,8 +307,7 @@ def test_the_metric_is_differentiable_in_each_argument_alone(which):
     c = CASES[0]()
     group = AttentionGL(c.blocks, "inv")
     g = torch.Generator().manual_seed(16)
-    args = {"w": c.w, "xi": {n: torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()},
-            "zeta": {n: torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()}}
+    args = {"w": c.w, "xi": normal_like(c.w, g), "zeta": normal_like(c.w, g)}
     traced = {k: {n: x.clone().requires_grad_(True) for n, x in d.items()} for k, d in args.items()}
     names = list(c.w)
     want_inner = torch.autograd.grad(group.inner(*traced.values()), [traced[which][n] for n in names])
@@ -324,7 +333,7 @@ def test_geodesic_vjp_defaults_to_order_2_and_is_the_identity_at_order_1(monkeyp
     c = CASES[0]()
     group = AttentionGL(c.blocks, "inv")
     g = torch.Generator().manual_seed(17)
-    xi, cot = ({n: s * torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()} for s in (0.3, 1.0))
+    xi, cot = (normal_like(c.w, g, s) for s in (0.3, 1.0))
     autograd = SymmetryGroup.geodesic_vjp(group, c.w, xi, cot, order=2)
 
     def no_autograd(*args, **kwargs):
@@ -340,20 +349,16 @@ def test_geodesic_vjp_defaults_to_order_2_and_is_the_identity_at_order_1(monkeyp
     assert any(not torch.allclose(second[n], cot[n], rtol=1e-6, atol=0) for n in c.w)
 
 
-def test_the_ode_order_reuses_the_kept_integration_too(monkeypatch):
+def test_the_ode_order_reuses_the_kept_integration_too(integrations):
     """``order="ode"`` is served like ``"exact"``: by the adjoint of the integration that
     ``geodesic_ode`` kept (no second run), equal to a fresh group's."""
-    import quotientsharp.groups.attention as attention
-    runs = []
-    integrate = attention.geodesic_trajectory
-    monkeypatch.setattr(attention, "geodesic_trajectory", lambda *a, **k: (runs.append(1), integrate(*a, **k))[1])
     c = CASES[0]()
     g = torch.Generator().manual_seed(18)
-    xi, cot = ({n: s * torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()} for s in (0.05, 1.0))
+    xi, cot = (normal_like(c.w, g, s) for s in (0.05, 1.0))
     group = AttentionGL(c.blocks, "inv")
     group.geodesic_ode(c.w, xi, n_steps=16, tol=None)
     got = group.geodesic_vjp(c.w, xi, cot, order="ode", n_steps=16, tol=None)
-    assert len(runs) == 1
+    assert len(integrations) == 1
     want = AttentionGL(c.blocks, "inv").geodesic_vjp(c.w, xi, cot, order="exact", n_steps=16, tol=None)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=1e-14)
@@ -369,7 +374,7 @@ def test_the_exact_geodesic_keeps_its_options_under_torch_func_and_autograd():
     c = CASES[0]()
     group = AttentionGL(c.blocks, "inv")
     g = torch.Generator().manual_seed(19)
-    xi, cot = ({n: s * torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()} for s in (0.4, 1.0))
+    xi, cot = (normal_like(c.w, g, s) for s in (0.4, 1.0))
     opts = {"n_steps": 4, "tol": 1e-6}
 
     def loss(v, t):
@@ -436,7 +441,7 @@ def test_norm_of_a_riemannian_gradient_made_to_require_grad_is_differentiated_as
     c = CASES[0]()
     group = AttentionGL(c.blocks, "inv")
     g = torch.Generator().manual_seed(20)
-    egrad = {n: torch.randn(x.shape, generator=g, dtype=x.dtype) for n, x in c.w.items()}
+    egrad = normal_like(c.w, g)
     d = group.riemannian_gradient(c.w, egrad)
     leaves = [*d.values(), *egrad.values()] if traced == "d" else list(c.w.values())
     for x in leaves:
